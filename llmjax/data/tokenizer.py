@@ -1,0 +1,254 @@
+"""Tokenizers: a small interface, and sentencepiece models with stable special ids.
+
+Every llmjax tokenizer puts the special tokens the objectives need at the
+front of the vocabulary, always at the same ids, so objectives can hard-wire
+nothing and still agree with the data:
+
+    pad=0 unk=1 bos=2 eos=3 [MASK]=4 [CLS]=5 [SEP]=6 <extra_id_0>.. at 7..
+
+The ids are written to `tokenizer.json`-free metadata (`llmjax_tokenizer.json`)
+next to the model file, and checked against the model when it is loaded.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+METADATA_FILE = "llmjax_tokenizer.json"
+SENTENCEPIECE_MODEL_FILE = "spm.model"
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+MASK, CLS, SEP = "[MASK]", "[CLS]", "[SEP]"
+NUM_FIXED_SPECIALS = 7  # pad, unk, bos, eos, mask, cls, sep
+BYTE_PIECES = 256
+
+
+def sentinel(index: int) -> str:
+    """The T5 sentinel piece number `index` (`<extra_id_0>`, ...)."""
+    return f"<extra_id_{index}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens(Mapping[str, int]):
+    """Special token ids; a read-only mapping with keys pad, unk, bos, eos, mask, cls, sep,
+    sentinel_start, num_sentinels, num_special."""
+
+    pad: int = 0
+    unk: int = 1
+    bos: int = 2
+    eos: int = 3
+    mask: int = 4
+    cls: int = 5
+    sep: int = 6
+    sentinel_start: int = 7
+    num_sentinels: int = 100
+
+    @property
+    def num_special(self) -> int:
+        """Ids below this are special tokens (never produced from text by byte fallback or merges)."""
+        return self.sentinel_start + self.num_sentinels
+
+    def sentinel(self, index: int) -> int:
+        """Id of `<extra_id_{index}>`."""
+        if not 0 <= index < self.num_sentinels:
+            raise ValueError(f"sentinel index {index} out of range; this tokenizer has {self.num_sentinels} sentinels.")
+        return self.sentinel_start + index
+
+    def _as_dict(self) -> dict[str, int]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**fields, "num_special": self.num_special}
+
+    def __getitem__(self, key: str) -> int:
+        return self._as_dict()[key]
+
+    def __iter__(self):
+        return iter(self._as_dict())
+
+    def __len__(self) -> int:
+        return len(self._as_dict())
+
+
+class Tokenizer(abc.ABC):
+    """What the pipeline and generation need from a tokenizer."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without bos/eos."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of several texts; subclasses may do this faster than one by one."""
+        return [self.encode(t) for t in texts]
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (special tokens other than sentinels/[MASK]/... render as nothing)."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    @property
+    @abc.abstractmethod
+    def special_ids(self) -> SpecialTokens:
+        """The stable special token ids."""
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model trained by `train_sentencepiece` (special ids checked on load)."""
+
+    def __init__(self, model_file: str | os.PathLike, special: SpecialTokens):
+        self.model_file = str(model_file)
+        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        self._special = special
+        _check_special_ids(self._sp, special, self.model_file)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary piece of one id (for debugging and display)."""
+        return self._sp.id_to_piece(int(token_id))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> SpecialTokens:
+        return self._special
+
+
+def _check_special_ids(sp: spm.SentencePieceProcessor, special: SpecialTokens, where: str) -> None:
+    expected = {PAD: special.pad, UNK: special.unk, BOS: special.bos, EOS: special.eos,
+                MASK: special.mask, CLS: special.cls, SEP: special.sep}
+    expected.update({sentinel(i): special.sentinel(i) for i in range(special.num_sentinels)})
+    for piece, want in expected.items():
+        got = sp.piece_to_id(piece)
+        if got != want:
+            raise ValueError(
+                f"tokenizer {where}: piece {piece!r} has id {got}, expected {want}; "
+                "the model was not trained by llmjax or its metadata is stale. Retrain with `llmjax tokenizer train`."
+            )
+
+
+def train_sentencepiece(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+    num_sentinels: int = 100,
+    exact_round_trip: bool = True,
+    max_sentences: int = 2_000_000,
+) -> SentencePieceTokenizer:
+    """Train a sentencepiece model on text files and write it with its metadata into `out_dir`.
+
+    exact_round_trip keeps text as is (no NFKC, no whitespace squashing, no
+    dummy prefix) so decode(encode(text)) == text; byte fallback covers any
+    character outside `character_coverage` (Chinese needs ~0.9995).
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type={model_type!r} is not supported; use 'bpe' (fast) or 'unigram'.")
+    files = [pathlib.Path(p) for p in inputs]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer training input not found: {missing}; pass existing text files to --input.")
+    if not files:
+        raise ValueError("no tokenizer training input given; pass text files to --input.")
+    special = SpecialTokens(num_sentinels=num_sentinels)
+    minimum = special.num_special + BYTE_PIECES + 1
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: {special.num_special} special tokens and {BYTE_PIECES} byte pieces "
+            f"need at least {minimum}; use e.g. {max(1000, minimum)}."
+        )
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / SENTENCEPIECE_MODEL_FILE.removesuffix(".model")
+    user_symbols = [MASK, CLS, SEP] + [sentinel(i) for i in range(num_sentinels)]
+    options: dict[str, Any] = dict(
+        input=[str(p) for p in files],
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        pad_id=special.pad, unk_id=special.unk, bos_id=special.bos, eos_id=special.eos,
+        pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
+        user_defined_symbols=user_symbols,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        max_sentence_length=1 << 16,
+        train_extremely_large_corpus=False,
+        minloglevel=2,
+    )
+    if exact_round_trip:
+        options.update(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                       add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_by_whitespace=True)
+    start = time.perf_counter()
+    try:
+        spm.SentencePieceTrainer.train(**options)
+    except RuntimeError as error:
+        raise ValueError(
+            f"sentencepiece training failed for vocab_size={vocab_size} on {len(files)} file(s): {error}. "
+            "If it says the vocabulary is too large for the text, lower --vocab-size or add more text."
+        ) from error
+    seconds = time.perf_counter() - start
+    model_file = out / SENTENCEPIECE_MODEL_FILE
+    tokenizer = SentencePieceTokenizer(model_file, special)
+    metadata = {
+        "kind": "sentencepiece",
+        "model_file": SENTENCEPIECE_MODEL_FILE,
+        "model_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest(),
+        "vocab_size": tokenizer.vocab_size,
+        "model_type": model_type,
+        "character_coverage": character_coverage,
+        "byte_fallback": True,
+        "exact_round_trip": exact_round_trip,
+        "special_ids": dict(special),
+        "special_pieces": {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS, "mask": MASK, "cls": CLS, "sep": SEP,
+                           "sentinel_format": "<extra_id_{}>"},
+        "trained_on": [str(p) for p in files],
+        "training_seconds": round(seconds, 3),
+    }
+    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return tokenizer
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """Load the tokenizer in `directory` (as written by `train_sentencepiece`), checking its special ids."""
+    path = pathlib.Path(directory)
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        hint = " (it holds no tokenizer files)" if not path.exists() else ""
+        raise FileNotFoundError(
+            f"no tokenizer metadata {meta_file}{hint}; train one with "
+            f"`llmjax tokenizer train --input FILES --vocab-size N --out {directory}` and point data.tokenizer at it."
+        )
+    metadata = json.loads(meta_file.read_text(encoding="utf-8"))
+    kind = metadata.get("kind")
+    if kind != "sentencepiece":
+        raise ValueError(f"{meta_file}: tokenizer kind {kind!r} is not supported; supported: 'sentencepiece'.")
+    ids = metadata["special_ids"]
+    special = SpecialTokens(**{k: int(v) for k, v in ids.items() if k != "num_special"})
+    return SentencePieceTokenizer(path / metadata["model_file"], special)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The metadata JSON of a tokenizer directory."""
+    return json.loads((pathlib.Path(directory) / METADATA_FILE).read_text(encoding="utf-8"))
