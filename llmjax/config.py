@@ -1,0 +1,429 @@
+"""Typed configuration: one dataclass per section, YAML files, dotted overrides.
+
+A config is built from (in order) dataclass defaults, a YAML file, and
+`section.key=value` overrides from the command line. Unknown keys, wrong types
+and impossible combinations raise `ConfigError` naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from llmjax.data.config import DataConfig
+from llmjax.peft.config import PeftConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or inconsistent."""
+
+
+ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Every knob of the one Transformer implementation (see models/transformer.py)."""
+
+    family: str = "gpt"  # label: gpt | bert | t5 | palm | llama (display, conversion)
+    architecture: str = "decoder"  # decoder | encoder | encoder_decoder
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 6  # encoder layers, or decoder layers of a decoder-only model
+    num_decoder_layers: Optional[int] = None  # encoder_decoder only; default num_layers
+    num_heads: int = 8
+    num_kv_heads: Optional[int] = None  # None: = num_heads (MHA); 1: MQA; else GQA
+    head_dim: Optional[int] = None  # None: d_model // num_heads
+    d_ff: int = 2048
+    max_len: int = 512  # longest sequence (learned positions, RoPE table, KV cache)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre (GPT, T5, LLaMA) | post (BERT)
+    embed_norm: bool = False  # LayerNorm on the embeddings (BERT)
+    final_norm: bool = True  # norm after the last layer (pre-LN models)
+    activation: str = "gelu"  # gelu (tanh approx.) | gelu_exact | relu | silu
+    gated_mlp: bool = False  # GLU variants: SwiGLU (silu), GeGLU (gelu)
+    parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
+    position: str = "learned"  # learned | rope | relative | none
+    rope_theta: float = 10000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    scale_attention: bool = True  # divide QK^T by sqrt(d_k); T5 folds it into init
+    use_bias: bool = True  # biases in dense layers and norms
+    tie_embeddings: bool = True  # LM head reuses the token embedding
+    num_token_types: int = 0  # BERT segment (token type) embeddings
+    pooler: bool = False  # BERT [CLS] pooler
+    mlm_head: bool = False  # BERT MLM head: transform + norm + tied decoder + bias
+    nsp_head: bool = False  # BERT next-sentence head (on the pooler)
+    num_labels: int = 0  # classification head on the pooled output (0: none)
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype (activations, matmul inputs)
+    param_dtype: str = "float32"  # master weights
+    scan_layers: bool = True  # nn.scan over layers: constant compile time
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention)
+    # Declared hooks for parameter-efficient methods (set by llmjax.peft, 0 = off).
+    prompt_tokens: int = 0  # soft prompt prepended to the input embeddings
+    prefix_tokens: int = 0  # per-layer learned key/value prefixes
+    adapter_dim: int = 0  # bottleneck adapters after attention and MLP
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
+
+    def validate(self) -> None:
+        _choice("model.architecture", self.architecture, ARCHITECTURES)
+        _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("model.norm_position", self.norm_position, ("pre", "post"))
+        _choice("model.activation", self.activation, ("gelu", "gelu_exact", "relu", "silu"))
+        _choice("model.position", self.position, ("learned", "rope", "relative", "none"))
+        _choice("model.remat", self.remat, REMAT_POLICIES)
+        _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.param_dtype", self.param_dtype, DTYPES)
+        _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn"))
+        for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}: "
+                f"choose num_heads among {_divisors(self.d_model)} or set model.head_dim")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads="
+                f"{self.num_heads}: choose num_kv_heads among {_divisors(self.num_heads)}")
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ConfigError(f"model.position=rope needs an even head dimension, got {self.dim_per_head}")
+        if self.position == "relative" and self.relative_buckets < 2:
+            raise ConfigError("model.relative_buckets must be >= 2 for model.position=relative")
+        if self.architecture != "encoder" and (self.pooler or self.mlm_head or self.nsp_head):
+            raise ConfigError("model.pooler/mlm_head/nsp_head are encoder heads: "
+                              "set model.architecture=encoder or turn them off")
+        if (self.nsp_head or self.num_labels) and not self.pooler and self.architecture == "encoder":
+            raise ConfigError("model.nsp_head and model.num_labels read the pooled [CLS] vector: "
+                              "set model.pooler=true")
+        if self.num_decoder_layers is not None and self.architecture != "encoder_decoder":
+            raise ConfigError("model.num_decoder_layers is only for architecture=encoder_decoder")
+        if self.parallel_block and self.norm_position == "post":
+            raise ConfigError("model.parallel_block needs model.norm_position=pre")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh: sizes per axis, -1 = the rest of the devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # data parallelism across slices (multi-slice TPU)
+    # Ordered logical-axis rules: [logical name, mesh axis or list of axes or null].
+    # Empty = llmjax.parallel.DEFAULT_RULES.
+    rules: list = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1 (the rest), got {sizes}")
+        for key, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{key}={size} must be a positive size or -1")
+        if self.dcn_data < 1:
+            raise ConfigError(f"mesh.dcn_data={self.dcn_data} must be >= 1")
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    """Pretraining / fine-tuning objective(s), looked up in llmjax.objectives."""
+
+    name: str = "clm"  # one name, or several joined by '+' (e.g. mlm+nsp)
+    weights: list = dataclasses.field(default_factory=list)  # per objective; default 1.0 each
+    mask_rate: float = 0.15  # mlm
+    mask_token_rate: float = 0.8  # mlm: of the chosen, replaced by [MASK]
+    random_token_rate: float = 0.1  # mlm: of the chosen, replaced by a random token
+    noise_density: float = 0.15  # span_corruption
+    mean_span_length: float = 3.0  # span_corruption
+    prefix_fraction: float = 0.5  # prefix_lm: max prefix as a fraction of each row
+    target_length: int = 0  # span_corruption / seq2seq decoder length (0: derived)
+    z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM uses 1e-4)
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        for key in ("mask_rate", "noise_density", "prefix_fraction"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"objective.{key}={value} must be in (0, 1)")
+        if self.mask_token_rate + self.random_token_rate > 1.0:
+            raise ConfigError("objective.mask_token_rate + objective.random_token_rate must be <= 1")
+        if self.mean_span_length < 1.0:
+            raise ConfigError(f"objective.mean_span_length={self.mean_span_length} must be >= 1")
+        names = self.name.split("+")
+        if self.weights and len(self.weights) != len(names):
+            raise ConfigError(f"objective.weights has {len(self.weights)} entries for "
+                              f"{len(names)} objectives in objective.name={self.name!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """optax optimizer and learning-rate schedule."""
+
+    name: str = "adamw"  # adamw | adafactor | lion | sgd
+    learning_rate: float = 3e-4
+    schedule: str = "cosine"  # constant | cosine | linear | rsqrt
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0: train.steps
+    end_learning_rate_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled; never applied to norms, biases, embeddings' scales
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+
+    def validate(self) -> None:
+        _choice("optimizer.schedule", self.schedule, ("constant", "cosine", "linear", "rsqrt"))
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optimizer.learning_rate={self.learning_rate} must be positive")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 1000
+    batch_size: int = 8  # global, across all hosts and devices
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_steps: int = 4
+    run_dir: str = "runs/default"
+    init_from: str = ""  # checkpoint to load params from (fine-tuning)
+    compilation_cache: str = "~/.cache/llmjax/jax"  # "" = off
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.grad_accum={self.grad_accum} must divide "
+                              f"train.batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpointing of the train state, data iterator and config."""
+
+    every: int = 0  # steps between saves; 0 = only at the end
+    keep: int = 3
+    keep_best: bool = False  # also keep the best by eval loss
+    async_save: bool = True
+    resume: bool = True  # continue from the latest checkpoint in train.run_dir
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole run: one field per section."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        for field in dataclasses.fields(self):
+            section = getattr(self, field.name)
+            if hasattr(section, "validate"):
+                try:
+                    section.validate()
+                except ConfigError:
+                    raise
+                except ValueError as err:  # sections owned by other packages
+                    raise ConfigError(str(err)) from None
+        if self.train.seq_len > self.model.max_len and self.model.position == "learned":
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len="
+                              f"{self.model.max_len} (learned positions): raise model.max_len "
+                              f"or lower train.seq_len")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------
+# Building configs from dicts, YAML files and overrides.
+
+def config_dirs() -> list[Path]:
+    """Where configs/ is looked up: $LLMJAX_CONFIGS, the working dir, the repo."""
+    dirs = []
+    if os.environ.get("LLMJAX_CONFIGS"):
+        dirs.append(Path(os.environ["LLMJAX_CONFIGS"]))
+    dirs += [Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def preset_names() -> list[str]:
+    names = set()
+    for d in config_dirs():
+        names.update(p.stem for p in (d / "models").glob("*.yaml"))
+    return sorted(names)
+
+
+def load_preset(name: str) -> dict:
+    """The `model:` mapping of configs/models/NAME.yaml."""
+    for d in config_dirs():
+        path = d / "models" / f"{name}.yaml"
+        if path.exists():
+            data = yaml.safe_load(path.read_text()) or {}
+            return data.get("model", data)
+    raise ConfigError(f"unknown model preset {name!r}{_suggest(name, preset_names())}; "
+                      f"see `llmjax models` for the list")
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """A validated ModelConfig from a preset name plus keyword overrides."""
+    data = dict(load_preset(name))
+    data.update(overrides)
+    cfg = _build(ModelConfig, data, "model")
+    cfg.validate()
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    """A validated Config from a nested dict (sections as keys)."""
+    data = dict(data or {})
+    model = data.get("model")
+    if isinstance(model, str):
+        data["model"] = {"preset": model}
+    if isinstance(data.get("model"), dict) and "preset" in data["model"]:
+        model = dict(data["model"])
+        merged = dict(load_preset(model.pop("preset")))
+        merged.update(model)
+        data["model"] = merged
+    return _build(Config, data, "").validate()
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (optional) and `a.b=value` overrides."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    for override in overrides or []:
+        apply_override(data, override)
+    return from_dict(data)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `section.key=value` (value parsed as YAML) in a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        if isinstance(node.get(part), str) and part == "model":  # `model: gpt2-small`
+            node[part] = {"preset": node[part]}
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown key {where!r}{_suggest(key, names)}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list or hint is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(hint) or (Any,)
+            return [v if item is Any else _coerce(item, v, f"{where}[{i}]")
+                    for i, v in enumerate(value)]
+        if isinstance(value, str):  # a single path or name
+            return [value]
+    elif origin is dict or hint is dict or hint is Any:
+        return value
+    raise ConfigError(f"{where} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _choice(key: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{_suggest(value, choices)}")
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

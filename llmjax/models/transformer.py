@@ -1,0 +1,294 @@
+"""One Transformer: blocks, layer stacks (scanned or unrolled) and the full model.
+
+GPT-2, BERT, T5, PaLM and LLaMA are configurations of this file (see
+configs/models/): pre/post norm, sequential or parallel block, learned /
+rotary / relative positions, gated or plain MLP, MHA / MQA / GQA, tied or
+untied head, encoder, decoder or encoder-decoder.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax.config import ModelConfig
+from llmjax.models.attention import Attention, make_mask
+from llmjax.models.heads import Heads
+from llmjax.models.layers import (Adapter, Dense, Embed, Mlp, RelativeBias, constrain, dtype_of,
+                                  make_norm, normal_init)
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Context(NamedTuple):
+    """What every layer of a stack sees besides the residual stream (broadcast by scan)."""
+
+    mask: Optional[Array]  # [b, 1, t, s] self-attention mask
+    bias: Optional[Array]  # [b, heads, t, s] relative position bias (T5)
+    positions: Array  # [b, t]
+    segments: Array  # [b, t]
+    encoded: Optional[Array] = None  # encoder output, for cross-attention
+    cross_mask: Optional[Array] = None  # [b, 1, t, s_enc]
+    encoded_positions: Optional[Array] = None
+
+
+class Block(nn.Module):
+    """One layer: attention (+ cross-attention) and MLP with residuals."""
+
+    cfg: ModelConfig
+    cross: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context, deterministic: bool = True):
+        cfg = self.cfg
+        drop = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=deterministic)  # noqa: E731
+        adapt = lambda h, name: Adapter(cfg.adapter_dim, cfg, name=name)(h) if cfg.adapter_dim else h  # noqa: E731,E501
+
+        def self_attention(h):
+            h = Attention(cfg, decode=self.decode, name="attention")(
+                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments)
+            return adapt(h, "attention_adapter")
+
+        def mlp(h):
+            return adapt(Mlp(cfg, name="mlp")(h, deterministic), "mlp_adapter")
+
+        if cfg.parallel_block:
+            h = make_norm(cfg, "attention_norm")(x)
+            x = x + drop(self_attention(h)) + drop(mlp(h))
+        elif cfg.norm_position == "pre":
+            x = x + drop(self_attention(make_norm(cfg, "attention_norm")(x)))
+            if self.cross:
+                h = make_norm(cfg, "cross_attention_norm")(x)
+                x = x + drop(Attention(cfg, cross=True, name="cross_attention")(
+                    h, ctx.encoded, ctx.cross_mask, None, ctx.positions, ctx.encoded_positions))
+            x = x + drop(mlp(make_norm(cfg, "mlp_norm")(x)))
+        else:  # post-norm (BERT)
+            x = make_norm(cfg, "attention_norm")(x + drop(self_attention(x)))
+            if self.cross:
+                x = make_norm(cfg, "cross_attention_norm")(x + drop(Attention(
+                    cfg, cross=True, name="cross_attention")(
+                        x, ctx.encoded, ctx.cross_mask, None, ctx.positions,
+                        ctx.encoded_positions)))
+            x = make_norm(cfg, "mlp_norm")(x + drop(mlp(x)))
+        x = constrain(x, ("batch", "length", "embed"))
+        return x, None
+
+
+class Stack(nn.Module):
+    """num_layers Blocks under nn.scan (stacked params, constant compile time) or unrolled."""
+
+    cfg: ModelConfig
+    num_layers: int
+    cross: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: Context, deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers, static_argnums=(3,))
+        kwargs = dict(cfg=cfg, cross=self.cross, decode=self.decode)
+        if cfg.scan_layers:
+            layers = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                             split_rngs={"params": True, "dropout": True},
+                             in_axes=nn.broadcast, length=self.num_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = layers(**kwargs, name="layers")(x, ctx, deterministic)
+        else:
+            for i in range(self.num_layers):
+                x, _ = block(**kwargs, name=f"layers_{i}")(x, ctx, deterministic)
+        if cfg.final_norm:
+            x = make_norm(cfg, "final_norm")(x)
+        return x
+
+
+class Embedder(nn.Module):
+    """Token (+ learned position, + token type) embeddings, optional norm; the tied head."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, stddev=cfg.initializer_range)
+        self.token = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
+        if cfg.position == "learned":
+            self.position = Embed(cfg.max_len, cfg.d_model, ("position", "embed"), **kw)
+        if cfg.num_token_types:
+            self.token_type = Embed(cfg.num_token_types, cfg.d_model, ("token_types", "embed"),
+                                    **kw)
+        if cfg.embed_norm:
+            self.norm = make_norm(cfg, "norm")
+
+    def __call__(self, tokens: Array, positions: Array, token_types: Optional[Array]) -> Array:
+        x = self.token(tokens)
+        if self.cfg.position == "learned":
+            x = x + self.position(positions)
+        if self.cfg.num_token_types:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + self.token_type(types)
+        if self.cfg.embed_norm:
+            x = self.norm(x)
+        return x
+
+    def attend(self, x: Array) -> Array:
+        return self.token.attend(x)
+
+
+def default_positions(segments: Array) -> Array:
+    """0, 1, 2, ... restarting at every new segment (packed documents)."""
+    idx = jnp.arange(segments.shape[1])[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                              segments[:, 1:] != segments[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return (idx - start_idx).astype(jnp.int32)
+
+
+class Transformer(nn.Module):
+    """The model. Use only through init/apply; returns a dict of named outputs.
+
+    Decoder-only: `tokens` -> logits. Encoder: `tokens` -> hidden, mlm logits,
+    pooled / nsp / class logits. Encoder-decoder: `tokens` (encoder) and
+    `decoder_tokens` -> logits. Segment ids: 0 = padding, k = k-th packed document.
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = Embedder(cfg)
+        if cfg.prompt_tokens:  # prompt tuning: learned virtual tokens before the input
+            self.prompt = self.param(
+                "prompt", nn.with_logical_partitioning(normal_init(cfg.initializer_range),
+                                                       ("prompt", "embed")),
+                (cfg.prompt_tokens, cfg.d_model), dtype_of(cfg.param_dtype))
+        if cfg.architecture == "encoder_decoder":
+            self.encoder_bias = RelativeBias(cfg, bidirectional=True)
+            self.decoder_bias = RelativeBias(cfg, bidirectional=False)
+        elif cfg.position == "relative":
+            self.relative_bias = RelativeBias(cfg, bidirectional=cfg.architecture == "encoder")
+        if not cfg.tie_embeddings and cfg.architecture != "encoder":
+            self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype, stddev=cfg.initializer_range)
+        if cfg.architecture == "encoder_decoder":
+            self.encoder = Stack(cfg, cfg.num_layers)
+            self.decoder = Stack(cfg, cfg.decoder_layers, cross=True, decode=self.decode)
+        elif cfg.architecture == "encoder":
+            self.encoder = Stack(cfg, cfg.num_layers)
+        else:
+            self.decoder = Stack(cfg, cfg.num_layers, decode=self.decode)
+        self.heads = Heads(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
+                 positions: Optional[Array] = None, token_types: Optional[Array] = None,
+                 prefix_mask: Optional[Array] = None, decoder_tokens: Optional[Array] = None,
+                 decoder_segment_ids: Optional[Array] = None,
+                 decoder_positions: Optional[Array] = None,
+                 deterministic: bool = True) -> dict[str, Array]:
+        cfg = self.cfg
+        if cfg.architecture == "encoder_decoder":
+            encoded, enc_segments, enc_positions = self.encode(
+                tokens, segment_ids, positions, deterministic=deterministic)
+            if decoder_tokens is None:
+                raise ValueError("an encoder-decoder model needs decoder_tokens")
+            return self.decode_step(decoder_tokens, encoded, enc_segments, enc_positions,
+                                    decoder_segment_ids, decoder_positions, deterministic)
+        segments, positions = self._defaults(tokens, segment_ids, positions)
+        x = self.embed(tokens, positions, token_types)
+        x, segments, positions, prefix_mask = self._prepend_prompt(x, segments, positions,
+                                                                   prefix_mask)
+        x = self.dropout(x, deterministic=deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        causal = cfg.architecture == "decoder"
+        mask = None if self.decode else make_mask(segments, segments, causal, prefix_mask,
+                                                  visible=cfg.prompt_tokens)
+        bias = None
+        if cfg.position == "relative":
+            bias = self.relative_bias(positions, positions)
+        stack = self.decoder if causal else self.encoder
+        hidden = stack(x, Context(mask, bias, positions, segments), deterministic)
+        if cfg.prompt_tokens:
+            hidden = hidden[:, cfg.prompt_tokens:]
+            segments = segments[:, cfg.prompt_tokens:]
+        out = {"hidden": hidden}
+        if causal:
+            out["logits"] = self._lm_logits(hidden)
+        out.update(self.heads(hidden, segments, self.embed, deterministic))
+        return out
+
+    def encode(self, tokens: Array, segment_ids: Optional[Array] = None,
+               positions: Optional[Array] = None, deterministic: bool = True):
+        """Encoder half of an encoder-decoder: (hidden, segments, positions)."""
+        cfg = self.cfg
+        segments, positions = self._defaults(tokens, segment_ids, positions)
+        x = self.embed(tokens, positions, None)
+        x, segments, positions, _ = self._prepend_prompt(x, segments, positions, None)
+        x = self.dropout(x, deterministic=deterministic)
+        mask = make_mask(segments, segments, causal=False, visible=cfg.prompt_tokens)
+        bias = self.encoder_bias(positions, positions)
+        hidden = self.encoder(x, Context(mask, bias, positions, segments), deterministic)
+        return hidden, segments, positions
+
+    def decode_step(self, decoder_tokens: Array, encoded: Array, encoder_segments: Array,
+                    encoder_positions: Array, decoder_segment_ids: Optional[Array] = None,
+                    decoder_positions: Optional[Array] = None,
+                    deterministic: bool = True) -> dict[str, Array]:
+        """Decoder half of an encoder-decoder: logits over the target vocabulary."""
+        cfg = self.cfg
+        segments, positions = self._defaults(decoder_tokens, decoder_segment_ids,
+                                             decoder_positions)
+        x = self.embed(decoder_tokens, positions, None)
+        x = self.dropout(x, deterministic=deterministic)
+        if self.decode:
+            mask = None
+            bias = self.decoder_bias(positions, jnp.broadcast_to(
+                jnp.arange(cfg.max_len)[None], (positions.shape[0], cfg.max_len)))
+        else:
+            mask = make_mask(segments, segments, causal=True)
+            bias = self.decoder_bias(positions, positions)
+        # Decoder tokens of packed document k attend to encoder tokens of document k.
+        cross_mask = make_mask(segments, encoder_segments, causal=False, visible=cfg.prompt_tokens)
+        hidden = self.decoder(x, Context(mask, bias, positions, segments, encoded, cross_mask,
+                                         encoder_positions), deterministic)
+        return {"hidden": hidden, "logits": self._lm_logits(hidden)}
+
+    def _lm_logits(self, hidden: Array) -> Array:
+        if self.cfg.tie_embeddings:
+            logits = self.embed.attend(hidden)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+    def _defaults(self, tokens, segment_ids, positions):
+        segments = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
+        segments = segments.astype(jnp.int32)
+        if positions is None:
+            positions = default_positions(segments)
+        return segments, positions.astype(jnp.int32)
+
+    def _prepend_prompt(self, x, segments, positions, prefix_mask):
+        """Soft prompt: virtual tokens (segment -1) every real token may attend to."""
+        n = self.cfg.prompt_tokens
+        if not n:
+            return x, segments, positions, prefix_mask
+        b = x.shape[0]
+        prompt = jnp.broadcast_to(self.prompt.astype(x.dtype), (b,) + self.prompt.shape)
+        x = jnp.concatenate([prompt, x], axis=1)
+        # Segment -1: the prompt sees itself; make_mask(visible=n) lets every token see it.
+        segments = jnp.concatenate([jnp.full((b, n), -1, jnp.int32), segments], axis=1)
+        positions = jnp.concatenate([jnp.zeros((b, n), jnp.int32), positions], axis=1)
+        if prefix_mask is not None:
+            prefix_mask = jnp.concatenate([jnp.ones((b, n), bool), prefix_mask], axis=1)
+        return x, segments, positions, prefix_mask

@@ -1,0 +1,38 @@
+"""llmjax: a JAX/Flax, TPU-first stack to pretrain and fine-tune Transformer LMs."""
+from setuptools import find_packages, setup
+
+TEST = ["pytest>=8", "pytest-xdist>=3"]
+HF = ["torch==2.13.0", "transformers>=4.50", "peft", "gguf", "tokenizers"]
+
+setup(
+    name="llmjax",
+    version="0.1.0",
+    description="JAX/Flax TPU-first pretraining and fine-tuning of Transformer language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llmjax", "llmjax.*"]),
+    package_data={"llmjax": ["py.typed"]},
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        "sentencepiece>=0.2",
+        "grain>=0.2.10",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "tensorboardX",
+        "safetensors",
+    ],
+    extras_require={
+        "test": TEST,
+        "hf": HF,
+        "tf": ["tensorflow-cpu"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+    entry_points={"console_scripts": ["llmjax=llmjax.cli:main"]},
+)
