@@ -1,0 +1,333 @@
+"""The host input pipeline: documents -> pieces -> fixed-shape rows -> per-host batches.
+
+Design (why not grain: see docs/data.md). Row r of every global batch is
+produced by its own *stream* r, which reads documents r, r+B, r+2B, ... of a
+seeded per-epoch permutation (B = global batch size) and packs their pieces
+into rows. Hence:
+- a host computes only its own rows (streams [h*B/P, (h+1)*B/P)), and the
+  hosts' batches are disjoint and together are exactly the single-host batch;
+- the iterator state is two integers per local stream (document, piece), so a
+  restored iterator yields exactly the batches of an uninterrupted run;
+- every token of every document is emitted once per epoch (long documents are
+  split into row-sized chunks, never dropped).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from llmjax.data.config import DataConfig, fields_for_kind
+from llmjax.data.examples import Counters, ExampleBuilder, Piece, nsp_lengths
+from llmjax.data.sources import DocumentSource, open_source
+from llmjax.data.tokenizer import SpecialTokens, Tokenizer, load_tokenizer
+
+KINDS = ("lm", "nsp", "seq2seq", "sft", "classification")
+PACKABLE = ("lm", "sft")
+_ROLES = {"lm": ("text",), "nsp": ("text",), "seq2seq": ("input", "target"), "sft": ("input", "target"),
+          "classification": ("input", "label")}
+STATE_VERSION = 1
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------- shuffling
+
+
+def _mix(value: int) -> int:
+    """splitmix64 finaliser: a cheap, well-mixing 64-bit hash."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def shuffled_index(index: int, size: int, seed: int, epoch: int, rounds: int = 6) -> int:
+    """Position `index` of a seeded random permutation of range(size), in O(1) memory.
+
+    A Feistel network over the next power of two, cycle-walked into range:
+    a bijection, so each epoch visits every document exactly once, and no
+    permutation array is stored (C4 has 365M documents).
+    """
+    if size <= 1:
+        return 0
+    bits = max(2, (size - 1).bit_length())
+    left_bits = bits // 2
+    right_bits = bits - left_bits
+    left_mask, right_mask = (1 << left_bits) - 1, (1 << right_bits) - 1
+    key = _mix(_mix(seed & _MASK64) ^ (epoch & _MASK64))
+    value = index
+    while True:
+        left, right = value >> right_bits, value & right_mask
+        for round_index in range(rounds):
+            # Unbalanced Feistel: alternate which half is updated so both sizes stay fixed.
+            if round_index % 2 == 0:
+                left = (left ^ _mix(key ^ (round_index << 56) ^ right)) & left_mask
+            else:
+                right = (right ^ _mix(key ^ (round_index << 56) ^ left)) & right_mask
+        value = (left << right_bits) | right
+        if value < size:
+            return value
+
+
+# ---------------------------------------------------------------- streams
+
+
+class _Stream:
+    """Row stream `index` of `num_streams`: documents index, index+num_streams, ... of the epoch orders."""
+
+    def __init__(self, index: int, num_streams: int, num_documents: int, order: Callable[[int, int], int],
+                 pieces_of: Callable[[int], list[Piece]], seq_len: int, packed: bool, num_epochs: int | None):
+        self.index, self.num_streams, self.num_documents = index, num_streams, num_documents
+        self.order, self.pieces_of, self.seq_len, self.packed = order, pieces_of, seq_len, packed
+        self.num_epochs = num_epochs
+        self.document = 0  # k: the stream's k-th document
+        self.piece = 0  # next piece of that document
+        self._cached: tuple[int, list[Piece]] | None = None
+
+    def _global_position(self, document: int) -> tuple[int, int]:
+        return divmod(document * self.num_streams + self.index, self.num_documents)
+
+    def exhausted(self) -> bool:
+        return self.num_epochs is not None and self._global_position(self.document)[0] >= self.num_epochs
+
+    def _pieces(self) -> list[Piece]:
+        if self._cached is None or self._cached[0] != self.document:
+            epoch, position = self._global_position(self.document)
+            self._cached = (self.document, self.pieces_of(self.order(epoch, position)))
+        return self._cached[1]
+
+    def next_row(self) -> list[Piece]:
+        """The pieces of the next row (empty only when the stream is exhausted)."""
+        row: list[Piece] = []
+        used, empty_run = 0, 0
+        while not self.exhausted():
+            pieces = self._pieces()
+            if self.piece >= len(pieces):
+                empty_run = empty_run + 1 if not pieces else 0
+                if empty_run > max(self.num_documents, 1000):
+                    raise ValueError(f"{empty_run} consecutive documents produced no tokens; the data holds no "
+                                     "usable text for this batch kind (check the fields and the tokenizer).")
+                self.document, self.piece = self.document + 1, 0
+                continue
+            piece = pieces[self.piece]
+            size = _piece_length(piece)
+            if row and (not self.packed or used + size > self.seq_len):
+                break
+            row.append(piece)
+            used += size
+            self.piece += 1
+            if not self.packed:
+                break
+        return row
+
+
+def _piece_length(piece: Piece) -> int:
+    return len(piece["tokens"]) if "tokens" in piece else 0
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int) -> dict[str, np.ndarray]:
+    """Fixed-shape int32 arrays from rows of pieces; pad id 0 everywhere, segment id 0 = padding."""
+    size = len(rows)
+    if kind == "nsp":
+        first_len, second_len = nsp_lengths(seq_len)
+        batch = {"tokens_a": np.zeros((size, first_len), np.int32), "tokens_b": np.zeros((size, second_len), np.int32)}
+        for r, row in enumerate(rows):
+            for piece in row:
+                for key in batch:
+                    batch[key][r, : len(piece[key])] = piece[key]
+        return batch
+    if kind == "seq2seq":
+        batch = {"inputs": np.zeros((size, seq_len), np.int32), "targets": np.zeros((size, target_len), np.int32)}
+        for r, row in enumerate(rows):
+            for piece in row:
+                for key in batch:
+                    batch[key][r, : len(piece[key])] = piece[key]
+        return batch
+    batch = {name: np.zeros((size, seq_len), np.int32) for name in ("tokens", "segment_ids", "positions")}
+    if kind == "sft":
+        batch["loss_mask"] = np.zeros((size, seq_len), np.int32)
+    if kind == "classification":
+        batch["labels"] = np.zeros((size,), np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, piece in enumerate(row, start=1):
+            end = start + len(piece["tokens"])
+            batch["tokens"][r, start:end] = piece["tokens"]
+            batch["segment_ids"][r, start:end] = segment
+            batch["positions"][r, start:end] = np.arange(end - start, dtype=np.int32)
+            if "loss_mask" in piece:
+                batch["loss_mask"][r, start:end] = piece["loss_mask"]
+            if "labels" in piece:
+                batch["labels"][r] = piece["labels"][0]
+            start = end
+    return batch
+
+
+def _real_tokens(kind: str, batch: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(non-padding tokens, token slots) of a batch, for packing efficiency."""
+    keys = {"nsp": ("tokens_a", "tokens_b"), "seq2seq": ("inputs", "targets")}.get(kind)
+    if keys:
+        return sum(int(np.count_nonzero(batch[k])) for k in keys), sum(batch[k].size for k in keys)
+    return int(np.count_nonzero(batch["segment_ids"])), batch["segment_ids"].size
+
+
+class BatchIterator(Iterator[dict[str, np.ndarray]]):
+    """This host's batches (dicts of int32 numpy arrays); resumable through get_state / set_state."""
+
+    def __init__(self, source: DocumentSource, make_builder: Callable[[], ExampleBuilder], kind: str, seq_len: int,
+                 target_len: int, global_batch_size: int, process_index: int, process_count: int, shuffle: bool,
+                 seed: int, num_epochs: int | None, num_workers: int, pack: bool = True):
+        if kind not in KINDS:
+            raise ValueError(f"unknown batch kind {kind!r}; use one of {KINDS}.")
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by the process count "
+                             f"{process_count}; make train.batch_size a multiple of {process_count}.")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+        if len(source) == 0:
+            raise ValueError("the data source holds no records; check the dataset and split.")
+        self.kind, self.seq_len, self.target_len = kind, seq_len, target_len
+        self.global_batch_size, self.process_index, self.process_count = global_batch_size, process_index, process_count
+        self.shuffle, self.seed, self.num_epochs = shuffle, seed, num_epochs
+        self.source = source
+        self.num_documents = len(source)
+        local = global_batch_size // process_count
+        self._builders = [make_builder() for _ in range(local)]
+        self._streams = [
+            _Stream(process_index * local + i, global_batch_size, self.num_documents, self._order,
+                    self._pieces_with(builder), seq_len, kind in PACKABLE and pack, num_epochs)
+            for i, builder in enumerate(self._builders)
+        ]
+        self._pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+        self.batches = 0
+        self._tokens = 0
+        self._slots = 0
+
+    def _order(self, epoch: int, position: int) -> int:
+        return shuffled_index(position, self.num_documents, self.seed, epoch) if self.shuffle else position
+
+    def _pieces_with(self, builder: ExampleBuilder) -> Callable[[int], list[Piece]]:
+        return lambda index: builder(self.source[index])
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if all(stream.exhausted() for stream in self._streams):
+            raise StopIteration
+        if self._pool is None:
+            rows = [stream.next_row() for stream in self._streams]
+        else:
+            rows = list(self._pool.map(_Stream.next_row, self._streams))
+        batch = _assemble(self.kind, rows, self.seq_len, self.target_len)
+        tokens, slots = _real_tokens(self.kind, batch)
+        self.batches += 1
+        self._tokens += tokens
+        self._slots += slots
+        return batch
+
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of this host's batch arrays (all int32)."""
+        return {k: v.shape for k, v in _assemble(self.kind, [[]] * (self.global_batch_size // self.process_count),
+                                                    self.seq_len, self.target_len).items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters so far: documents, skips, splits, truncations, tokens, packing efficiency."""
+        totals = Counters()
+        for builder in self._builders:
+            for field in dataclasses.fields(Counters):
+                setattr(totals, field.name, getattr(totals, field.name) + getattr(builder.counters, field.name))
+        return {**dataclasses.asdict(totals), "batches": self.batches, "tokens": self._tokens,
+                "token_slots": self._slots, "packing_efficiency": self._tokens / self._slots if self._slots else 0.0}
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "kind": self.kind, "seq_len": self.seq_len, "target_len": self.target_len,
+                "global_batch_size": self.global_batch_size, "process_index": self.process_index,
+                "process_count": self.process_count, "num_documents": self.num_documents, "shuffle": self.shuffle,
+                "seed": self.seed}
+
+    def get_state(self) -> dict[str, Any]:
+        """Small JSON-serialisable state of this host's iterator (one per process, like grain's)."""
+        return {**self._fingerprint(), "batches": self.batches, "tokens": self._tokens, "token_slots": self._slots,
+                "streams": [[s.document, s.piece] for s in self._streams]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the iterator that produced `state` was."""
+        expected = self._fingerprint()
+        mismatched = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: saved {saved!r} vs now {now!r}" for k, (saved, now) in mismatched.items())
+            raise ValueError(f"data iterator state does not match this pipeline ({details}); resume with the same "
+                             "data config, sequence length, batch size and process layout, or start the data afresh.")
+        if len(state["streams"]) != len(self._streams):
+            raise ValueError(f"state has {len(state['streams'])} streams, this host has {len(self._streams)}.")
+        for stream, (document, piece) in zip(self._streams, state["streams"]):
+            stream.document, stream.piece = int(document), int(piece)
+        self.batches, self._tokens, self._slots = int(state["batches"]), int(state["tokens"]), int(state["token_slots"])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def make_iterator(
+    config: DataConfig,
+    kind: str,
+    seq_len: int,
+    global_batch_size: int,
+    split: str = "train",
+    *,
+    tokenizer: Tokenizer | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+    target_len: int | None = None,
+    vocab_size: int | None = None,
+) -> BatchIterator:
+    """This host's batch iterator for `kind` ("lm", "nsp", "seq2seq", "sft", "classification").
+
+    seq_len is the row length (encoder input length for seq2seq; target_len
+    defaults to it). num_epochs=None repeats forever; a finite num_epochs ends
+    when this host's rows are exhausted (single-host evaluation; multi-host
+    evaluation should run a fixed number of batches instead). The validation
+    split is never shuffled. process_index/count default to jax's.
+    """
+    config.validate()
+    if kind not in KINDS:
+        raise ValueError(f"unknown batch kind {kind!r}; use one of {KINDS}.")
+    if seq_len < 4:
+        raise ValueError(f"seq_len={seq_len} is too short; use at least 4 (NSP needs [CLS] A [SEP] B [SEP]).")
+    if global_batch_size < 1:
+        raise ValueError(f"global batch size {global_batch_size} must be >= 1.")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if tokenizer is None and config.tokenizer:
+        tokenizer = load_tokenizer(config.tokenizer)
+    special = tokenizer.special_ids if tokenizer is not None else SpecialTokens()
+    if config.source == "synthetic":
+        fields = {role: role for role in _ROLES[kind]}  # synthetic records are keyed by role
+    else:
+        fields = fields_for_kind(config, kind)
+    source = open_source(config, split, fields=list(fields.values()), first_id=special.num_special,
+                         vocab_size=vocab_size or (tokenizer.vocab_size if tokenizer is not None else None))
+    target = target_len or seq_len
+
+    def make_builder() -> ExampleBuilder:
+        return ExampleBuilder(kind, fields, tokenizer, special, seq_len, target, config.add_eos,
+                              list(config.label_names))
+
+    return BatchIterator(source, make_builder, kind, seq_len, target, global_batch_size, process_index,
+                         process_count, shuffle=config.shuffle and split == "train", seed=config.seed,
+                         num_epochs=num_epochs, num_workers=config.num_workers, pack=config.pack)
