@@ -331,3 +331,21 @@ def make_iterator(
     return BatchIterator(source, make_builder, kind, seq_len, target, global_batch_size, process_index,
                          process_count, shuffle=config.shuffle and split == "train", seed=config.seed,
                          num_epochs=num_epochs, num_workers=config.num_workers, pack=config.pack)
+
+
+def epoch_statistics(config: DataConfig, seq_len: int, split: str = "train", *,
+                     tokenizer: Tokenizer | None = None, progress: bool = True) -> dict[str, Any]:
+    """One pass over `split` as lm rows: documents, tokens, rows and packing efficiency (real tokens / slots)."""
+    from tqdm import tqdm
+
+    iterator = make_iterator(config, "lm", seq_len, 1, split, tokenizer=tokenizer, process_index=0,
+                             process_count=1, num_epochs=1)
+    rows = 0
+    with tqdm(total=iterator.num_documents, desc=f"packing {split}", unit="doc", disable=not progress) as bar:
+        for batch in iterator:
+            rows += int(batch["segment_ids"].any())
+            bar.update(min(iterator._streams[0].document, iterator.num_documents) - bar.n)
+    stats = iterator.stats()
+    return {"split": split, "documents": iterator.num_documents, "empty_documents": stats["empty_documents"],
+            "split_documents": stats["split_documents"], "tokens": stats["tokens"], "rows": rows,
+            "seq_len": seq_len, "packing_efficiency": stats["tokens"] / (rows * seq_len) if rows else 0.0}
