@@ -165,7 +165,10 @@ def _text_builder_class():
             if not train:
                 raise ValueError(f"no training documents in {len(config.train_files)} file(s) "
                                  f"(empty: {stats['train'].skipped_empty_files}); check data.paths.")
-            return {"train": self._generate_examples(train), "validation": self._generate_examples(validation)}
+            splits = {"train": self._generate_examples(train)}
+            if validation:  # TFDS cannot write an empty split
+                splits["validation"] = self._generate_examples(validation)
+            return splits
 
         def _generate_examples(self, documents):
             for key, path, text in documents:
@@ -354,7 +357,7 @@ def open_source(config: DataConfig, split: str, fields: Sequence[str] = (), firs
                                seed=config.seed * 2 + (split == "validation"))
     if config.source == "text":
         builder, _ = prepare_text_dataset(config)
-        data = builder.as_data_source(split=split)
+        data = builder.as_data_source(split=split) if split in builder.info.splits else []
         if len(data) == 0:
             raise ValueError(
                 f"the {split} split of the local text dataset is empty; set data.validation_paths or "
