@@ -121,7 +121,10 @@ class Embed(nn.Module):
                                dtype_of(self.param_dtype))
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.dtype))
+        # Gather from a table whose feature axis is whole (FSDP all-gathers it anyway);
+        # a gather from an fsdp-sharded feature axis makes SPMD replicate the output.
+        table = constrain(self.embedding, (self.axes[0], None))
+        return jnp.take(table, ids, axis=0).astype(dtype_of(self.dtype))
 
     def attend(self, x: Array) -> Array:
         """Logits x E^T in fp32 (the tied LM head)."""

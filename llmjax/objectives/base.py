@@ -1,0 +1,168 @@
+"""The objective registry, the Objective interface, and shared loss math.
+
+An objective turns a host batch of token ids into model inputs, targets and
+loss weights inside the jitted step (`prepare`, from a PRNG key derived from
+the step), and model outputs into loss terms (`loss`). Terms are returned as
+sums with their token counts so gradient accumulation can normalise by the
+whole batch's count (see train/step.py).
+"""
+from __future__ import annotations
+
+from typing import Callable, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.config import ConfigError, ModelConfig, ObjectiveConfig
+from llmjax.data.tokenizer import SpecialTokens
+
+Array = jax.Array
+Batch = dict[str, Array]
+
+MODEL_INPUTS = ("tokens", "segment_ids", "positions", "token_types", "prefix_mask",
+                "decoder_tokens", "decoder_segment_ids", "decoder_positions")
+
+_REGISTRY: dict[str, type["Objective"]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make an objective available to configs by `name`."""
+    def add(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return add
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class Term(NamedTuple):
+    """One loss term of a batch: weighted sum, weight count, weighted correct count."""
+
+    loss_sum: Array
+    count: Array
+    correct: Array
+
+
+class Objective:
+    """Base class; subclasses set `architectures`, `batch_kind`, `order` and implement both steps."""
+
+    name: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()
+    batch_kind: ClassVar[str] = "lm"  # what the data pipeline must produce (llmjax.data)
+    order: ClassVar[int] = 10  # composition order: row builders (nsp) before maskers (mlm)
+    terms: tuple[str, ...] = ()  # names of the loss terms it returns
+    term_weights: dict[str, float] = {}  # set by build(): objective.weights per term
+
+    def __init__(self, cfg: ObjectiveConfig, model: ModelConfig, special: SpecialTokens):
+        self.cfg, self.model, self.special = cfg, model, special
+        self.check(model)
+
+    def check(self, model: ModelConfig) -> None:
+        """Raise ConfigError if the model cannot be trained with this objective."""
+        if model.architecture not in self.architectures:
+            raise ConfigError(
+                f"objective {self.name!r} needs model.architecture in {list(self.architectures)}, "
+                f"but model {model.family!r} is {model.architecture!r}; pick an objective among "
+                f"{[n for n, c in sorted(_REGISTRY.items()) if model.architecture in c.architectures]}")
+
+    def prepare(self, batch: Batch, rng: Array) -> Batch:
+        """Add model inputs and targets to the batch (inside jit)."""
+        raise NotImplementedError
+
+    def counts(self, batch: Batch) -> dict[str, Array]:
+        """Weight count of each loss term, from the prepared batch alone."""
+        raise NotImplementedError
+
+    def loss(self, outputs: dict[str, Array], batch: Batch) -> dict[str, Term]:
+        raise NotImplementedError
+
+
+def cross_entropy(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0,
+                  label_smoothing: float = 0.0) -> Term:
+    """Softmax cross-entropy summed over weighted positions, with z-loss and label smoothing."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if label_smoothing:
+        target_logit = ((1.0 - label_smoothing) * target_logit
+                        + label_smoothing * jnp.mean(logits, axis=-1))
+    loss = log_z - target_logit
+    if z_loss:
+        loss = loss + z_loss * jnp.square(log_z)
+    weights = weights.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return Term(jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(correct * weights))
+
+
+def shift_left(x: Array, fill: int = 0) -> Array:
+    """x[:, 1:] padded at the end: the next token of every position."""
+    return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
+
+
+def next_token_weights(segment_ids: Array) -> Array:
+    """1 where position t+1 continues the document of t (no loss across packed documents)."""
+    nxt = shift_left(segment_ids)
+    return ((nxt == segment_ids) & (segment_ids != 0)).astype(jnp.float32)
+
+
+class Composite(Objective):
+    """Several objectives on one batch: prepared in `order`, losses weighted and summed."""
+
+    def __init__(self, parts: list[Objective], weights: list[float]):
+        self.parts = sorted(parts, key=lambda o: o.order)
+        self.weights = {p.name: w for p, w in zip(parts, weights)}
+        self.name = "+".join(p.name for p in parts)
+        self.batch_kind = self.parts[0].batch_kind
+        self.architectures = tuple(set.intersection(*(set(p.architectures) for p in parts)))
+
+    def prepare(self, batch: Batch, rng: Array) -> Batch:
+        for i, part in enumerate(self.parts):
+            batch = part.prepare(batch, jax.random.fold_in(rng, i))
+        return batch
+
+    def counts(self, batch: Batch) -> dict[str, Array]:
+        out = {}
+        for part in self.parts:
+            out.update(part.counts(batch))
+        return out
+
+    def loss(self, outputs: dict[str, Array], batch: Batch) -> dict[str, Term]:
+        out = {}
+        for part in self.parts:
+            out.update(part.loss(outputs, batch))
+        return out
+
+
+def build(cfg: ObjectiveConfig, model: ModelConfig,
+          special: SpecialTokens | None = None) -> Objective:
+    """The objective (or composite) named by `objective.name`, checked against the model."""
+    from llmjax import objectives as _  # noqa: F401  (registers the built-in objectives)
+    special = special or SpecialTokens()
+    names = [n.strip() for n in cfg.name.split("+") if n.strip()]
+    if not names:
+        raise ConfigError("objective.name is empty; choose one of " + ", ".join(registered()))
+    parts = []
+    for name in names:
+        if name not in _REGISTRY:
+            import difflib
+            close = difflib.get_close_matches(name, registered(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown objective {name!r}{hint}; registered: {registered()}")
+        parts.append(_REGISTRY[name](cfg, model, special))
+    weights = [float(w) for w in cfg.weights] or [1.0] * len(parts)
+    if len(parts) == 1:
+        obj = parts[0]
+        obj.term_weights = {t: weights[0] for t in obj.terms}
+        return obj
+    kinds = {p.batch_kind for p in parts}
+    if len(kinds - {"lm"}) > 1:
+        raise ConfigError(f"objectives {names} need incompatible batches {sorted(kinds)}")
+    comp = Composite(parts, weights)
+    comp.term_weights = {t: w for p, w in zip(parts, weights) for t in p.terms}
+    comp.terms = tuple(t for p in comp.parts for t in p.terms)
+    return comp

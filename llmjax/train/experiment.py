@@ -1,0 +1,112 @@
+"""From a Config to everything a run needs: mesh, model, objective, optimizer, sharded state,
+jitted steps and batch shardings. The trainer, tests and benchmarks all start here."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from llmjax import objectives, parallel, peft
+from llmjax.config import Config, ConfigError
+from llmjax.data.tokenizer import SpecialTokens
+from llmjax.models import Transformer, dummy_inputs
+from llmjax.models.api import abstract_params
+from llmjax.train import optim
+from llmjax.train.state import TrainState, flat_names, new_state, state_shardings
+from llmjax.train.step import jit_step, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Experiment:
+    """The resolved pieces of a run (no arrays until `init_state`)."""
+
+    config: Config
+    mesh: Mesh
+    rules: tuple
+    model: Transformer
+    objective: objectives.Objective
+    plan: Any
+    tx: Any
+    schedule: Callable
+    special: SpecialTokens
+    names: dict  # {param path: logical axis names}
+
+    @property
+    def model_config(self):
+        return self.model.cfg
+
+    def _init_fn(self, rng, loaded: Optional[dict] = None) -> TrainState:
+        cfg = self.model.cfg
+        init_rng, peft_rng, state_rng = jax.random.split(rng, 3)
+        params = nn.unbox(self.model.init({"params": init_rng, "dropout": init_rng},
+                                          **dummy_inputs(cfg))["params"])
+        if loaded is not None:
+            params = loaded(params)
+        trainable, frozen = self.plan.split(params, peft_rng)
+        return new_state(trainable, frozen, self.tx, state_rng)
+
+    def abstract_state(self, loaded=None) -> TrainState:
+        return jax.eval_shape(functools.partial(self._init_fn, loaded=loaded),
+                              jax.random.key(self.config.train.seed))
+
+    def state_shardings(self, abstract: Optional[TrainState] = None) -> TrainState:
+        abstract = abstract or self.abstract_state()
+        return state_shardings(abstract, self.names, self.mesh, self.rules, self.plan.axes)
+
+    def init_state(self, loaded: Optional[Callable[[dict], dict]] = None) -> TrainState:
+        """Sharded init: jit with out_shardings, so no device ever holds the whole state.
+
+        `loaded(params) -> params` may replace freshly initialised leaves (init_from).
+        """
+        sh = self.state_shardings(self.abstract_state(loaded))
+        init = jax.jit(functools.partial(self._init_fn, loaded=loaded), out_shardings=sh)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return init(jax.random.key(self.config.train.seed))
+
+    def batch_shardings(self, batch_keys) -> dict:
+        sh = parallel.batch_sharding(self.mesh)
+        return {k: sh for k in batch_keys}
+
+    def train_step(self, batch_keys, state_sh: Optional[TrainState] = None) -> Callable:
+        fn = make_train_step(self.model, self.objective, self.tx, self.plan, self.schedule,
+                             self.config.train.grad_accum)
+        return jit_step(fn, self.mesh, self.rules, state_sh or self.state_shardings(),
+                        self.batch_shardings(batch_keys))
+
+    def eval_step(self, batch_keys, state_sh: Optional[TrainState] = None) -> Callable:
+        fn = make_eval_step(self.model, self.objective, self.plan)
+        return jit_step(fn, self.mesh, self.rules, state_sh or self.state_shardings(),
+                        self.batch_shardings(batch_keys), donate=False)
+
+
+def build(config: Config, devices=None, special: Optional[SpecialTokens] = None) -> Experiment:
+    """Resolve a validated Config; fails early (before any compile) on inconsistencies."""
+    mesh = parallel.make_mesh(config.mesh, devices)
+    rules = parallel.rules_from_config(config.mesh)
+    parallel.shard_batch_spec(mesh, config.train.batch_size // config.train.grad_accum)
+    plan = peft.build(config.peft)
+    model_cfg = plan.model_config(config.model)
+    model_cfg.validate()
+    if model_cfg.num_heads % mesh.shape["tensor"]:
+        raise ConfigError(f"model.num_heads={model_cfg.num_heads} is not divisible by "
+                          f"mesh.tensor={mesh.shape['tensor']}: choose a tensor size that divides it")
+    special = special or _special_tokens(config)
+    if special.num_special >= model_cfg.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} leaves no room beside "
+                          f"{special.num_special} special tokens")
+    objective = objectives.build(config.objective, model_cfg, special)
+    tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
+    names = flat_names(abstract_params(model_cfg))
+    return Experiment(config, mesh, rules, Transformer(model_cfg), objective, plan, tx, schedule,
+                      special, names)
+
+
+def _special_tokens(config: Config) -> SpecialTokens:
+    if config.data.tokenizer:
+        from llmjax.data.tokenizer import load_tokenizer
+        return load_tokenizer(config.data.tokenizer).special_ids
+    return SpecialTokens()

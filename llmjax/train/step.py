@@ -1,0 +1,125 @@
+"""The jitted train and eval steps: prepare -> apply -> loss -> grad -> update.
+
+Loss terms are normalised by their token counts over the whole global batch
+(known from the prepared batch before the forward pass), so k accumulated
+micro-batches give exactly the gradient of one step on the full batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llmjax.objectives import MODEL_INPUTS, Objective
+
+Batch = dict[str, jax.Array]
+
+
+def model_inputs(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def weighted_loss(terms: dict, totals: dict, weights: dict) -> jax.Array:
+    """sum over terms of weight * loss_sum / global count."""
+    return sum(weights[name] * term.loss_sum / jnp.maximum(totals[name], 1.0)
+               for name, term in terms.items())
+
+
+def term_metrics(terms: dict, totals: dict) -> dict[str, jax.Array]:
+    out = {}
+    for name, term in terms.items():
+        out[f"{name}_loss"] = term.loss_sum / jnp.maximum(totals[name], 1.0)
+        out[f"{name}_accuracy"] = term.correct / jnp.maximum(totals[name], 1.0)
+    return out
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, ... (no data movement
+    across devices: each device's rows split evenly)."""
+    def split(x):
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model, objective: Objective, tx: optax.GradientTransformation, plan,
+                    schedule: Callable, grad_accum: int = 1) -> Callable:
+    """state, batch -> state, metrics (not jitted: see `jit_train_step`)."""
+
+    def loss_fn(trainable, frozen, micro: Batch, rng, totals):
+        params = plan.merge(trainable, frozen)
+        outputs = model.apply({"params": params}, **model_inputs(micro), deterministic=False,
+                              rngs={"dropout": rng})
+        terms = objective.loss(outputs, micro)
+        return weighted_loss(terms, totals, objective.term_weights), terms
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch: Batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        prepare_rng, dropout_rng = jax.random.split(rng)
+        batch = objective.prepare(batch, prepare_rng)
+        totals = objective.counts(batch)
+        if grad_accum == 1:
+            (loss, terms), grads = grad_fn(state.params, state.frozen, batch, dropout_rng, totals)
+        else:
+            def body(carry, xs):
+                micro, i = xs
+                (loss, terms), grads = grad_fn(state.params, state.frozen, micro,
+                                               jax.random.fold_in(dropout_rng, i), totals)
+                return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+            zero_terms = jax.eval_shape(lambda: grad_fn(
+                state.params, state.frozen, jax.tree.map(lambda x: x[0], _micro_batches(
+                    batch, grad_accum)), dropout_rng, totals)[0][1])
+            init = (jnp.zeros((), jnp.float32),
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_terms),
+                    jax.tree.map(jnp.zeros_like, state.params))
+            (loss, terms, grads), _ = jax.lax.scan(
+                body, init, (_micro_batches(batch, grad_accum), jnp.arange(grad_accum)))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step), **term_metrics(terms, totals),
+                   "tokens": jnp.sum(batch.get("segment_ids", batch["tokens"]) != 0)}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, objective: Objective, plan) -> Callable:
+    """state, batch -> {term: (loss_sum, count, correct)} summed, for host-side averaging."""
+
+    def eval_step(state, batch: Batch):
+        rng = jax.random.fold_in(state.rng, -1)  # fixed masking noise: comparable evals
+        batch = objective.prepare(batch, rng)
+        params = plan.merge(state.params, state.frozen)
+        outputs = model.apply({"params": params}, **model_inputs(batch), deterministic=True)
+        return {name: tuple(term) for name, term in objective.loss(outputs, batch).items()}
+
+    return eval_step
+
+
+def jit_step(fn: Callable, mesh, rules, state_sh, batch_sh, donate: bool = True) -> Callable:
+    """jit with NamedSharding in/out shardings (pjit) and state donation, traced under the
+    mesh and the logical-axis rules so activation constraints resolve."""
+    import flax.linen as nn
+
+    out_sh = (state_sh, None) if donate else None
+    jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=out_sh,
+                     donate_argnums=(0,) if donate else ())
+
+    def call(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    call.jitted = jitted
+    call.lower = lambda state, batch: _lower(jitted, mesh, rules, state, batch)
+    return call
+
+
+def _lower(jitted, mesh, rules, state, batch) -> Any:
+    import flax.linen as nn
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jitted.lower(state, batch)
