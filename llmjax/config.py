@@ -59,6 +59,7 @@ class ModelConfig:
     scale_attention: bool = True  # divide QK^T by sqrt(d_k); T5 folds it into init
     use_bias: bool = True  # biases in dense layers and norms
     tie_embeddings: bool = True  # LM head reuses the token embedding
+    logits_scale: float = 1.0  # multiplies the LM logits (original T5, tied: d_model ** -0.5)
     num_token_types: int = 0  # BERT segment (token type) embeddings
     pooler: bool = False  # BERT [CLS] pooler
     mlm_head: bool = False  # BERT MLM head: transform + norm + tied decoder + bias

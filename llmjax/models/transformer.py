@@ -269,6 +269,8 @@ class Transformer(nn.Module):
             logits = self.embed.attend(hidden)
         else:
             logits = self.lm_head(hidden).astype(jnp.float32)
+        if self.cfg.logits_scale != 1.0:  # original T5 scales the decoder output before the head
+            logits = logits * self.cfg.logits_scale
         return constrain(logits, ("batch", "length", "vocab"))
 
     def _defaults(self, tokens, segment_ids, positions):
