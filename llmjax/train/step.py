@@ -92,7 +92,7 @@ def make_eval_step(model, objective: Objective, plan) -> Callable:
     """state, batch -> {term: (loss_sum, count, correct)} summed, for host-side averaging."""
 
     def eval_step(state, batch: Batch):
-        rng = jax.random.fold_in(state.rng, -1)  # fixed masking noise: comparable evals
+        rng = jax.random.fold_in(state.rng, 2**31 - 1)  # fixed masking noise: comparable evals
         batch = objective.prepare(batch, rng)
         params = plan.merge(state.params, state.frozen)
         outputs = model.apply({"params": params}, **model_inputs(batch), deterministic=True)
