@@ -1,0 +1,64 @@
+"""`llmjax convert hf-to-llmjax | llmjax-to-hf | gguf-to-llmjax SRC OUT`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `convert` and its three directions."""
+    convert = subparsers.add_parser("convert", help="import/export Hugging Face and GGUF models")
+    commands = convert.add_subparsers(dest="convert_command", required=True)
+    for name, help_, handler in [
+            ("hf-to-llmjax", "HF safetensors directory -> llmjax export (for train.init_from)",
+             hf_to_llmjax),
+            ("llmjax-to-hf", "llmjax export -> HF directory (config.json + model.safetensors)",
+             llmjax_to_hf),
+            ("gguf-to-llmjax", "LLaMA-architecture GGUF file -> llmjax export (dequantised)",
+             gguf_to_llmjax)]:
+        p = commands.add_parser(name, help=help_)
+        p.add_argument("src", metavar="SRC")
+        p.add_argument("out", metavar="OUT")
+        if name != "llmjax-to-hf":
+            p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                           help="compute dtype recorded in the config (params stay fp32)")
+        p.set_defaults(handler=handler)
+
+
+def _report(model, out: Path) -> int:
+    from llmjax.models import param_count
+
+    cfg = model.config
+    print(f"wrote {out}: {cfg.family} {cfg.architecture}, {cfg.num_layers} layers, d_model "
+          f"{cfg.d_model}, vocab {cfg.vocab_size}, {param_count(model.params):,} parameters"
+          f"{', tokenizer' if model.tokenizer is not None else ''}")
+    return 0
+
+
+def hf_to_llmjax(args: argparse.Namespace) -> int:
+    from llmjax.pretrained import from_pretrained
+
+    if not (Path(args.src) / "config.json").exists():
+        raise SystemExit(f"{args.src}: no config.json (not a Hugging Face model directory)")
+    model = from_pretrained(args.src, dtype=args.dtype)
+    return _report(model, model.save(args.out))
+
+
+def gguf_to_llmjax(args: argparse.Namespace) -> int:
+    from llmjax.pretrained import from_pretrained
+
+    if Path(args.src).suffix != ".gguf":
+        raise SystemExit(f"{args.src}: expected a .gguf file")
+    model = from_pretrained(args.src, dtype=args.dtype)
+    return _report(model, model.save(args.out))
+
+
+def llmjax_to_hf(args: argparse.Namespace) -> int:
+    from llmjax.pretrained import from_pretrained
+
+    if not (Path(args.src) / "config.yaml").exists():
+        raise SystemExit(f"{args.src}: no config.yaml (not an llmjax export)")
+    model = from_pretrained(args.src)
+    out = model.save_hf(args.out)
+    print(f"wrote {out}: {(out / 'config.json').name}, model.safetensors")
+    return 0

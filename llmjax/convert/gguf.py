@@ -1,0 +1,203 @@
+"""GGUF (llama.cpp) LLaMA-architecture files -> llmjax, with their BPE tokenizer.
+
+Tensors are dequantised with the `gguf` package (the same routine transformers
+uses, so both see identical fp32 weights), renamed to HF LLaMA names, and the
+Q/K rows un-permuted: llama.cpp stores each head's rotary pairs interleaved,
+HF and llmjax use the half-split (rotate_half) layout. The rest reuses the HF
+LLaMA table in llmjax.convert.hf.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmjax.config import ModelConfig
+from llmjax.convert.errors import ConversionError
+from llmjax.convert.hf import FAMILIES, finish, tensors_to_params
+
+Params = dict
+SUPPORTED = ("llama",)
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def _reader(path: str | os.PathLike):
+    try:
+        import gguf
+    except ImportError as err:  # pragma: no cover - the [hf] extra installs it
+        raise ImportError("reading GGUF files needs the `gguf` package: "
+                          "pip install 'llmjax[hf]' (or pip install gguf)") from err
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # noqa: BLE001 - the reader raises many kinds
+        raise ConversionError(f"{path}: not a readable GGUF file ({err})") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    """Scalar metadata (tokenizer arrays left out)."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "token_type",
+                                                               "scores")):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # noqa: BLE001
+            continue
+    return out
+
+
+def gguf_config(reader) -> ModelConfig:
+    """The llmjax config of a llama-architecture GGUF file."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED:
+        raise ConversionError(f"unknown GGUF architecture {arch!r} (general.architecture); "
+                              f"supported: {list(SUPPORTED)}")
+
+    def need(key):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ConversionError(f"GGUF metadata field {arch}.{key!r} is missing")
+        return value
+
+    d, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    kv = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(_field(reader, f"{arch}.rope.dimension_count", d // heads))
+    if _field(reader, f"{arch}.rope.scaling.type", "none") not in ("none", None):
+        raise ConversionError(f"GGUF metadata field {arch}.rope.scaling.type="
+                              f"{_field(reader, f'{arch}.rope.scaling.type')!r} is not supported:"
+                              f" only plain RoPE is implemented")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens else 0))
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        family="llama", architecture="decoder", vocab_size=vocab, d_model=d,
+        num_layers=int(need("block_count")), num_heads=heads, num_kv_heads=kv,
+        head_dim=head_dim, d_ff=int(need("feed_forward_length")),
+        max_len=int(_field(reader, f"{arch}.context_length", 2048)), norm="rmsnorm",
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        activation="silu", gated_mlp=True, position="rope",
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), use_bias=False,
+        tie_embeddings="output.weight" not in names, scan_layers=False)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's interleaved rotary rows -> HF's half-split rows (per head)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Dequantised fp32 tensors under HF LLaMA names."""
+    from gguf.quants import dequantize
+
+    out = {}
+    for tensor in reader.tensors:
+        name = tensor.name
+        match = re.match(r"^blk\.(\d+)\.(\w+)\.weight$", name)
+        if match and match.group(2) in _LAYER_NAMES:
+            hf = f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+        elif name in _GLOBAL_NAMES:
+            hf = _GLOBAL_NAMES[name]
+        else:
+            hf = f"gguf:{name}"  # reported as unexpected by tensors_to_params
+        w = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
+        if name.endswith("attn_q.weight"):
+            w = _unpermute(w, cfg.num_heads)
+        elif name.endswith("attn_k.weight"):
+            w = _unpermute(w, cfg.kv_heads)
+        out[hf] = w
+    return out
+
+
+def import_gguf(path: str | os.PathLike, scan_layers: bool = True,
+                **overrides: Any) -> tuple[ModelConfig, Params]:
+    """(ModelConfig, params) of a llama-architecture GGUF file (dequantised to fp32)."""
+    import dataclasses
+
+    reader = _reader(path)
+    cfg = gguf_config(reader)
+    params = tensors_to_params(FAMILIES["llama"], cfg, gguf_tensors(reader, cfg),
+                               source=str(path))
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    return finish(cfg, params, scan_layers)
+
+
+def gguf_tokenizer_json(path_or_reader: Any) -> str:
+    """An HF tokenizer.json (byte-level BPE) built from the GGUF tokenizer metadata."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    reader = path_or_reader if hasattr(path_or_reader, "fields") else _reader(path_or_reader)
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ConversionError(f"GGUF tokenizer.ggml.model={kind!r} is not supported; "
+                              f"supported: ['gpt2'] (byte-level BPE)")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                          use_regex=True)
+    if _field(reader, "tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    specials = [AddedToken(t, special=True, normalized=False)
+                for t, kind_ in zip(tokens, types) if kind_ == 3]
+    tok.add_special_tokens(specials)
+    return tok.to_str()
+
+
+def gguf_special_tokens(path_or_reader: Any) -> dict[str, str]:
+    """bos/eos/unk/pad token strings named in the GGUF metadata."""
+    reader = path_or_reader if hasattr(path_or_reader, "fields") else _reader(path_or_reader)
+    tokens = list(_field(reader, "tokenizer.ggml.tokens") or [])
+    out = {}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                      ("unk", "unknown_token_id"), ("pad", "padding_token_id")):
+        value = _field(reader, f"tokenizer.ggml.{key}")
+        if value is not None and 0 <= int(value) < len(tokens):
+            out[name] = tokens[int(value)]
+    return out
+
+
+def write_gguf_tokenizer(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """tokenizer.json + tokenizer_config.json (special tokens, chat template) from a GGUF file."""
+    import json
+
+    reader = _reader(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(gguf_tokenizer_json(reader), encoding="utf-8")
+    config = {f"{k}_token": v for k, v in gguf_special_tokens(reader).items()}
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out

@@ -1,0 +1,184 @@
+"""Tokenizers of imported models behind llmjax's tokenizer interface.
+
+`HFTokenizer` wraps an HF `tokenizer.json` (the `tokenizers` library);
+`SentencePieceModelTokenizer` wraps a plain sentencepiece model (T5's
+spiece.model, LLaMA's tokenizer.model). Both give encode(text) -> ids (no
+special tokens), decode(ids) -> text, vocab_size and special_ids, a mapping
+from role (pad, unk, bos, eos, mask, cls, sep) to the model's own ids:
+imported vocabularies keep their ids, they are not renumbered.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Optional
+
+from llmjax.data.tokenizer import Tokenizer
+
+ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")
+# Common spellings, tried when tokenizer_config.json names no token for a role.
+GUESSES = {
+    "pad": ("[PAD]", "<pad>", "<|endoftext|>"), "unk": ("[UNK]", "<unk>", "<|endoftext|>"),
+    "bos": ("<s>", "<|begin_of_text|>", "<|endoftext|>", "<|im_start|>"),
+    "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"),
+    "mask": ("[MASK]", "<mask>"), "cls": ("[CLS]",), "sep": ("[SEP]",),
+}
+
+
+class SpecialIds(dict):
+    """Role -> id for the roles this vocabulary has; also readable as attributes."""
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"this tokenizer has no {name!r} token; it has "
+                                 f"{sorted(self)}") from None
+
+
+def _token_string(value) -> Optional[str]:
+    if isinstance(value, dict):  # {"content": "...", ...} in tokenizer_config.json
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_ids(lookup, directory: Optional[Path], extra: Optional[Mapping[str, str]] = None,
+                 guess: bool = True) -> SpecialIds:
+    named: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name if directory else None
+        if path is not None and path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            for role in ROLES:
+                token = _token_string(data.get(f"{role}_token"))
+                if token is not None:
+                    named.setdefault(role, token)
+    named.update(extra or {})
+    ids = SpecialIds()
+    for role in ROLES:
+        candidates = ([named[role]] if role in named else []) + (
+            list(GUESSES[role]) if guess and role not in named else [])
+        for token in candidates:
+            token_id = lookup(token)
+            if token_id is not None:
+                ids[role] = int(token_id)
+                break
+    return ids
+
+
+class HFTokenizer(Tokenizer):
+    """An HF fast tokenizer (tokenizer.json) with llmjax's interface."""
+
+    def __init__(self, path: str | os.PathLike, special_tokens: Optional[Mapping[str, str]] = None):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: no tokenizer.json")
+        self.path = file
+        self._tok = FastTokenizer.from_file(str(file))
+        self._tok.no_padding()  # encode gives exactly the text's ids; batching pads later
+        self._tok.no_truncation()
+        directory = file.parent
+        self._special = _special_ids(self._tok.token_to_id, directory, special_tokens)
+        config = directory / "tokenizer_config.json"
+        self.config = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of `text`; with add_special_tokens, the model's template ([CLS] .. [SEP])."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_pair(self, text: str, pair: Optional[str] = None) -> tuple[list[int], list[int]]:
+        """(ids, token type ids) with the model's special tokens, e.g. [CLS] a [SEP] b [SEP]."""
+        enc = self._tok.encode(text, pair, add_special_tokens=True)
+        return enc.ids, enc.type_ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat prompt text of `messages` (needs `chat_template` and jinja2)."""
+        template = self.config.get("chat_template")
+        if not template:
+            raise ValueError(f"{self.path.parent}: tokenizer_config.json has no chat_template")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(messages=messages,
+                                                add_generation_prompt=add_generation_prompt,
+                                                bos_token="", eos_token="")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> SpecialIds:  # type: ignore[override]
+        return self._special
+
+
+class SentencePieceModelTokenizer(Tokenizer):
+    """A sentencepiece model file of an imported model (ids as the model has them)."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.model_file = str(model_file)
+        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        ids = SpecialIds()
+        for role, value in (("pad", self._sp.pad_id()), ("unk", self._sp.unk_id()),
+                            ("bos", self._sp.bos_id()), ("eos", self._sp.eos_id())):
+            if value >= 0:
+                ids[role] = int(value)
+        self._special = ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def special_ids(self) -> SpecialIds:  # type: ignore[override]
+        return self._special
+
+
+def load_any_tokenizer(directory: str | os.PathLike) -> Optional[Tokenizer]:
+    """The tokenizer in `directory`: tokenizer.json, a sentencepiece model, or llmjax's own;
+    None when there is none."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").exists():
+        return HFTokenizer(directory)
+    for name in ("spiece.model", "tokenizer.model"):
+        if (directory / name).exists():
+            return SentencePieceModelTokenizer(directory / name)
+    if (directory / "llmjax_tokenizer.json").exists():
+        from llmjax.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(directory)
+    if (directory / "vocab.txt").exists():  # a WordPiece vocabulary only (old BERT dirs)
+        from tokenizers import BertWordPieceTokenizer
+
+        import tempfile
+
+        tok = BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=True)
+        tmp = Path(tempfile.mkdtemp(prefix="llmjax-wordpiece-")) / "tokenizer.json"
+        tok.save(str(tmp))
+        return HFTokenizer(tmp)
+    return None

@@ -1,0 +1,189 @@
+"""`llmjax.from_pretrained(path)`: an llmjax export, an HF directory or a GGUF file, as one object.
+
+    model = from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
+    model.logits(ids)                          # numpy in, numpy out
+    model.generate("The capital of France is", max_new_tokens=8)
+    model.save("runs/smollm2")                 # an export usable by train.init_from
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from llmjax.config import ModelConfig
+from llmjax.data.tokenizer import Tokenizer
+
+Params = dict
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+@dataclasses.dataclass
+class PretrainedModel:
+    """A model config, its parameters (a plain tree, scanned layers) and its tokenizer."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Optional[Tokenizer] = None
+    source: str = ""
+
+    def __post_init__(self):
+        self._apply = None
+
+    # -- forward ---------------------------------------------------------------------------
+    def outputs(self, input_ids: Any, attention_mask: Any = None, decoder_input_ids: Any = None,
+                decoder_attention_mask: Any = None, token_type_ids: Any = None) -> dict:
+        """Every named output of the model (logits, hidden, pooled, nsp_logits, ...) as numpy.
+
+        attention_mask (1 = token, 0 = padding) becomes llmjax's segment ids; outputs at
+        padding positions are not meaningful.
+        """
+        from llmjax.models import Transformer
+
+        if self._apply is None:
+            model = Transformer(self.config)
+            self._apply = jax.jit(lambda params, kw: model.apply({"params": params}, **kw))
+        ids = np.asarray(input_ids, np.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        kw: dict[str, Any] = {"tokens": ids}
+        if attention_mask is not None:
+            kw["segment_ids"] = np.asarray(attention_mask, np.int32).reshape(ids.shape)
+        if token_type_ids is not None:
+            kw["token_types"] = np.asarray(token_type_ids, np.int32).reshape(ids.shape)
+        if self.config.architecture == "encoder_decoder":
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder model needs decoder_input_ids")
+            dec = np.asarray(decoder_input_ids, np.int32).reshape(ids.shape[0], -1)
+            kw["decoder_tokens"] = dec
+            if decoder_attention_mask is not None:
+                kw["decoder_segment_ids"] = np.asarray(decoder_attention_mask,
+                                                       np.int32).reshape(dec.shape)
+        elif decoder_input_ids is not None:
+            raise ValueError(f"decoder_input_ids is only for encoder-decoder models; this one "
+                             f"is {self.config.architecture!r}")
+        return {k: np.asarray(v) for k, v in self._apply(self.params, kw).items()}
+
+    def logits(self, input_ids: Any, attention_mask: Any = None, decoder_input_ids: Any = None,
+               **kwargs: Any) -> np.ndarray:
+        """[batch, length, vocab] fp32 logits (LM or MLM head); a bare encoder returns its
+        hidden states [batch, length, d_model]."""
+        out = self.outputs(input_ids, attention_mask, decoder_input_ids, **kwargs)
+        return out["logits"] if "logits" in out else out["hidden"]
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: Any = "default",
+                 chat: bool = False) -> Any:
+        """Continue a prompt: text in -> text out (needs a tokenizer), ids in -> ids out.
+
+        chat=True wraps text prompts in the tokenizer's chat template (a user turn).
+        """
+        from llmjax.generate import generate
+
+        texts = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                            and isinstance(prompt[0], str))
+        special = getattr(self.tokenizer, "special_ids", {}) if self.tokenizer else {}
+        if eos_id == "default":
+            eos_id = special.get("eos")
+            if self.tokenizer is not None and hasattr(self.tokenizer, "token_to_id"):
+                end = self.tokenizer.token_to_id("<|im_end|>")
+                if end is not None:
+                    eos_id = [e for e in (eos_id, end) if e is not None]
+        if texts:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            items = [prompt] if isinstance(prompt, str) else list(prompt)
+            if chat:
+                items = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}])
+                         for t in items]
+            ids = [self.tokenizer.encode(t) for t in items]
+        else:
+            ids = prompt
+        start = special.get("pad", 0) if self.config.architecture == "encoder_decoder" else 0
+        out = generate(self.config, self.params, ids, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                       seed=seed, pad_id=special.get("pad", 0), decoder_start_id=start)
+        if texts:
+            decoded = [self.tokenizer.decode(o) for o in out]
+            return decoded[0] if isinstance(prompt, str) else decoded
+        return out
+
+    # -- saving ----------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """An llmjax parameter export (config.yaml + params/, tokenizer/ when known):
+        what `train.init_from` and from_pretrained read."""
+        from llmjax.checkpoint import save_params
+        from llmjax.convert.hf import copy_tokenizer_files
+
+        directory = save_params(directory, self.params, self.config)
+        tok_dir = _tokenizer_dir(self.tokenizer)
+        if tok_dir is not None:
+            copy_tokenizer_files(tok_dir, Path(directory) / TOKENIZER_SUBDIR)
+        return Path(directory)
+
+    def save_hf(self, directory: str | os.PathLike) -> Path:
+        """A Hugging Face directory (config.json + model.safetensors [+ tokenizer files])."""
+        from llmjax.convert.hf import export_hf
+
+        return export_hf(self.config, self.params, directory, _tokenizer_dir(self.tokenizer))
+
+
+def _tokenizer_dir(tokenizer: Any) -> Optional[Path]:
+    path = getattr(tokenizer, "path", None)
+    return Path(path).parent if path is not None else None
+
+
+def _load_tokenizer(directory: Path) -> Optional[Tokenizer]:
+    from llmjax.convert.tokenizers import load_any_tokenizer
+
+    for candidate in (directory / TOKENIZER_SUBDIR, directory):
+        if candidate.is_dir():
+            tok = load_any_tokenizer(candidate)
+            if tok is not None:
+                return tok
+    return None
+
+
+def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
+                    **overrides: Any) -> PretrainedModel:
+    """Load an llmjax export (config.yaml), an HF directory (config.json + safetensors) or a
+    GGUF file. `overrides` set ModelConfig fields (e.g. dtype="bfloat16", max_len=2048)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        import tempfile
+
+        from llmjax.convert.gguf import import_gguf, write_gguf_tokenizer
+        from llmjax.convert.tokenizers import HFTokenizer
+
+        cfg, params = import_gguf(path, scan_layers=scan_layers, **overrides)
+        tok_dir = Path(tempfile.mkdtemp(prefix="llmjax-gguf-tok-"))
+        tokenizer = HFTokenizer(write_gguf_tokenizer(path, tok_dir))
+        return PretrainedModel(cfg, params, tokenizer, str(path))
+    if (path / "config.yaml").exists():
+        from llmjax.checkpoint import load_params
+        from llmjax.config import _build
+
+        params, data = load_params(path)
+        model = dict(data.get("model", data))
+        model.update(overrides)
+        cfg = _build(ModelConfig, model, "model")
+        cfg.validate()
+        if cfg.scan_layers != scan_layers:
+            from llmjax.models import stack_layers, unstack_layers
+
+            params = stack_layers(params) if scan_layers else unstack_layers(params)
+            cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
+        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path))
+    if (path / "config.json").exists():
+        from llmjax.convert.hf import import_hf
+
+        cfg, params = import_hf(path, scan_layers=scan_layers, **overrides)
+        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path))
+    raise FileNotFoundError(f"{path}: not an llmjax export (config.yaml), a Hugging Face "
+                            f"directory (config.json) or a .gguf file")
