@@ -102,6 +102,10 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        for key in ("num_kv_heads", "head_dim", "num_decoder_layers"):  # optional sizes
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive "
+                                  f"(or null for the default)")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ConfigError(
                 f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}: "
@@ -395,6 +399,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif hint is str:
         if isinstance(value, str):
             return value

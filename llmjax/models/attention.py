@@ -138,8 +138,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t = k.shape[:2]
         cache_shape = (b, cfg.max_len, cfg.kv_heads, cfg.dim_per_head)
-        cached_k = self.variable("cache", "key", jnp.zeros, cache_shape, k.dtype)
-        cached_v = self.variable("cache", "value", jnp.zeros, cache_shape, v.dtype)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, v.dtype)
         cached_seg = self.variable("cache", "segments", jnp.zeros, (b, cfg.max_len), jnp.int32)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         if q_segments is None:
