@@ -41,7 +41,7 @@ def logical_axes(cfg: ModelConfig) -> Params:
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Concrete, unboxed parameters (for tests and small models; sharded init in parallel.py)."""
-    return nn.unbox(_init_variables(cfg, rng)["params"])
+    return nn.unbox(jax.jit(functools.partial(_init_variables, cfg))(rng)["params"])
 
 
 def param_count(tree: Params) -> int:
