@@ -73,3 +73,570 @@ def load_params(directory: str | os.PathLike, target: Any = None) -> tuple[Any, 
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=single), tree)
         params = checkpointer.restore(path, target)
     return params, config
+
+
+# =============================================================================
+# Training checkpoints: orbax CheckpointManager over run_dir/checkpoints.
+#
+# run_dir/checkpoints/<step>/
+#   state/   train state: step, params, frozen, opt_state, rng (key data)  [orbax PyTree, OCDBT]
+#   data/    process_<i>.json: data iterator state of process i (one per host)
+#   meta/    resolved config, tokenizer reference, mesh, process count, eval metrics  [JSON]
+# Orbax writes <step>.orbax-checkpoint-tmp-* and renames it to <step> only
+# after every item of every process is written (atomic commit), so a process
+# killed during a save leaves the previous checkpoints as they were.
+# =============================================================================
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT_VERSION = 1
+# Exit code of a run stopped by SIGTERM after writing its checkpoint (sysexits EX_TEMPFAIL:
+# "temporary failure, retry"): rerunning the same command resumes from that checkpoint.
+EXIT_PREEMPTED = 75
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, corrupted or incompatible with the run config.
+
+    A ConfigError subclass, so the CLI reports it as a one-line error (exit code 2)."""
+
+
+def path_str(path) -> str:
+    """'a/b/0/c' for a jax key path (dict keys, sequence indices, attribute names)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def flatten(tree) -> dict[str, Any]:
+    """{path string: leaf}."""
+    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ---------------------------------------------------------------- the data item
+
+class DataStateHandler(ocp.AsyncCheckpointHandler):
+    """Per-process JSON (data iterator state): every process writes process_<index>.json,
+    in the background with the arrays (the commit waits for every process's file)."""
+
+    async def async_save(self, directory, args: "DataSave"):
+        path = Path(directory) / f"process_{jax.process_index()}.json"
+        data = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+                "state": args.state}
+
+        async def write():
+            await asyncio.to_thread(_write_json, path, data)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="llmjax_data_save")]
+
+    def save(self, directory, args: "DataSave"):
+        _write_json(Path(directory) / f"process_{jax.process_index()}.json",
+                    {"process_index": jax.process_index(), "process_count": jax.process_count(),
+                     "state": args.state})
+
+    def restore(self, directory, args: "DataRestore" = None):
+        path = Path(directory) / f"process_{jax.process_index()}.json"
+        if not path.exists():
+            present = sorted(p.name for p in Path(directory).glob("process_*.json"))
+            raise CheckpointError(f"{path} is missing (present: {present}): the checkpoint was "
+                                  f"written by another number of processes, or is incomplete")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path} is unreadable or truncated: {err}") from None
+        return data["state"]
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data))
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ---------------------------------------------------------------- state <-> saved form
+
+def _saved_form(state) -> dict:
+    """TrainState -> the dict orbax stores (the PRNG key as its raw uint32 data)."""
+    return {"step": state.step, "params": state.params, "frozen": state.frozen,
+            "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
+
+
+def _abstract_saved_form(abstract, shardings) -> dict:
+    """ShapeDtypeStructs (with the target shardings) of `_saved_form(state)`."""
+    rng_data = jax.eval_shape(jax.random.key_data, abstract.rng)
+    def sds(leaf, sh):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
+    return {"step": sds(abstract.step, shardings.step),
+            "params": jax.tree.map(sds, abstract.params, shardings.params),
+            "frozen": jax.tree.map(sds, abstract.frozen, shardings.frozen),
+            "opt_state": jax.tree.map(sds, abstract.opt_state, shardings.opt_state),
+            "rng": jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=shardings.rng)}
+
+
+def _rng_impl_name() -> str:
+    return str(jax.random.key_impl(jax.random.key(0)))
+
+
+def tokenizer_reference(config: Config) -> Optional[dict]:
+    """{path, model_sha256} of the run's tokenizer (None without one)."""
+    directory = config.data.tokenizer
+    if not directory:
+        return None
+    ref: dict = {"path": str(Path(directory).expanduser().absolute())}
+    meta = Path(directory).expanduser() / "llmjax_tokenizer.json"
+    if meta.exists():
+        data = json.loads(meta.read_text())
+        ref["model_sha256"] = data.get("model_sha256")
+        ref["vocab_size"] = data.get("vocab_size")
+    return ref
+
+
+def check_tree(saved: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
+    """Same leaf paths, shapes and dtypes, else a CheckpointError naming the leaves."""
+    missing = [k for k in wanted if k not in saved]
+    extra = [k for k in saved if k not in wanted]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} leaves missing from the checkpoint: {_few(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} leaves in the checkpoint but not in this model/optimizer: "
+                        f"{_few(extra)}")
+    for key in wanted:
+        if key in saved:
+            s, w = saved[key], wanted[key]
+            if tuple(s.shape) != tuple(w.shape):
+                problems.append(f"leaf {key}: checkpoint shape {tuple(s.shape)} vs "
+                                f"{tuple(w.shape)} in this config")
+            elif np.dtype(s.dtype) != np.dtype(w.dtype):
+                problems.append(f"leaf {key}: checkpoint dtype {np.dtype(s.dtype)} vs "
+                                f"{np.dtype(w.dtype)} in this config")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not match this run:\n  " +
+                              "\n  ".join(problems[:20]) +
+                              ("\n  ..." if len(problems) > 20 else ""))
+
+
+def _few(items: list, n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _tree_metadata(directory: Path) -> dict[str, Any]:
+    """{leaf path: metadata with .shape/.dtype} of an orbax PyTree directory."""
+    if not directory.exists():
+        raise CheckpointError(f"{directory} is missing: the checkpoint is incomplete")
+    for name in ("_METADATA",):
+        if not (directory / name).exists():
+            raise CheckpointError(f"{directory / name} is missing: the checkpoint is incomplete "
+                                  f"or was not written by orbax")
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(directory)
+    except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many kinds)
+        raise CheckpointError(f"cannot read the metadata of {directory}: "
+                              f"{type(err).__name__}: {err}") from None
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]}
+
+
+# ---------------------------------------------------------------- the manager
+
+class TrainCheckpoints:
+    """Save and restore a run's train state, data state and metadata (run_dir/checkpoints)."""
+
+    def __init__(self, run_dir: str | os.PathLike, config: Config):
+        self.config = config
+        self.directory = (Path(run_dir).expanduser() / CHECKPOINT_DIR).absolute()
+        cc = config.checkpoint
+        policies = [ocp.checkpoint_managers.LatestN(n=max(cc.keep, 1))]
+        if cc.keep_best:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=cc.async_save, cleanup_tmp_directories=True, create=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": DataStateHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+        self.last_save_seconds = 0.0
+
+    # -- queries
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    # -- save
+    def save(self, step: int, state, data_state: Any, mesh=None,
+             eval_metrics: Optional[dict] = None) -> None:
+        """Start saving `state` at `step`; returns once the arrays are copied off the devices
+        (async) or written (sync). Training may donate/overwrite `state` right after."""
+        meta = {"format": FORMAT_VERSION, "step": int(step), "time": time.time(),
+                "config": self.config.to_dict(), "tokenizer": tokenizer_reference(self.config),
+                "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "mesh": dict(mesh.shape) if mesh is not None else None,
+                "rng_impl": _rng_impl_name(),
+                "eval": {k: float(v) for k, v in (eval_metrics or {}).items()}}
+        metrics = {"eval_loss": float(eval_metrics["loss"])} if eval_metrics else None
+        start = time.perf_counter()
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_saved_form(state)),
+            data=DataSave(data_state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        self.last_save_seconds = time.perf_counter() - start
+        log.info("checkpoint %d: %s in %.2fs%s", step, "started" if self.config.checkpoint.async_save
+                 else "written", self.last_save_seconds,
+                 " (writing in the background)" if self.config.checkpoint.async_save else "")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # -- restore
+    def read_meta(self, step: int) -> dict:
+        path = self.step_dir(step) / "meta" / "metadata"
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: checkpoint {step} is incomplete")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{path} is truncated or not JSON: {err}") from None
+
+    def restore(self, step: int, exp, abstract=None, shardings=None):
+        """(TrainState on exp's mesh, this process's data state, meta) of checkpoint `step`."""
+        where = str(self.step_dir(step))
+        meta = self.read_meta(step)
+        check_compatible(meta.get("config", {}).get("model", {}), exp.model_config, where)
+        if meta.get("rng_impl") not in (None, _rng_impl_name()):
+            raise CheckpointError(f"{where}: PRNG implementation {meta['rng_impl']} vs "
+                                  f"{_rng_impl_name()} now (jax_default_prng_impl)")
+        _check_tokenizer(meta.get("tokenizer"), self.config, where)
+        abstract = abstract or exp.abstract_state()
+        shardings = shardings or exp.state_shardings(abstract)
+        target = _abstract_saved_form(abstract, shardings)
+        state_dir = self.step_dir(step) / "state"
+        check_tree(_tree_metadata(state_dir), flatten(target), where + "/state")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=DataRestore()))
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(_diagnose(state_dir, target, err)) from None
+        saved = restored["state"]
+        rng = jax.jit(lambda d: jax.random.wrap_key_data(d), out_shardings=shardings.rng)(
+            saved["rng"])
+        from llmjax.train.state import TrainState
+        state = TrainState(step=saved["step"], params=saved["params"], frozen=saved["frozen"],
+                           opt_state=saved["opt_state"], rng=rng)
+        return state, restored["data"], meta
+
+
+def _diagnose(state_dir: Path, target: dict, err: Exception) -> str:
+    """Name the leaf that cannot be read: restore leaves one by one until one fails."""
+    message = f"cannot read {state_dir}: {type(err).__name__}: {str(err)[:500]}"
+    flat = flatten(target)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            for key, leaf in flat.items():
+                sub = _nest({key: leaf})
+                try:
+                    checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+                        sub, restore_args=jax.tree.map(
+                            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), sub),
+                        partial_restore=True))
+                except Exception as leaf_err:  # noqa: BLE001
+                    return (f"cannot read leaf {key} {tuple(leaf.shape)} of {state_dir}: "
+                            f"{type(leaf_err).__name__}: {str(leaf_err)[:300]}")
+    except Exception:  # noqa: BLE001 (diagnosis is best effort)
+        pass
+    return message
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    """{'a/b': x} -> {'a': {'b': x}} (numeric parts stay string keys: used for dict trees)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _check_tokenizer(saved: Optional[dict], config: Config, where: str) -> None:
+    now = tokenizer_reference(config)
+    if not saved or not now:
+        if bool(saved) != bool(now):
+            raise CheckpointError(f"{where} was written {'with' if saved else 'without'} a "
+                                  f"tokenizer ({(saved or {}).get('path')}); this config has "
+                                  f"data.tokenizer={config.data.tokenizer!r}")
+        return
+    if saved.get("model_sha256") and now.get("model_sha256") and \
+            saved["model_sha256"] != now["model_sha256"]:
+        raise CheckpointError(f"{where} was trained with tokenizer {saved['path']} (sha256 "
+                              f"{saved['model_sha256'][:12]}); data.tokenizer={now['path']} is a "
+                              f"different model (sha256 {now['model_sha256'][:12]}): use the "
+                              f"same tokenizer, or start a new train.run_dir")
+
+
+def check_compatible(saved_model: dict, model: ModelConfig, where: str) -> None:
+    """Family, architecture and vocabulary must agree (clear errors before any shape check)."""
+    if not saved_model:
+        return
+    for key in ("family", "architecture", "vocab_size"):
+        if key in saved_model and saved_model[key] != getattr(model, key):
+            raise CheckpointError(
+                f"{where} holds a model with {key}={saved_model[key]!r}, but this config has "
+                f"model.{key}={getattr(model, key)!r}: parameters cannot be loaded across "
+                f"{'vocabularies' if key == 'vocab_size' else key + 's'}"
+                + (" (use the tokenizer and vocab_size the checkpoint was trained with)"
+                   if key == "vocab_size" else ""))
+
+
+# ---------------------------------------------------------------- preemption
+
+class PreemptionWatcher:
+    """SIGTERM -> `requested` becomes true; the trainer checkpoints at the next step boundary.
+
+    Multi-process runs ask jax's preemption sync point instead, so every host
+    stops at the same step (jax.distributed registers its own SIGTERM notice).
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> "PreemptionWatcher":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if not self._event.is_set():
+            log.warning("SIGTERM received: checkpointing at the next step boundary, then exiting "
+                        "with code %d", EXIT_PREEMPTED)
+        self._event.set()
+
+    def reached(self, step: int) -> bool:
+        if self._event.is_set():
+            return True
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # no preemption sync manager (distributed not initialised)
+                return False
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+            self._installed = False
+
+
+# ---------------------------------------------------------------- init_from (fine-tuning)
+
+@dataclasses.dataclass
+class InitReport:
+    """What `init_from` did with each parameter leaf of the new model."""
+
+    source: str
+    loaded: list = dataclasses.field(default_factory=list)
+    new: list = dataclasses.field(default_factory=list)  # freshly initialised (e.g. new heads)
+    dropped: list = dataclasses.field(default_factory=list)  # in the source, not in this model
+    resized: list = dataclasses.field(default_factory=list)  # position tables cut to max_len
+    cast: list = dataclasses.field(default_factory=list)  # loaded with another dtype
+
+    def summary(self) -> str:
+        lines = [f"init_from {self.source}: {len(self.loaded)} leaves loaded, {len(self.new)} new "
+                 f"(freshly initialised), {len(self.dropped)} dropped"]
+        for title, items in (("new", self.new), ("dropped", self.dropped),
+                             ("resized", self.resized), ("cast", self.cast)):
+            for item in items:
+                lines.append(f"  {title:8s} {item}")
+        return "\n".join(lines)
+
+
+def resolve_source(path: str | os.PathLike) -> tuple[Path, list[str], dict]:
+    """(orbax tree dir, subtrees holding params, config dict) of a run dir, a checkpoint step
+    dir or a parameter export."""
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"init_from={str(path)!r} does not exist")
+    if (path / CHECKPOINT_DIR).is_dir():
+        steps = sorted(int(p.name) for p in (path / CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+        if not steps:
+            raise CheckpointError(f"{path / CHECKPOINT_DIR} holds no finished checkpoint")
+        path = path / CHECKPOINT_DIR / str(steps[-1])
+    if (path / "state").is_dir():
+        meta_path = path / "meta" / "metadata"
+        if not meta_path.exists():
+            raise CheckpointError(f"{meta_path} is missing: checkpoint {path} is incomplete")
+        try:
+            config = json.loads(meta_path.read_text()).get("config", {})
+        except ValueError as err:
+            raise CheckpointError(f"{meta_path} is truncated or not JSON: {err}") from None
+        return path / "state", ["params", "frozen"], config
+    if (path / "params").is_dir() or (path / "config.yaml").exists():
+        config = read_config(path)
+        if not (path / "params").is_dir():
+            raise CheckpointError(f"{path / 'params'} is missing: the parameter export is incomplete")
+        return path / "params", [], config
+    raise CheckpointError(f"init_from={str(path)!r} is neither a run directory (with "
+                          f"{CHECKPOINT_DIR}/), a checkpoint step directory (with state/) nor a "
+                          f"parameter export (with params/ and config.yaml)")
+
+
+def _is_position_table(key: str) -> bool:
+    """Learned position embeddings (.../position/embedding): rows per position."""
+    parts = key.split("/")
+    return len(parts) >= 2 and "position" in parts[-2]
+
+
+def init_from(exp, path: str | os.PathLike):
+    """A fresh TrainState of `exp` (step 0, new optimizer state) whose parameters come from
+    `path` wherever this model has a leaf of the same path; returns (state, InitReport).
+
+    Leaves only in the new model (new heads) keep their fresh initialisation, leaves only in
+    the source (old heads) are dropped; learned position tables longer than this model's
+    max_len are cut. Any other shape mismatch on a shared leaf is an error naming it.
+    """
+    import flax.linen as nn
+    from llmjax import parallel
+    from llmjax.models import dummy_inputs
+    from llmjax.train.state import tree_names
+
+    tree_dir, prefixes, source_config = resolve_source(path)
+    where = str(tree_dir.parent)
+    check_compatible(source_config.get("model", {}), exp.model_config, where)
+    saved = _tree_metadata(tree_dir)
+    source: dict[str, tuple[str, Any]] = {}  # param path -> (path in the tree, metadata)
+    if prefixes:
+        for prefix in reversed(prefixes):  # earlier prefixes win
+            for key, leaf in saved.items():
+                if key.startswith(prefix + "/"):
+                    source[key[len(prefix) + 1:]] = (key, leaf)
+    else:
+        source = {key: (key, leaf) for key, leaf in saved.items()}
+
+    cfg = exp.model_config
+    rng = jax.random.key(exp.config.train.seed)
+    abstract = jax.eval_shape(lambda r: nn.unbox(exp.model.init(
+        {"params": r, "dropout": r}, **dummy_inputs(cfg))["params"]), rng)
+    shardings = parallel.logical_shardings(tree_names(abstract, exp.names), abstract,
+                                           exp.mesh, exp.rules)
+    wanted = flatten(abstract)
+    wanted_sh = flatten(shardings)
+    report = InitReport(source=where)
+    restore_target: dict[str, Any] = {}
+    errors = []
+    for key, leaf in wanted.items():
+        if key not in source:
+            report.new.append(f"{key} {tuple(leaf.shape)}")
+            continue
+        tree_key, meta = source[key]
+        shape, saved_shape = tuple(leaf.shape), tuple(meta.shape)
+        sharding = wanted_sh[key]
+        if shape != saved_shape:
+            if (_is_position_table(key) and len(shape) == len(saved_shape) and
+                    shape[1:] == saved_shape[1:] and saved_shape[0] >= shape[0]):
+                report.resized.append(f"{key} {saved_shape} -> {shape}")
+                sharding = parallel.replicated(exp.mesh)
+            else:
+                errors.append(f"leaf {key}: checkpoint shape {saved_shape} vs {shape} in this model")
+                continue
+        if np.dtype(meta.dtype) != np.dtype(leaf.dtype):
+            report.cast.append(f"{key} {np.dtype(meta.dtype)} -> {np.dtype(leaf.dtype)}")
+        report.loaded.append(key)
+        restore_target[tree_key] = jax.ShapeDtypeStruct(saved_shape, meta.dtype, sharding=sharding)
+    if errors:
+        raise CheckpointError(f"init_from {where}: parameters do not fit this model:\n  " +
+                              "\n  ".join(errors))
+    report.dropped = sorted(f"{k} {tuple(m.shape)}" for k, (_, m) in source.items()
+                            if k not in wanted)
+    if not report.loaded:
+        raise CheckpointError(f"init_from {where}: no parameter path matches this model "
+                              f"(source leaves: {_few(sorted(source))})")
+
+    nested = _nest(restore_target)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(tree_dir, args=ocp.args.PyTreeRestore(
+                nested, restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), nested),
+                partial_restore=True))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(_diagnose(tree_dir, nested, err)) from None
+    flat_restored = flatten(restored)
+    loaded = {key: flat_restored[source[key][0]] for key in report.loaded}
+
+    with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
+        state = _init_with(exp, rng, loaded)
+    return state, report
+
+
+def _init_with(exp, rng, loaded: dict):
+    """exp's sharded init with `loaded` leaves swapped in; the loaded arrays are arguments of
+    the jitted function (not closed-over constants baked into the executable)."""
+    def fn(r, arrays):
+        def swap(params):
+            def one(path, leaf):
+                key = path_str(path)
+                if key not in arrays:
+                    return leaf
+                value = arrays[key]
+                if value.shape != leaf.shape:  # a longer position table, cut to max_len
+                    value = value[tuple(slice(0, n) for n in leaf.shape)]
+                return value.astype(leaf.dtype)
+            return jax.tree_util.tree_map_with_path(one, params)
+        return exp._init_fn(r, loaded=swap)
+
+    state_sh = exp.state_shardings(exp.abstract_state())
+    return jax.jit(fn, out_shardings=state_sh)(rng, loaded)

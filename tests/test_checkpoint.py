@@ -1,0 +1,290 @@
+"""Checkpoints: exact resume after kill -9 / SIGTERM, kill -9 during an async save, resharding
+on restore, clear errors on bad checkpoints (tiny GPT, seq 32, batch 8, mesh (2,2,2)).
+
+Subprocess runs share the session's persistent compilation cache, so each pays the
+interpreter start and imports (~4 s) but not the compiles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llmjax import compile_cache, config
+from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, TrainCheckpoints
+from llmjax.train.experiment import build
+from llmjax.train.trainer import evaluate_run, train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 8, 4
+
+
+def overrides(run_dir, *extra):
+    return [f"train.steps={STEPS}", "train.seq_len=32", "train.batch_size=8", "train.log_every=1",
+            f"train.run_dir={run_dir}", "train.progress=false", "train.tensorboard=false",
+            "train.eval_steps=1", "train.compilation_cache=", "mesh.data=2", "mesh.fsdp=2",
+            "mesh.tensor=2", f"checkpoint.every={EVERY}", "data.synthetic_num_documents=200",
+            *extra]
+
+
+def make_config(run_dir, *extra):
+    return config.load(REPO / "configs/experiments/gpt-tiny.yaml", overrides(run_dir, *extra))
+
+
+CHILD = textwrap.dedent('''
+    import json, os, signal, sys, time
+    from pathlib import Path
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    spec = json.loads(sys.argv[1])
+    from llmjax import compile_cache, config
+    compile_cache.enable(spec["cache"])
+    import llmjax.checkpoint as ck
+    from llmjax.train.trainer import train
+    cfg = config.load(spec["config"], spec["overrides"])
+    ckdir = Path(cfg.train.run_dir) / "checkpoints"
+    if spec.get("slow_data_write_at"):
+        original = ck._write_json
+        def slow(path, data):  # the background write of this step's data item never ends
+            if f"{spec['slow_data_write_at']}.orbax-checkpoint-tmp" in str(path):
+                print("SLOW-SAVE", path, flush=True)
+                time.sleep(600)
+            original(path, data)
+        ck._write_json = slow
+    def on_step(step):
+        if spec.get("sleep"):
+            time.sleep(spec["sleep"])
+        if step == spec.get("kill_at"):
+            wait_for = spec.get("wait_for_checkpoint")
+            while wait_for and not (ckdir / str(wait_for)).exists():
+                time.sleep(0.01)
+            print("KILL", step, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    result = train(cfg, on_step=on_step)
+    print("EXIT", result.exit_code, result.checkpoint_step, flush=True)
+    sys.exit(result.exit_code)
+''')
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jax_cache")
+    compile_cache.enable(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def child_script(tmp_path_factory):
+    path = tmp_path_factory.mktemp("child") / "child.py"
+    path.write_text(CHILD)
+    return path
+
+
+def spawn(child_script, cache_dir, run_dir, **spec):
+    spec = {"cache": str(cache_dir), "config": str(REPO / "configs/experiments/gpt-tiny.yaml"),
+            "overrides": overrides(run_dir, *spec.pop("extra", ())), **spec}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, str(child_script), json.dumps(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["split"] == "train":
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def flat_params(state) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in
+            jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]}
+
+
+def assert_same_params(a, b):
+    fa, fb = flat_params(a), flat_params(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache_dir):
+    """2N steps without interruption (checkpoints at N and 2N)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = train(make_config(run_dir))
+    assert result.exit_code == 0 and result.checkpoint_step == STEPS
+    assert sorted(TrainCheckpoints(run_dir, make_config(run_dir)).all_steps()) == [EVERY, STEPS]
+    return result, losses(run_dir)
+
+
+def test_resume_after_kill9_is_bit_identical(tmp_path, straight, cache_dir, child_script):
+    result, straight_losses = straight
+    proc = spawn(child_script, cache_dir, tmp_path, kill_at=EVERY + 2, wait_for_checkpoint=EVERY)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert max(losses(tmp_path)) == EVERY + 2  # it ran past the checkpoint, then died
+    resumed = train(make_config(tmp_path))
+    assert resumed.resumed_from == EVERY and resumed.exit_code == 0
+    assert losses(tmp_path) == straight_losses  # bit for bit, every step 1..2N
+    assert_same_params(resumed.state, result.state)
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_resumes_exactly(tmp_path, straight, cache_dir,
+                                                                 child_script):
+    result, straight_losses = straight
+    proc = spawn(child_script, cache_dir, tmp_path, sleep=0.3, extra=["checkpoint.every=0"])
+    deadline = time.time() + 90
+    while time.time() < deadline:  # SIGTERM at some point of step 3 or later (mid-step)
+        path = tmp_path / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    stopped = TrainCheckpoints(tmp_path, make_config(tmp_path)).all_steps()
+    assert len(stopped) == 1 and 3 <= stopped[0] < STEPS, (stopped, out)
+    resumed = train(make_config(tmp_path))
+    assert resumed.resumed_from == stopped[0]
+    assert losses(tmp_path) == straight_losses
+    assert_same_params(resumed.state, result.state)
+
+
+def test_kill9_during_async_save_keeps_previous_checkpoint(tmp_path, straight, cache_dir,
+                                                          child_script):
+    _, straight_losses = straight
+    # every=2: checkpoint 2 commits; checkpoint 4's background write hangs; killed at step 6.
+    proc = spawn(child_script, cache_dir, tmp_path, slow_data_write_at=4, kill_at=6,
+                 extra=["checkpoint.every=2"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert "SLOW-SAVE" in out and "KILL 6" in out
+    directory = tmp_path / "checkpoints"
+    assert [p.name for p in directory.glob("4.orbax-checkpoint-tmp*")], list(directory.iterdir())
+    assert not (directory / "4").exists()  # never committed
+    steps = TrainCheckpoints(tmp_path, make_config(tmp_path, "checkpoint.every=2")).all_steps()
+    assert steps == [2]
+    resumed = train(make_config(tmp_path, "checkpoint.every=2"))
+    assert resumed.resumed_from == 2
+    assert losses(tmp_path) == straight_losses
+    assert not list(directory.glob("*.orbax-checkpoint-tmp*"))  # cleaned up on restart
+
+
+def test_reshard_222_to_811_to_one_device(tmp_path, straight, cache_dir):
+    result, straight_losses = straight
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / str(STEPS))
+    # Restored arrays are bit-identical whatever the mesh.
+    reference = None
+    for mesh, devices in (((2, 2, 2), None), ((8, 1, 1), None), ((1, 1, 1), jax.devices()[:1])):
+        cfg = make_config(run_dir, f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
+                          f"mesh.tensor={mesh[2]}")
+        exp = build(cfg, devices)
+        ckpt = TrainCheckpoints(run_dir, cfg)
+        state, data, _ = ckpt.restore(EVERY, exp)
+        ckpt.close()
+        leaf = jax.tree.leaves(state.params)[0]
+        assert len(leaf.sharding.device_set) == (1 if devices else 8)
+        if reference is None:
+            reference = state
+        else:
+            assert_same_params(state, reference)
+    # Continue (2,2,2)@4 -> (8,1,1) to step 6 -> one device to step 8.
+    cfg811 = make_config(run_dir, "mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1",
+                         "checkpoint.every=2")
+    r1 = _train_until(cfg811, 6)
+    assert r1.resumed_from == EVERY
+    r2 = train(make_config(run_dir, "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"),
+               devices=jax.devices()[:1])
+    assert r2.resumed_from == 6 and r2.step == STEPS
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(EVERY + 1, STEPS + 1):  # other meshes reduce in another order
+        np.testing.assert_allclose(got[step], straight_losses[step], rtol=2e-5, err_msg=str(step))
+
+
+def _train_until(cfg, stop_step):
+    """Train with SIGTERM delivered at `stop_step` (checkpoint there, exit 75)."""
+    def on_step(step):
+        if step == stop_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    result = train(cfg, on_step=on_step)
+    assert result.exit_code == EXIT_PREEMPTED and result.checkpoint_step == stop_step
+    return result
+
+
+@pytest.fixture()
+def copy_of(straight, tmp_path):
+    def make():
+        run_dir = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(straight[0].run_dir, run_dir)
+        return run_dir
+    return make
+
+
+def test_missing_file_is_a_clear_error(copy_of):
+    run_dir = copy_of()
+    (run_dir / "checkpoints" / str(STEPS) / "state" / "_METADATA").unlink()
+    with pytest.raises(CheckpointError, match=r"8/state/_METADATA is missing"):
+        train(make_config(run_dir, "train.steps=12"))
+    run_dir = copy_of()
+    (run_dir / "checkpoints" / str(STEPS) / "data" / "process_0.json").unlink()
+    with pytest.raises(CheckpointError, match=r"8/data/process_0.json is missing"):
+        train(make_config(run_dir, "train.steps=12"))
+
+
+def test_truncated_file_is_a_clear_error(copy_of):
+    run_dir = copy_of()
+    files = sorted((run_dir / "checkpoints" / str(STEPS) / "state").rglob("d/*"),
+                   key=lambda p: p.stat().st_size)
+    biggest = files[-1]
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read (leaf \S+ )?.*8/state"):
+        train(make_config(run_dir, "train.steps=12"))
+    run_dir = copy_of()
+    meta = run_dir / "checkpoints" / str(STEPS) / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:100])
+    with pytest.raises(CheckpointError, match=r"meta/metadata is truncated"):
+        train(make_config(run_dir, "train.steps=12"))
+
+
+def test_other_family_and_vocab_are_clear_errors(copy_of):
+    run_dir = copy_of()
+    with pytest.raises(CheckpointError, match=r"vocab_size=512.*model.vocab_size=1024"):
+        train(make_config(run_dir, "train.steps=12", "model.vocab_size=1024"))
+    bert = config.load(REPO / "configs/experiments/bert-tiny.yaml",
+                       [f"train.run_dir={run_dir}", "train.seq_len=32", "mesh.data=-1"])
+    with pytest.raises(CheckpointError, match=r"family='gpt'.*model.family='bert'"):
+        train(bert)
+    with pytest.raises(CheckpointError, match=r"family='gpt'.*model.family='bert'"):
+        train(config.load(REPO / "configs/experiments/bert-tiny.yaml",
+                          [f"train.run_dir={run_dir.parent / 'ft'}", "train.seq_len=32",
+                           f"train.init_from={run_dir}"]))
+    # A shape mismatch on a leaf (same family and vocab) names the leaf.
+    with pytest.raises(CheckpointError, match=r"leaf params/decoder/layers/mlp/wi/kernel"):
+        train(make_config(run_dir, "train.steps=12", "model.d_ff=128"))
+
+
+def test_resume_false_with_checkpoints_refuses(copy_of):
+    with pytest.raises(config.ConfigError, match="checkpoint.resume=false"):
+        train(make_config(copy_of(), "checkpoint.resume=false"))
+
+
+def test_evaluate_run_restores_latest(straight):
+    result, _ = straight
+    metrics = evaluate_run(make_config(result.run_dir))
+    assert metrics["step"] == STEPS
+    assert metrics["loss"] == pytest.approx(result.eval_metrics["loss"], rel=1e-6)
