@@ -137,8 +137,9 @@ class Family:
 
     def ignorable(self, name: str, cfg: ModelConfig) -> bool:
         """HF tensors that carry no information beyond the ones the specs read."""
-        return name.endswith(("position_ids", "rotary_emb.inv_freq", ".attn.bias",
-                              ".attn.masked_bias"))
+        return (name.endswith(("position_ids", "rotary_emb.inv_freq", ".attn.bias",
+                               ".attn.masked_bias"))
+                or (name == "lm_head.weight" and cfg.tie_embeddings))  # a saved tied copy
 
 
 GELU_NAMES = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu",
