@@ -5,6 +5,7 @@ dataset (cached) -> pretraining -> validation loss -> a sampled continuation.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +29,6 @@ def demo_config(cache: Path, tokenizer_dir: Path, vocab_size: int, train_files, 
         "train": {"steps": steps, "batch_size": 16, "seq_len": 128, "log_every": 25,
                   "eval_steps": 8, "run_dir": str(cache / "runs" / "demo"),
                   "compilation_cache": str(cache / "jax")},
-        "checkpoint": {"resume": False},
     }
 
 
@@ -58,6 +58,7 @@ def run_demo(cache: str = "~/.cache/llmjax", steps: int = 300, vocab_size: int =
     print(f"3/4 pretraining a {config.model.num_layers}-layer GPT (d_model "
           f"{config.model.d_model}) for {steps} steps of {config.train.batch_size}x"
           f"{config.train.seq_len} tokens")
+    shutil.rmtree(config.train.run_dir, ignore_errors=True)  # the demo always trains afresh
     result = train(config)
     ev = result.eval_metrics
     print(f"    validation loss {ev['loss']:.3f} (perplexity {ev['perplexity']:.1f}) "
