@@ -1,0 +1,62 @@
+"""`llmjax peft merge` and `llmjax peft summary` (wired into llmjax/cli.py)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `peft merge ADAPTER OUT [--base DIR]` and `peft summary CONFIG [k=v ...]`."""
+    peft = subparsers.add_parser("peft", help="parameter-efficient fine-tuning tools")
+    commands = peft.add_subparsers(dest="peft_command", required=True)
+    merge = commands.add_parser(
+        "merge", help="base checkpoint + adapter-only checkpoint -> merged full parameter export")
+    merge.add_argument("src", metavar="ADAPTER", help="adapter checkpoint directory (save_adapter)")
+    merge.add_argument("out", metavar="OUT", help="directory for the merged parameter export")
+    merge.add_argument("--base", default=None, metavar="DIR",
+                       help="base parameter export (default: the one the adapter records)")
+    merge.set_defaults(handler=peft_merge)
+    summary = commands.add_parser(
+        "summary", help="trainable parameters per method and optimizer-state bytes of a config")
+    summary.add_argument("config", metavar="CONFIG", help="experiment YAML file")
+    summary.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="dotted overrides, e.g. peft.method=lora peft.rank=4")
+    summary.set_defaults(handler=peft_summary)
+
+
+def peft_merge(args: argparse.Namespace) -> int:
+    from llmjax.peft.checkpoint import merge_checkpoint
+    out = merge_checkpoint(args.src, args.out, args.base)
+    print(f"merged parameters written to {out}")
+    return 0
+
+
+def peft_summary(args: argparse.Namespace) -> int:
+    from llmjax.config import load
+    print(abstract_summary(load(args.config, args.overrides)))
+    return 0
+
+
+def abstract_summary(config) -> str:
+    """The summary of a config's PEFT split, from shapes only (nothing is allocated)."""
+    import flax.linen as nn
+    import jax
+    import optax  # noqa: F401  (optimizer state shapes)
+
+    from llmjax.models import Transformer, dummy_inputs
+    from llmjax.peft.plan import build
+    from llmjax.peft.report import summary
+    from llmjax.train import optim
+
+    plan = build(config.peft)
+    cfg = plan.model_config(config.model)
+    cfg.validate()
+    tx, _ = optim.make_optimizer(config.optimizer, config.train.steps)
+
+    def init(rng):
+        params = nn.unbox(Transformer(cfg).init({"params": rng, "dropout": rng},
+                                                **dummy_inputs(cfg))["params"])
+        trainable, frozen = plan.split(params, rng)
+        return trainable, frozen, tx.init(trainable)
+
+    trainable, frozen, opt_state = jax.eval_shape(init, jax.random.key(0))
+    return summary(trainable, frozen, opt_state, method=config.peft.method)

@@ -1,0 +1,131 @@
+"""LoRA: W + scale * A B on kernels chosen by regex, as a parameter-tree transform.
+
+For a base kernel at path P with shape [in..., out...] the PEFT leaves are
+P/lora_a [in..., r] (random normal, std 1/sqrt(fan_in)) and P/lora_b [r, out...]
+(zeros, so the model starts unchanged); kernels of scanned stacks carry the
+leading layer axis on both. scale = alpha / r, or alpha / sqrt(r) with rsLoRA.
+The delta is added to W inside the jitted step (one small matmul per target per
+step); `merge_lora` folds it in for export and `unmerge_lora` takes it out.
+Dropout on the LoRA input is not supported (see PeftConfig.lora_dropout).
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.config import ConfigError
+from llmjax.peft.config import PeftConfig
+from llmjax.peft.plan import Method, register
+from llmjax.peft.tree import flatten, is_scanned, path_str, unflatten
+
+DEFAULT_TARGETS = r"attention/(query|value)/"
+A, B = "lora_a", "lora_b"
+
+
+def lora_scale(cfg: PeftConfig, rank: int) -> float:
+    return cfg.alpha / (math.sqrt(rank) if cfg.rslora else rank)
+
+
+def in_dims(path: tuple, kernel_ndim: int) -> int:
+    """How many leading kernel dims (after a layer axis) are inputs: attention `out`
+    kernels are [heads, kv, embed] (2), every other Dense has one input dim."""
+    return 2 if path[-2] == "out" and kernel_ndim == 3 else 1
+
+
+def _split_dims(path: tuple, shape: tuple) -> tuple[int, int, int]:
+    """(layer dims, input dims, output dims) of a kernel."""
+    lead = 1 if is_scanned(path) else 0
+    n_in = in_dims(path, len(shape) - lead)
+    return lead, n_in, len(shape) - lead - n_in
+
+
+def lora_delta(a: jax.Array, b: jax.Array, scale: float, lead: int) -> jax.Array:
+    """scale * a @ b contracting the rank: [L?, in..., r] x [L?, r, out...] -> [L?, in..., out...]."""
+    letters = iter(string.ascii_lowercase.replace("z", ""))
+    layer = "".join(next(letters) for _ in range(lead))
+    ins = "".join(next(letters) for _ in range(a.ndim - lead - 1))
+    outs = "".join(next(letters) for _ in range(b.ndim - lead - 1))
+    delta = jnp.einsum(f"{layer}{ins}z,{layer}z{outs}->{layer}{ins}{outs}", a, b,
+                       preferred_element_type=jnp.float32)
+    return delta * scale
+
+
+@register("lora")
+class Lora(Method):
+    """Low-rank adapters on the kernels matching peft.targets (default attention query/value)."""
+
+    def __init__(self, cfg: PeftConfig):
+        super().__init__(cfg)
+        self.targets = re.compile(cfg.targets or DEFAULT_TARGETS)
+
+    def is_target(self, path: tuple) -> bool:
+        return path[-1] == "kernel" and bool(self.targets.search(path_str(path)))
+
+    def init(self, flat: dict, rng: jax.Array) -> dict:
+        peft = {}
+        kernels = [p for p in flat if self.is_target(p)]
+        if not kernels:
+            raise ConfigError(f"peft.targets={self.targets.pattern!r} matches no kernel; "
+                              f"kernels look like 'decoder/layers/attention/query/kernel'")
+        r = self.cfg.rank
+        for i, path in enumerate(kernels):
+            w = flat[path]
+            lead, n_in, _ = _split_dims(path, w.shape)
+            in_shape, out_shape = w.shape[lead:lead + n_in], w.shape[lead + n_in:]
+            layers = w.shape[:lead]
+            fan_in = math.prod(in_shape)
+            a = jax.random.normal(jax.random.fold_in(rng, i), layers + in_shape + (r,),
+                                  jnp.float32) / math.sqrt(fan_in)
+            peft[path + (A,)] = a.astype(w.dtype)
+            peft[path + (B,)] = jnp.zeros(layers + (r,) + out_shape, w.dtype)
+        return peft
+
+    def owns(self, path: tuple) -> bool:
+        return len(path) > 1 and path[-1] in (A, B) and path[-2] == "kernel"
+
+    def apply(self, flat: dict, peft: dict) -> dict:
+        return _add_deltas(flat, peft, self.cfg, sign=1.0)
+
+    def axes(self, path: tuple, shape: tuple, names: dict) -> Optional[tuple]:
+        base = names.get(path[:-1])
+        lead = 1 if is_scanned(path) else 0
+        if base is None:
+            return None
+        n_in = in_dims(path[:-1], len(base) - lead)
+        layer, ins, outs = base[:lead], base[lead:lead + n_in], base[lead + n_in:]
+        return layer + ins + ("lora",) if path[-1] == A else layer + ("lora",) + outs
+
+
+def _add_deltas(flat: dict, peft: dict, cfg: PeftConfig, sign: float) -> dict:
+    flat = dict(flat)
+    for path, a in peft.items():
+        if path[-1] != A or path[-2] != "kernel":
+            continue
+        kernel_path = path[:-1]
+        b = peft[kernel_path + (B,)]
+        w = flat[kernel_path]
+        lead = 1 if is_scanned(kernel_path) else 0
+        delta = lora_delta(a, b, lora_scale(cfg, a.shape[-1]), lead)
+        flat[kernel_path] = (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
+    return flat
+
+
+def lora_leaves(tree: Any) -> dict:
+    """The LoRA leaves of a tree (flat), e.g. of TrainState.params or an adapter checkpoint."""
+    return {p: v for p, v in flatten(tree).items()
+            if len(p) > 1 and p[-1] in (A, B) and p[-2] == "kernel"}
+
+
+def merge_lora(params: Any, peft_params: Any, cfg: PeftConfig) -> dict:
+    """Base params with W += scale * A B for every LoRA pair in `peft_params`."""
+    return unflatten(_add_deltas(flatten(params), lora_leaves(peft_params), cfg, 1.0))
+
+
+def unmerge_lora(params: Any, peft_params: Any, cfg: PeftConfig) -> dict:
+    """Inverse of merge_lora: W -= scale * A B (restores the base up to float rounding)."""
+    return unflatten(_add_deltas(flatten(params), lora_leaves(peft_params), cfg, -1.0))
