@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from llmjax.config import ConfigError, OptimizerConfig
@@ -50,10 +51,30 @@ def _adamw(cfg: OptimizerConfig, lr):
                        mask=decay_mask)
 
 
+def decoupled_weight_decay(rate: float, lr) -> optax.GradientTransformation:
+    """updates - lr(step) * rate * params on the leaves of `decay_mask` (AdamW-style decay)."""
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params):
+        step_lr = lr(state.count) if callable(lr) else lr
+        updates = jax.tree.map(lambda u, p, m: u - step_lr * rate * p if m else u,
+                               updates, params, decay_mask(params))
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 @register_optimizer("adafactor")
 def _adafactor(cfg: OptimizerConfig, lr):
-    return optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
-                           weight_decay_mask=decay_mask)
+    # optax.adafactor's weight_decay_rate is added *after* its learning-rate scaling (params
+    # shrink by the full rate every step: 0.1 collapses a model in a few dozen steps); decay
+    # by lr * weight_decay instead, like adamw and lion.
+    tx = optax.adafactor(lr)
+    if not cfg.weight_decay:
+        return tx
+    return optax.chain(tx, decoupled_weight_decay(cfg.weight_decay, lr))
 
 
 @register_optimizer("lion")
