@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import yaml
 
-from llmjax import parallel
+from llmjax import parallel, peft
 from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, PreemptionWatcher, TrainCheckpoints
 from llmjax.checkpoint import init_from as load_init_from
 from llmjax.config import Config, ConfigError
@@ -155,6 +155,8 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
     n_params = param_count({"params": state.params, "frozen": state.frozen})
     log.info("model %s: %s parameters, mesh %s", exp.model_config.family, f"{n_params:,}",
              dict(exp.mesh.shape))
+    if jax.process_index() == 0 and (cfg.peft.method != "full" or cfg.train.init_from):
+        print(peft.summary(state.params, state.frozen, state.opt_state, method=cfg.peft.method))
 
     train_it = data_iterator(exp, "train")
     if data_state is not None:
@@ -231,6 +233,9 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                     ckpt.save(final, state, batches.get_state(), exp.mesh, eval_metrics)
                     saved_step = final
                 ckpt.wait()
+                if cfg.peft.method != "full":  # small adapter-only export beside the checkpoints
+                    peft.save_adapter(run_dir / "adapter", state.params, cfg.peft,
+                                      exp.model_config, base=cfg.train.init_from)
     finally:
         if bar is not None:
             bar.close()
