@@ -109,8 +109,7 @@ def mesh_runs(name: str) -> MeshRuns:
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def runs(request):
-    yield mesh_runs(request.param)
-    _RUNS.pop(request.param)  # free the states of the other meshes
+    return mesh_runs(request.param)
 
 
 @pytest.mark.parametrize("mesh", MESHES[1:], ids=lambda m: "x".join(map(str, m)))
