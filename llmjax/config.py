@@ -71,7 +71,10 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     scan_layers: bool = True  # nn.scan over layers: constant compile time
     remat: str = "none"  # none | full | dots | dots_no_batch
-    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention)
+    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | auto
+    # Backend-specific kernels (llmjax/models/cpu_kernels.py): auto = cpu_custom_vjp on the
+    # CPU backend (explicit backward matmuls XLA:CPU runs faster), xla (plain jnp) elsewhere.
+    kernels: str = "auto"  # auto | xla | cpu_custom_vjp
     # Declared hooks for parameter-efficient methods (set by llmjax.peft, 0 = off).
     prompt_tokens: int = 0  # soft prompt prepended to the input embeddings
     prefix_tokens: int = 0  # per-layer learned key/value prefixes
@@ -98,7 +101,8 @@ class ModelConfig:
         _choice("model.remat", self.remat, REMAT_POLICIES)
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
-        _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn"))
+        _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "auto"))
+        _choice("model.kernels", self.kernels, ("auto", "xla", "cpu_custom_vjp"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")

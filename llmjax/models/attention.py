@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
+from llmjax.models import cpu_kernels
 from llmjax.models.layers import Dense, constrain, dtype_of, normal_init, param, rotary
 
 Array = jax.Array
@@ -43,6 +44,17 @@ def make_mask(q_segments: Array, k_segments: Array, causal: bool,
     return allowed[:, None]
 
 
+def resolve_impl(impl: str, dtype) -> str:
+    """`auto` -> the safe default of the backend: cuDNN flash attention on GPU for bf16/fp16
+    (jax.nn.dot_product_attention, implementation="cudnn"), XLA's own math elsewhere
+    (TPU: XLA; a Pallas splash kernel needs segment ids + causality, not a dense mask)."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
                           bias: Optional[Array], scale: float, impl: str = "xla") -> Array:
     """softmax(q k^T * scale + bias, masked) v, for any number of key/value heads.
@@ -53,6 +65,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                             implementation="cudnn")
+    if impl == "cpu_custom_vjp":
+        return cpu_kernels.attention(q, k, v, mask, bias, scale)
     b, t, heads, d = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -87,7 +101,8 @@ class Attention(nn.Module):
 
         def proj(n, axes, name, stddev):
             return Dense((n, head_dim), axes, use_bias=cfg.use_bias, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, stddev=stddev, name=name)
+                         param_dtype=cfg.param_dtype, stddev=stddev, kernels=cfg.kernels,
+                         name=name)
 
         std = cfg.initializer_range
         q = proj(heads, ("embed", "heads", "kv"), "query", std)(x)
@@ -109,10 +124,13 @@ class Attention(nn.Module):
             k, v, mask, bias = self._prepend_prefix(k, v, mask, bias)
 
         scale = head_dim ** -0.5 if cfg.scale_attention else 1.0
-        out = dot_product_attention(q, k, v, mask, bias, scale, cfg.attention_impl)
+        impl = resolve_impl(cfg.attention_impl, cfg.dtype)
+        if impl == "xla" and cpu_kernels.use_custom(cfg.kernels):
+            impl = "cpu_custom_vjp"
+        out = dot_product_attention(q, k, v, mask, bias, scale, impl)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return Dense((cfg.d_model,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.use_bias,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels,
                      stddev=std / (2 * max(cfg.num_layers, 1)) ** 0.5, name="out")(out)
 
     def _prepend_prefix(self, k, v, mask, bias):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
+from llmjax.models import cpu_kernels
 
 Array = jax.Array
 
@@ -52,6 +53,7 @@ class Dense(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     stddev: float = 0.02
+    kernels: str = "xla"  # model.kernels: auto | xla | cpu_custom_vjp (cpu_kernels.py)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -60,13 +62,18 @@ class Dense(nn.Module):
         kernel = param(self, "kernel", normal_init(self.stddev), in_shape + out_shape,
                        self.kernel_axes, dtype_of(self.param_dtype))
         dtype = dtype_of(self.dtype)
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        batch = letters[: x.ndim - self.in_dims]
-        contract = letters[x.ndim - self.in_dims: x.ndim]
-        out = letters[x.ndim: x.ndim + len(out_shape)].upper()
-        y = jnp.einsum(f"{batch}{contract},{contract}{out}->{batch}{out}",
-                       x.astype(dtype), kernel.astype(dtype),
-                       preferred_element_type=jnp.float32)
+        if cpu_kernels.use_custom(self.kernels):
+            if not self.use_bias:
+                return cpu_kernels.dense(x, kernel, self.in_dims, dtype)
+            y = cpu_kernels.dense_f32(x, kernel, self.in_dims, dtype)
+        else:
+            letters = "abcdefghijklmnopqrstuvwxyz"
+            batch = letters[: x.ndim - self.in_dims]
+            contract = letters[x.ndim - self.in_dims: x.ndim]
+            out = letters[x.ndim: x.ndim + len(out_shape)].upper()
+            y = jnp.einsum(f"{batch}{contract},{contract}{out}->{batch}{out}",
+                           x.astype(dtype), kernel.astype(dtype),
+                           preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = param(self, "bias", nn.initializers.zeros, out_shape,
                          self.kernel_axes[self.in_dims:], dtype_of(self.param_dtype))
@@ -82,10 +89,19 @@ class Norm(nn.Module):
     use_bias: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
+        if cpu_kernels.use_custom(self.kernels):
+            scale = param(self, "scale", nn.initializers.ones, (features,), ("norm",),
+                          dtype_of(self.param_dtype))
+            bias = None
+            if self.kind == "layernorm" and self.use_bias:
+                bias = param(self, "bias", nn.initializers.zeros, (features,), ("norm",),
+                             dtype_of(self.param_dtype))
+            return cpu_kernels.norm(x, scale, bias, self.kind, self.eps, dtype_of(self.dtype))
         x32 = x.astype(jnp.float32)
         if self.kind == "layernorm":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
@@ -102,7 +118,7 @@ class Norm(nn.Module):
 
 def make_norm(cfg: ModelConfig, name: str) -> Norm:
     return Norm(kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype, name=name)
+                param_dtype=cfg.param_dtype, kernels=cfg.kernels, name=name)
 
 
 class Embed(nn.Module):
@@ -114,6 +130,7 @@ class Embed(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     stddev: float = 0.02
+    kernels: str = "xla"
 
     def setup(self):
         self.embedding = param(self, "embedding", normal_init(self.stddev),
@@ -129,6 +146,8 @@ class Embed(nn.Module):
     def attend(self, x: Array) -> Array:
         """Logits x E^T in fp32 (the tied LM head)."""
         dtype = dtype_of(self.dtype)
+        if cpu_kernels.use_custom(self.kernels):
+            return cpu_kernels.attend(x, self.embedding, dtype)
         return jnp.einsum("...d,vd->...v", x.astype(dtype), self.embedding.astype(dtype),
                           preferred_element_type=jnp.float32)
 
@@ -151,7 +170,7 @@ class Mlp(nn.Module):
         cfg = self.cfg
         dense = lambda shape, axes, name, stddev=cfg.initializer_range: Dense(  # noqa: E731
             shape, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            stddev=stddev, name=name)
+            stddev=stddev, kernels=cfg.kernels, name=name)
         act = ACTIVATIONS[cfg.activation]
         if cfg.gated_mlp:
             h = act(dense((cfg.d_ff,), ("embed", "mlp"), "wi_0")(x).astype(jnp.float32))

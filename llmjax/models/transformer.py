@@ -121,7 +121,8 @@ class Embedder(nn.Module):
     def setup(self):
         cfg = self.cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, stddev=cfg.initializer_range)
-        self.token = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
+        self.token = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw,
+                           kernels=cfg.kernels)
         if cfg.position == "learned":
             self.position = Embed(cfg.max_len, cfg.d_model, ("position", "embed"), **kw)
         if cfg.num_token_types:
@@ -180,7 +181,8 @@ class Transformer(nn.Module):
             self.relative_bias = RelativeBias(cfg, bidirectional=cfg.architecture == "encoder")
         if not cfg.tie_embeddings and cfg.architecture != "encoder":
             self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.dtype,
-                                 param_dtype=cfg.param_dtype, stddev=cfg.initializer_range)
+                                 param_dtype=cfg.param_dtype, stddev=cfg.initializer_range,
+                                 kernels=cfg.kernels)
         if cfg.architecture == "encoder_decoder":
             self.encoder = Stack(cfg, cfg.num_layers)
             self.decoder = Stack(cfg, cfg.decoder_layers, cross=True, decode=self.decode)

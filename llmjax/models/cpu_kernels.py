@@ -1,0 +1,242 @@
+"""Backend-specific kernels behind `model.kernels` (auto | xla | cpu_custom_vjp).
+
+The model's default math (layers.py, attention.py) is plain jnp/einsum and lets
+XLA differentiate and fuse it; that is what TPU and GPU want. On XLA:CPU the
+automatic backward loses a lot of time (see benchmarks/NOTES.md):
+
+* XLA fuses elementwise backward ops (GELU', LayerNorm') with the transposed
+  write that feeds the weight-gradient dot, which then runs at a small
+  fraction of the matmul peak;
+* bf16 weight-gradient dots whose contracting dimension is the leading one
+  are converted to f32 and miss the AMX path.
+
+The functions here compute exactly the same values with `jax.custom_vjp`:
+the backward passes are written as plain 2-D row-major matmuls on operands
+that are materialised first (an explicit transpose of the activations, which
+XLA then does not fuse into the dot), and LayerNorm/attention backward use the
+closed-form formulas. tests/test_kernels.py checks outputs and gradients
+against the XLA path for every model family.
+
+`resolve(kernels)` maps "auto" to "cpu_custom_vjp" on the CPU backend and to
+"xla" everywhere else.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+KERNELS = ("auto", "xla", "cpu_custom_vjp")
+NEG_INF = -1e30
+
+
+def resolve(kernels: str) -> str:
+    """'auto' -> the backend's default; other names are returned unchanged."""
+    if kernels == "auto":
+        return "cpu_custom_vjp" if jax.default_backend() == "cpu" else "xla"
+    return kernels
+
+
+def use_custom(kernels: str) -> bool:
+    return resolve(kernels) == "cpu_custom_vjp"
+
+
+def _mm(a: Array, b: Array) -> Array:
+    """[m, k] @ [k, n] with f32 accumulation (the one matmul shape XLA:CPU runs at peak)."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Dense: y = x W over the trailing `in_dims` dims of x, any kernel rank.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense2d(x2: Array, w2: Array, dtype, out_dtype) -> Array:
+    # Residuals must be arrays: cotangent dtypes are recovered from the primals' dtypes
+    # (x2/w2 are kept only as their cast copies; the casts are exact for f32 -> f32).
+    return _mm(x2.astype(dtype), w2.astype(dtype)).astype(out_dtype)
+
+
+def _dense2d_fwd(x2, w2, dtype, out_dtype):
+    xc, wc = x2.astype(dtype), w2.astype(dtype)
+    return _mm(xc, wc).astype(out_dtype), (xc, wc, jnp.zeros((0,), x2.dtype),
+                                           jnp.zeros((0,), w2.dtype))
+
+
+def _dense2d_bwd(dtype, out_dtype, res, g):
+    xc, wc, x_like, w_like = res
+    g = g.astype(dtype)
+    dx = _mm(g, wc.T).astype(x_like.dtype)  # g W^T
+    dw = _mm(xc.T, g).astype(w_like.dtype)  # x^T g, transposed operand materialised first
+    return dx, dw
+
+
+_dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
+
+
+def dense(x: Array, kernel: Array, in_dims: int, dtype) -> Array:
+    """Same value as einsum over the trailing in_dims of x (f32 accumulation), in `dtype`."""
+    lead = x.shape[: x.ndim - in_dims]
+    k = 1
+    for n in kernel.shape[:in_dims]:
+        k *= n
+    out_shape = kernel.shape[in_dims:]
+    y = _dense2d(x.reshape(-1, k), kernel.reshape(k, -1), jnp.dtype(dtype), jnp.dtype(dtype))
+    return y.reshape(lead + out_shape)
+
+
+def dense_f32(x: Array, kernel: Array, in_dims: int, dtype) -> Array:
+    """dense() returning f32 (for logits and biases added before the cast)."""
+    lead = x.shape[: x.ndim - in_dims]
+    k = 1
+    for n in kernel.shape[:in_dims]:
+        k *= n
+    y = _dense2d(x.reshape(-1, k), kernel.reshape(k, -1), jnp.dtype(dtype), jnp.dtype(jnp.float32))
+    return y.reshape(lead + kernel.shape[in_dims:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _attend2d(x2: Array, table: Array, dtype) -> Array:
+    return jax.lax.dot_general(x2.astype(dtype), table.astype(dtype), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _attend2d_fwd(x2, table, dtype):
+    xc, tc = x2.astype(dtype), table.astype(dtype)
+    y = _mm(xc, tc.T)
+    return y, (xc, tc, jnp.zeros((0,), x2.dtype), jnp.zeros((0,), table.dtype))
+
+
+def _attend2d_bwd(dtype, res, g):
+    xc, tc, x_like, t_like = res
+    g = g.astype(dtype)
+    dx = _mm(g, tc).astype(x_like.dtype)  # [n, v] @ [v, d]
+    dt = _mm(g.T, xc).astype(t_like.dtype)  # [v, n] @ [n, d]
+    return dx, dt
+
+
+_attend2d.defvjp(_attend2d_fwd, _attend2d_bwd)
+
+
+def attend(x: Array, table: Array, dtype) -> Array:
+    """x E^T in f32 (the tied LM head), table [vocab, d]."""
+    lead = x.shape[:-1]
+    y = _attend2d(x.reshape(-1, x.shape[-1]), table, jnp.dtype(dtype))
+    return y.reshape(lead + (table.shape[0],))
+
+
+# ----------------------------------------------------------------------------
+# LayerNorm / RMSNorm in f32 with a closed-form backward.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _norm(x, scale, bias, kind, eps, out_dtype):
+    return _norm_fwd(x, scale, bias, kind, eps, out_dtype)[0]
+
+
+def _norm_fwd(x, scale, bias, kind, eps, out_dtype):
+    x32 = x.astype(jnp.float32)
+    if kind == "layernorm":
+        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    xhat = x32 * rstd
+    y = xhat * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype), (xhat, rstd, scale, bias, jnp.zeros((0,), x.dtype))
+
+
+def _norm_bwd(kind, eps, out_dtype, res, g):
+    xhat, rstd, scale, bias, x_like = res
+    x_dtype = x_like.dtype
+    g = g.astype(jnp.float32)
+    features = xhat.shape[-1]
+    gy = g * scale.astype(jnp.float32)
+    proj = jnp.sum(gy * xhat, axis=-1, keepdims=True) / features
+    if kind == "layernorm":
+        dx = rstd * (gy - jnp.sum(gy, axis=-1, keepdims=True) / features - xhat * proj)
+    else:
+        dx = rstd * (gy - xhat * proj)
+    lead = tuple(range(g.ndim - 1))
+    dscale = jnp.sum(g * xhat, axis=lead).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(g, axis=lead).astype(bias.dtype)
+    return dx.astype(x_dtype), dscale, dbias
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def norm(x: Array, scale: Array, bias: Optional[Array], kind: str, eps: float, dtype) -> Array:
+    """LayerNorm (kind='layernorm', bias optional) or RMSNorm (kind='rmsnorm')."""
+    return _norm(x, scale, bias, kind, float(eps), jnp.dtype(dtype))
+
+
+# ----------------------------------------------------------------------------
+# Attention: softmax(q k^T * scale + bias, masked) v with an explicit backward.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, mask, bias, scale):
+    return _attention_fwd(q, k, v, mask, bias, scale)[0]
+
+
+def _scores(q, k, mask, bias, scale):
+    # q: [b, kh, g, t, d]; k: [b, kh, s, d] -> [b, kh, g, t, s] in f32.
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, NEG_INF)
+    return scores
+
+
+def _attention_fwd(q, k, v, mask, bias, scale):
+    probs = jax.nn.softmax(_scores(q, k, mask, bias, scale), axis=-1)
+    pc = probs.astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", pc, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype), (q, k, v, pc, mask, bias)
+
+
+def _attention_bwd(scale, res, g):
+    q, k, v, pc, mask, bias = res
+    g = g.astype(v.dtype)
+    dv = jnp.einsum("bkgts,bkgtd->bksd", pc, g, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", g, v, preferred_element_type=jnp.float32)
+    p32 = pc.astype(jnp.float32)
+    ds = p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))  # softmax backward
+    if mask is not None:  # fully masked (padding) rows: uniform probs, but no gradient
+        ds = jnp.where(mask, ds, 0.0)
+    dbias = None if bias is None else _sum_to(ds, bias.shape).astype(bias.dtype)
+    dsc = (ds * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksd->bkgtd", dsc, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgts,bkgtd->bksd", dsc, q, preferred_element_type=jnp.float32)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias)
+
+
+def _sum_to(x: Array, shape) -> Array:
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Optional[Array], bias: Optional[Array],
+              scale: float) -> Array:
+    """Same contract as attention.dot_product_attention (q [b,t,h,d], k/v [b,s,kh,d],
+    mask [b,1,t,s] bool, bias [b,h,t,s]); heads are moved ahead of time so every
+    batched matmul has its batch dimensions leading."""
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    qh = jnp.transpose(q.reshape(b, t, kv_heads, group, d), (0, 2, 3, 1, 4))
+    kh = jnp.transpose(k, (0, 2, 1, 3))
+    vh = jnp.transpose(v, (0, 2, 1, 3))
+    m = None if mask is None else mask[:, :, None]  # [b, 1, 1, t, s]
+    bh = None
+    if bias is not None:
+        bh = bias.reshape((bias.shape[0], kv_heads, group) + bias.shape[2:]) \
+            if bias.shape[1] == heads else bias[:, :, None]
+    out = _attention(qh, kh, vh, m, bh, float(scale))  # [b, kh, g, t, d]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, heads, d)

@@ -1,0 +1,136 @@
+"""model.kernels: the CPU custom-VJP kernels give the same outputs and gradients as XLA's
+own autodiff of the straightforward model, for every family, on random inputs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.config import ConfigError, model_config
+from llmjax.models import Transformer, cpu_kernels
+from llmjax.models.attention import dot_product_attention, make_mask
+from llmjax.models.layers import Dense, Norm
+
+FAMILIES = ["gpt-tiny", "bert-tiny", "t5-tiny", "palm-tiny", "llama-tiny"]
+
+
+def _close_trees(a, b, rtol):
+    """Every leaf within rtol of the largest magnitude in the whole reference tree."""
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(a))
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        err = float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+        assert err <= rtol * scale, f"{jax.tree_util.keystr(path)}: {err} > {rtol} * {scale}"
+
+
+def _outputs_and_grads(preset, kernels, dtype="float32", **overrides):
+    cfg = model_config(preset, kernels=kernels, dtype=dtype, **overrides)
+    model = Transformer(cfg)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(5, cfg.vocab_size, (2, 16)), jnp.int32)
+    segments = jnp.asarray([[1] * 10 + [2] * 6, [1] * 13 + [0] * 3], jnp.int32)  # packed + pad
+    inputs = {"tokens": tokens, "segment_ids": segments}
+    if cfg.architecture == "encoder_decoder":
+        inputs["decoder_tokens"] = tokens[:, :12]
+        inputs["decoder_segment_ids"] = segments[:, :12]
+    params = nn.unbox(model.init({"params": jax.random.key(0)}, **inputs)["params"])
+    probe = jnp.asarray(rng.standard_normal((2, 16 if cfg.architecture != "encoder_decoder"
+                                             else 12, cfg.d_model)), jnp.float32)
+
+    def loss(p):
+        out = model.apply({"params": p}, **inputs)
+        logits = out["logits"].astype(jnp.float32)
+        # a loss that depends on every logit and on the hidden states
+        value = jnp.sum(jnp.sin(logits)) + jnp.sum(out["hidden"].astype(jnp.float32) * probe)
+        return value, out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return out, grads
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_family_outputs_and_gradients_match(preset):
+    out_x, g_x = _outputs_and_grads(preset, "xla")
+    out_c, g_c = _outputs_and_grads(preset, "cpu_custom_vjp")
+    for key in out_x:
+        np.testing.assert_allclose(np.asarray(out_c[key]), np.asarray(out_x[key]),
+                                   atol=2e-5, rtol=1e-4, err_msg=key)
+    _close_trees(g_x, g_c, 1e-4)
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_bf16_mixed_precision_close(preset):
+    out_x, g_x = _outputs_and_grads(preset, "xla", "bfloat16")
+    out_c, g_c = _outputs_and_grads(preset, "cpu_custom_vjp", "bfloat16")
+    np.testing.assert_allclose(np.asarray(out_c["logits"], np.float32),
+                               np.asarray(out_x["logits"], np.float32), atol=2e-2)
+    _close_trees(g_x, g_c, 3e-2)
+    # fp32 master weights: gradients come back in the parameters' dtype
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g_c))
+
+
+def test_peft_hooks_and_unscanned_remat_match():
+    kw = dict(prefix_tokens=3, prompt_tokens=2, adapter_dim=8, scan_layers=False, remat="full")
+    _, g_x = _outputs_and_grads("gpt-tiny", "xla", **kw)
+    _, g_c = _outputs_and_grads("gpt-tiny", "cpu_custom_vjp", **kw)
+    _close_trees(g_x, g_c, 1e-4)
+
+
+def test_attention_kernel_gqa_bias_mask():
+    rng = np.random.default_rng(1)
+    b, t, h, kh, d = 2, 12, 6, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, t, kh, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, t, kh, d)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((b, h, t, t)), jnp.float32)
+    seg = jnp.asarray([[1] * 8 + [2] * 4, [1] * 10 + [0] * 2], jnp.int32)
+    mask = make_mask(seg, seg, causal=True)
+    w = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    for m, bb in [(mask, bias), (mask, None), (None, bias), (None, None)]:
+        def f(impl, q, k, v, bb):
+            return jnp.sum(dot_product_attention(q, k, v, m, bb, 0.3, impl) * w)
+        args = (q, k, v) + ((bb,) if bb is not None else (None,))
+        argnums = (1, 2, 3, 4) if bb is not None else (1, 2, 3)
+        ref = jax.grad(f, argnums)("xla", *args)
+        got = jax.grad(f, argnums)("cpu_custom_vjp", *args)
+        np.testing.assert_allclose(f("cpu_custom_vjp", *args), f("xla", *args), rtol=1e-5)
+        for r, g in zip(ref, got):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("in_dims,use_bias", [(1, True), (2, False), (1, False)])
+def test_dense_kernel(in_dims, use_bias):
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 5, 4, 6)), jnp.float32)
+    outs = []
+    for kernels in ("xla", "cpu_custom_vjp"):
+        layer = Dense((7, 3), ("a", "b", "c"), in_dims=in_dims, use_bias=use_bias,
+                      kernels=kernels)
+        variables = layer.init(jax.random.key(0), x)
+        f = lambda p, x: jnp.sum(jnp.cos(layer.apply(p, x)))  # noqa: E731
+        outs.append((layer.apply(variables, x), jax.grad(f, (0, 1))(variables, x)))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
+    _close_trees(outs[0][1], outs[1][1], 1e-5)
+
+
+@pytest.mark.parametrize("kind,use_bias", [("layernorm", True), ("layernorm", False),
+                                           ("rmsnorm", False)])
+def test_norm_kernel(kind, use_bias):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 9, 16)) * 3 + 1, jnp.float32)
+    outs = []
+    for kernels in ("xla", "cpu_custom_vjp"):
+        layer = Norm(kind=kind, use_bias=use_bias, kernels=kernels)
+        variables = layer.init(jax.random.key(0), x)
+        variables = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size).reshape(a.shape),
+                                 variables)
+        f = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x) * 2))  # noqa: E731
+        outs.append((layer.apply(variables, x), jax.grad(f, (0, 1))(variables, x)))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
+    _close_trees(outs[0][1], outs[1][1], 1e-5)
+
+
+def test_switch_resolution_and_validation():
+    assert cpu_kernels.resolve("xla") == "xla"
+    expected = "cpu_custom_vjp" if jax.default_backend() == "cpu" else "xla"
+    assert cpu_kernels.resolve("auto") == expected
+    assert model_config("gpt-tiny").kernels == "auto"
+    with pytest.raises(ConfigError, match="model.kernels"):
+        model_config("gpt-tiny", kernels="fast")
