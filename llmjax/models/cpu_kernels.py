@@ -45,6 +45,18 @@ def use_custom(kernels: str) -> bool:
     return resolve(kernels) == "cpu_custom_vjp"
 
 
+# XLA's algebraic simplifier folds an explicit transpose into the dot (contracting dim 0),
+# and XLA:CPU then converts bf16 operands of such dots to f32 (no AMX). An optimization
+# barrier keeps the transposed operand materialised, so the dot stays [m,k] @ [k,n]; the
+# HLO then has no converted weight-gradient dots, but the step was not faster.
+TRANSPOSE_BARRIER = False  # measured 0.98x (fp32 and bf16): off, see benchmarks/NOTES.md
+
+
+def _t(x: Array) -> Array:
+    """x.T, materialised (see TRANSPOSE_BARRIER)."""
+    return jax.lax.optimization_barrier(x.T) if TRANSPOSE_BARRIER else x.T
+
+
 def _mm(a: Array, b: Array) -> Array:
     """[m, k] @ [k, n] with f32 accumulation (the one matmul shape XLA:CPU runs at peak)."""
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -70,7 +82,7 @@ def _dense2d_bwd(dtype, out_dtype, res, g):
     xc, wc, x_like, w_like = res
     g = g.astype(dtype)
     dx = _mm(g, wc.T).astype(x_like.dtype)  # g W^T
-    dw = _mm(xc.T, g).astype(w_like.dtype)  # x^T g, transposed operand materialised first
+    dw = _mm(_t(xc), g).astype(w_like.dtype)  # x^T g
     return dx, dw
 
 
@@ -114,7 +126,7 @@ def _attend2d_bwd(dtype, res, g):
     xc, tc, x_like, t_like = res
     g = g.astype(dtype)
     dx = _mm(g, tc).astype(x_like.dtype)  # [n, v] @ [v, d]
-    dt = _mm(g.T, xc).astype(t_like.dtype)  # [v, n] @ [n, d]
+    dt = _mm(_t(g), xc).astype(t_like.dtype)  # [v, n] @ [n, d]
     return dx, dt
 
 
