@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_models)
     p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)")
     p.add_argument("--cache", default="~/.cache/llmjax", help="where corpus/tokenizer/data go")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.set_defaults(handler=cmd_demo)
     for module in _GROUPS:
         try:

@@ -32,7 +32,7 @@ def demo_config(cache: Path, tokenizer_dir: Path, vocab_size: int, train_files, 
     }
 
 
-def run_demo(cache: str = "~/.cache/llmjax", steps: int = 300, vocab_size: int = 4096) -> int:
+def run_demo(cache: str = "~/.cache/llmjax", steps: int = 600, vocab_size: int = 4096) -> int:
     from llmjax.compile_cache import enable
     from llmjax.data.corpus import shakespeare
     from llmjax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -66,8 +66,9 @@ def run_demo(cache: str = "~/.cache/llmjax", steps: int = 300, vocab_size: int =
     print("4/4 sample (temperature 0.8, top-k 40):")
     prompt = "ROMEO.\n"
     params = {**result.state.frozen, **result.state.params}
+    # No eos stop: the sample runs on across paragraph (document) boundaries.
     ids = generate(config.model, params, [tokenizer.encode(prompt)], max_new_tokens=80,
-                   temperature=0.8, top_k=40, eos_id=tokenizer.special_ids["eos"], seed=0)[0]
+                   temperature=0.8, top_k=40, seed=0)[0]
     text = tokenizer.decode(ids)
     print("    " + (prompt + text).replace("\n", "\n    "))
     print(f"done in {time.perf_counter() - t0:.0f} s; metrics in {result.run_dir}/metrics.jsonl")
