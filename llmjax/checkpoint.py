@@ -640,3 +640,30 @@ def _init_with(exp, rng, loaded: dict):
 
     state_sh = exp.state_shardings(exp.abstract_state())
     return jax.jit(fn, out_shardings=state_sh)(rng, loaded)
+
+
+def load_run_params(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict]:
+    """(model config, parameters the model applies, run config) of a run directory or a
+    checkpoint step directory, on the default device: params and frozen leaves only (no
+    optimizer state), with the run's PEFT plan merged in (LoRA, IA3, prompts, ...)."""
+    from llmjax import peft
+    from llmjax.config import _build
+    tree_dir, prefixes, config = resolve_source(path)
+    if not prefixes:
+        raise CheckpointError(f"{path} is a parameter export, not a run: use load_params")
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {key: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=single)
+              for key, m in _tree_metadata(tree_dir).items() if key.split("/")[0] in prefixes}
+    nested = _nest(target)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(tree_dir, args=ocp.args.PyTreeRestore(
+                nested, restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), nested),
+                partial_restore=True))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(_diagnose(tree_dir, nested, err)) from None
+    plan = peft.build(_build(peft.PeftConfig, config.get("peft", {}), "peft"))
+    model_cfg = plan.model_config(_build(ModelConfig, config.get("model", {}), "model"))
+    params = plan.merge(restored.get("params", {}), restored.get("frozen", {}))
+    return model_cfg, params, config

@@ -20,6 +20,10 @@ def add_subcommands(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from llmjax.pretrained import from_pretrained
     model = from_pretrained(args.model)
+    if model.tokenizer is None:
+        print(f"llmjax: error: {args.model} has no tokenizer to encode the prompt "
+              f"(set data.tokenizer in the run's config, or use Python with token ids)")
+        return 2
     text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, chat=args.chat)

@@ -152,8 +152,8 @@ def _load_tokenizer(directory: Path) -> Optional[Tokenizer]:
 
 def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
                     **overrides: Any) -> PretrainedModel:
-    """Load an llmjax export (config.yaml), an HF directory (config.json + safetensors) or a
-    GGUF file. `overrides` set ModelConfig fields (e.g. dtype="bfloat16", max_len=2048)."""
+    """Load an llmjax training run (its latest checkpoint) or export (config.yaml), an HF
+    directory (config.json + safetensors) or a GGUF file. `overrides` set ModelConfig fields (e.g. dtype="bfloat16", max_len=2048)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         import tempfile
@@ -164,6 +164,21 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
         cfg, params = import_gguf(path, scan_layers=scan_layers, **overrides)
         tok_dir = Path(tempfile.mkdtemp(prefix="llmjax-gguf-tok-"))
         tokenizer = HFTokenizer(write_gguf_tokenizer(path, tok_dir))
+        return PretrainedModel(cfg, params, tokenizer, str(path))
+    if (path / "checkpoints").is_dir() or (path / "state").is_dir():  # a training run
+        from llmjax.checkpoint import load_run_params
+        from llmjax.data.tokenizer import load_tokenizer
+
+        cfg, params, run = load_run_params(path)
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        if cfg.scan_layers != scan_layers:
+            from llmjax.models import stack_layers, unstack_layers
+
+            params = stack_layers(params) if scan_layers else unstack_layers(params)
+            cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
+        tok_dir = run.get("data", {}).get("tokenizer")
+        tokenizer = load_tokenizer(Path(tok_dir).expanduser()) if tok_dir else None
         return PretrainedModel(cfg, params, tokenizer, str(path))
     if (path / "config.yaml").exists():
         from llmjax.checkpoint import load_params

@@ -79,7 +79,7 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
                 body, init, (_micro_batches(batch, grad_accum), jnp.arange(grad_accum)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state.step), **term_metrics(terms, totals),
                    "tokens": jnp.sum(batch.get("segment_ids", batch["tokens"]) != 0)}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
