@@ -605,21 +605,26 @@ def init_from(exp, path: str | os.PathLike):
         raise CheckpointError(f"init_from {where}: no parameter path matches this model "
                               f"(source leaves: {_few(sorted(source))})")
 
-    nested = _nest(restore_target)
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(tree_dir, args=ocp.args.PyTreeRestore(
-                nested, restore_args=jax.tree.map(
-                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), nested),
-                partial_restore=True))
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(_diagnose(tree_dir, nested, err)) from None
-    flat_restored = flatten(restored)
+    flat_restored = flatten(_restore_leaves(tree_dir, restore_target))
     loaded = {key: flat_restored[source[key][0]] for key in report.loaded}
 
     with jax.set_mesh(exp.mesh), nn.logical_axis_rules(exp.rules):
         state = _init_with(exp, rng, loaded)
     return state, report
+
+
+def _restore_leaves(tree_dir: Path, target: dict[str, Any]) -> dict:
+    """Restore only the leaves named in `target` ({'a/b/c': ShapeDtypeStruct with sharding})
+    from an orbax PyTree checkpoint; returns them nested."""
+    nested = _nest(target)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(tree_dir, args=ocp.args.PyTreeRestore(
+                nested, restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), nested),
+                partial_restore=True))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(_diagnose(tree_dir, nested, err)) from None
 
 
 def _init_with(exp, rng, loaded: dict):
@@ -654,15 +659,7 @@ def load_run_params(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict]:
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {key: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=single)
               for key, m in _tree_metadata(tree_dir).items() if key.split("/")[0] in prefixes}
-    nested = _nest(target)
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(tree_dir, args=ocp.args.PyTreeRestore(
-                nested, restore_args=jax.tree.map(
-                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), nested),
-                partial_restore=True))
-    except Exception as err:  # noqa: BLE001
-        raise CheckpointError(_diagnose(tree_dir, nested, err)) from None
+    restored = _restore_leaves(tree_dir, target)
     plan = peft.build(_build(peft.PeftConfig, config.get("peft", {}), "peft"))
     model_cfg = plan.model_config(_build(ModelConfig, config.get("model", {}), "model"))
     params = plan.merge(restored.get("params", {}), restored.get("frozen", {}))

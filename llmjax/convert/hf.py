@@ -10,6 +10,8 @@ Q/K rows in the half-split (rotate_half) RoPE layout llmjax uses.
 """
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import json
 import math
@@ -112,25 +114,28 @@ def _activation(name: str, table: dict, field: str, family: str) -> str:
 # Families
 
 
-class Family:
+class Family(abc.ABC):
     name = ""
     model_types: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()
     prefix = ""  # base-model prefix in task-head checkpoints (transformer., bert., model.)
 
+    @abc.abstractmethod
     def to_config(self, hf: dict, tensors: dict) -> ModelConfig:
-        raise NotImplementedError
+        """The llmjax model config of an HF config.json (and its tensors, for shapes)."""
 
+    @abc.abstractmethod
     def specs(self, cfg: ModelConfig, prefix: str) -> list[Spec]:
-        raise NotImplementedError
+        """How every llmjax leaf maps onto HF tensor names."""
 
     def check_export(self, cfg: ModelConfig) -> None:
         for field in ("prompt_tokens", "prefix_tokens", "adapter_dim"):
             _require(cfg, field, 0, "a Hugging Face model (merge or export the PEFT "
                      "parameters separately)")
 
+    @abc.abstractmethod
     def hf_config(self, cfg: ModelConfig) -> dict:
-        raise NotImplementedError
+        """config.json for an exported model."""
 
     def export_prefix(self, cfg: ModelConfig) -> str:
         return self.prefix

@@ -8,6 +8,7 @@ whole batch's count (see train/step.py).
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, ClassVar, NamedTuple
 
 import jax
@@ -48,8 +49,9 @@ class Term(NamedTuple):
     correct: Array
 
 
-class Objective:
-    """Base class; subclasses set `architectures`, `batch_kind`, `order` and implement both steps."""
+class Objective(abc.ABC):
+    """Base class; subclasses set `architectures`, `batch_kind`, `order`, `terms` and
+    implement prepare, counts and loss."""
 
     name: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
@@ -70,16 +72,17 @@ class Objective:
                 f"but model {model.family!r} is {model.architecture!r}; pick an objective among "
                 f"{[n for n, c in sorted(_REGISTRY.items()) if model.architecture in c.architectures]}")
 
+    @abc.abstractmethod
     def prepare(self, batch: Batch, rng: Array) -> Batch:
         """Add model inputs and targets to the batch (inside jit)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def counts(self, batch: Batch) -> dict[str, Array]:
         """Weight count of each loss term, from the prepared batch alone."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, outputs: dict[str, Array], batch: Batch) -> dict[str, Term]:
-        raise NotImplementedError
+        """Loss terms (sums, counts, correct counts) from the model outputs."""
 
 
 def cross_entropy(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0,
