@@ -39,6 +39,8 @@ def _load(args) -> "Config":  # noqa: F821
 
 
 def cmd_train(args) -> int:
+    from llmjax.parallel import initialize_distributed
+    initialize_distributed()  # multi-host (TPU pods, LLMJAX_COORDINATOR): before any device use
     from llmjax.compile_cache import enable_from_config
     from llmjax.train.trainer import train
     cfg = _load(args)
@@ -86,8 +88,9 @@ def cmd_plan(args) -> int:
     import jax
     import numpy as np
     from llmjax.train.experiment import build
+    from llmjax.data.tokenizer import SpecialTokens
     cfg = _load(args)
-    exp = build(cfg)
+    exp = build(cfg, special=SpecialTokens())  # planning needs no tokenizer files
     abstract = exp.abstract_state()
     sh = exp.state_shardings(abstract)
     print(f"mesh {dict(exp.mesh.shape)} over {len(exp.mesh.devices.flat)} devices")
@@ -142,7 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hoist_global_options(argv: list[str]) -> list[str]:
+    """Accept `--cpu-devices N` / `-v` after the subcommand too (they must act before jax starts)."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--cpu-devices" and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 2
+            continue
+        if argv[i].startswith("--cpu-devices=") or argv[i] in ("-v", "--verbose"):
+            front.append(argv[i])
+        else:
+            rest.append(argv[i])
+        i += 1
+    return front + rest
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     if args.cpu_devices:  # must precede the first jax backend initialisation
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Copy this checkout to every worker and install llmjax with the TPU extra.
+source "$(dirname "$0")/common.sh"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+archive="$(mktemp -d)/llmjax.tar.gz"
+git -C "$root" archive --format=tar.gz -o "$archive" HEAD
+gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:~/llmjax.tar.gz" --zone "$ZONE" \
+  "${PROJECT_FLAG[@]}" --worker=all
+tpu_ssh all "mkdir -p ~/$REMOTE_DIR && tar -xzf ~/llmjax.tar.gz -C ~/$REMOTE_DIR && \
+  cd ~/$REMOTE_DIR && python3 -m pip install -q -e '.[tpu]' && python3 -c 'import jax; print(jax.device_count(), \"devices\")'"
