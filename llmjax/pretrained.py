@@ -127,6 +127,33 @@ class PretrainedModel:
             copy_tokenizer_files(tok_dir, Path(directory) / TOKENIZER_SUBDIR)
         return Path(directory)
 
+    def finetune(self, config: dict, run_dir: str | os.PathLike, **train_kwargs: Any
+                 ) -> "PretrainedModel":
+        """Fine-tune this model with llmjax's trainer and return the result.
+
+        `config` holds the run's sections (data, objective, peft, optimizer, train, ...) as
+        in a YAML file; the model section and train.init_from come from this model, and
+        data.tokenizer defaults to its tokenizer. The base is exported to run_dir/base.
+        """
+        from llmjax.config import from_dict
+        from llmjax.train.trainer import train
+
+        run_dir = Path(run_dir).expanduser()
+        base = self.save(run_dir / "base")
+        data = {section: dict(values) for section, values in config.items()}
+        if "model" in data:
+            raise ValueError("finetune takes the model from this object: set ModelConfig "
+                             "fields through from_pretrained(..., **overrides) instead")
+        data["model"] = dataclasses.asdict(self.config)
+        data.setdefault("train", {}).update(init_from=str(base), run_dir=str(run_dir))
+        if (base / TOKENIZER_SUBDIR).is_dir():
+            data.setdefault("data", {}).setdefault("tokenizer", str(base / TOKENIZER_SUBDIR))
+        result = train(from_dict(data), **train_kwargs)
+        if result.exit_code:
+            raise RuntimeError(f"fine-tuning stopped early (exit code {result.exit_code}); "
+                               f"call finetune again with the same run_dir to resume")
+        return from_pretrained(run_dir)
+
     def save_hf(self, directory: str | os.PathLike) -> Path:
         """A Hugging Face directory (config.json + model.safetensors [+ tokenizer files])."""
         from llmjax.convert.hf import export_hf

@@ -77,3 +77,32 @@ def test_greedy_text_is_sensible(smollm2):
     assert "Paris" in text
     answer = smollm2.generate("What is the capital of Germany?", max_new_tokens=16, chat=True)
     assert "Berlin" in answer
+
+
+def test_lora_finetune_of_the_imported_model_learns_and_generates(smollm2, tmp_path):
+    """The walkthrough's last step: LoRA fine-tuning SmolLM2 from Python with its own
+    (HF) tokenizer through llmjax's data pipeline and trainer."""
+    import json
+
+    import jax
+
+    text, held_out = tmp_path / "facts.txt", tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(["The llmjax mascot is a purple otter named Pallas."] * 40))
+    held_out.write_text("The llmjax mascot is a purple otter.")
+    tuned = smollm2.finetune({
+        "mesh": {"data": 1},
+        "data": {"source": "text", "paths": [str(text)], "validation_paths": [str(held_out)],
+                 "document_unit": "paragraph", "data_dir": str(tmp_path / "tfds")},
+        "objective": {"name": "clm"},
+        "peft": {"method": "lora", "rank": 8},
+        "optimizer": {"learning_rate": 5e-3, "warmup_steps": 0},
+        "train": {"steps": 16, "batch_size": 2, "seq_len": 32, "log_every": 1,
+                  "eval_steps": 1, "progress": False, "tensorboard": False},
+    }, tmp_path / "run", devices=jax.devices()[:1])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert losses[-1] < 0.7 * losses[0]  # it learned the repeated sentence
+    assert (tmp_path / "run" / "adapter").is_dir()  # a small adapter-only export too
+    out = tuned.generate("The llmjax mascot is", max_new_tokens=6)
+    assert "otter" in out or "purple" in out

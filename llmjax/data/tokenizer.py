@@ -232,8 +232,12 @@ def train_sentencepiece(
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer in `directory` (as written by `train_sentencepiece`), checking its special ids."""
-    path = pathlib.Path(directory)
+    path = pathlib.Path(directory).expanduser()
     meta_file = path / METADATA_FILE
+    if not meta_file.is_file() and path.is_dir():
+        imported = _imported_tokenizer(path)  # an HF tokenizer.json or sentencepiece model
+        if imported is not None:
+            return imported
     if not meta_file.is_file():
         hint = " (it holds no tokenizer files)" if not path.exists() else ""
         raise FileNotFoundError(
@@ -247,6 +251,51 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     ids = metadata["special_ids"]
     special = SpecialTokens(**{k: int(v) for k, v in ids.items() if k != "num_special"})
     return SentencePieceTokenizer(path / metadata["model_file"], special)
+
+
+class _ImportedTokenizer(Tokenizer):
+    """An imported model's tokenizer (HF tokenizer.json, sentencepiece) with its special ids
+    as SpecialTokens, so the data pipeline and objectives can use it like llmjax's own."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        ids = dict(inner.special_ids)
+        fallback = ids.get("unk", ids.get("pad", ids.get("eos", 0)))
+        roles = {role: int(ids.get(role, fallback)) for role in
+                 ("pad", "unk", "bos", "eos", "mask", "cls", "sep")}
+        roles["pad"] = int(ids.get("pad", 0))
+        # Ids below `leading` are special when the vocabulary keeps its specials in front
+        # (LLaMA-style, BERT's [PAD]..[MASK]); never more than a few hundred.
+        front = [i for i in ids.values() if i < 1000]
+        leading = max(front) + 1 if front else 0
+        self._special = SpecialTokens(**roles, sentinel_start=leading, num_sentinels=0)
+        self.path = getattr(inner, "path", None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.inner.decode(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size
+
+    @property
+    def special_ids(self) -> SpecialTokens:
+        return self._special
+
+    def __getattr__(self, name: str) -> Any:  # chat templates, token_to_id, ...
+        return getattr(self.inner, name)
+
+
+def _imported_tokenizer(path: pathlib.Path) -> "Tokenizer | None":
+    if not any((path / name).exists() for name in
+               ("tokenizer.json", "spiece.model", "tokenizer.model", "vocab.txt")):
+        return None
+    from llmjax.convert.tokenizers import load_any_tokenizer
+    inner = load_any_tokenizer(path)
+    return None if inner is None else _ImportedTokenizer(inner)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
