@@ -89,9 +89,11 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
         ici = (shape[0] // cfg.dcn_data, shape[1], shape[2])
         grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices)
     else:
-        try:
+        try:  # topology-aware placement on TPU/GPU (ICI rings for the inner axes)
             grid = mesh_utils.create_device_mesh(shape, devices)
         except (ValueError, NotImplementedError, AssertionError):
+            # Device sets it has no topology for (a subset of CPU devices, odd shapes):
+            # plain row-major order is as good as any.
             grid = np.asarray(devices).reshape(shape)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return Mesh(grid, MESH_AXES, axis_types=auto)
