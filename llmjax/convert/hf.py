@@ -91,6 +91,20 @@ def _require(cfg: ModelConfig, field: str, allowed: Any, why: str) -> None:
                               f"it needs {allowed!r}")
 
 
+def _require_plain_mha(cfg: ModelConfig, why: str) -> None:
+    if cfg.kv_heads != cfg.num_heads or cfg.dim_per_head * cfg.num_heads != cfg.d_model:
+        raise ConversionError(f"model.num_kv_heads/head_dim: {why} needs plain multi-head "
+                              f"attention with num_heads * head_dim == d_model")
+
+
+def _untied_head(cfg: ModelConfig, d: int) -> list:
+    """lm_head/kernel [d, vocab] <-> lm_head.weight [vocab, d], when the head is not tied."""
+    if cfg.tie_embeddings:
+        return []
+    return [Spec(("lm_head/kernel",), ("lm_head.weight",), (cfg.vocab_size, d),
+                 lambda w: (w.T,), lambda xs: xs[0].T)]
+
+
 def _hf_get(hf: dict, field: str, default: Any = None) -> Any:
     return hf.get(field, default) if hf.get(field) is not None else default
 
@@ -128,10 +142,15 @@ class Family(abc.ABC):
     def specs(self, cfg: ModelConfig, prefix: str) -> list[Spec]:
         """How every llmjax leaf maps onto HF tensor names."""
 
+    export_name = ""  # the HF family named in export errors
+    export_requires: dict[str, Any] = {}  # ModelConfig field -> allowed value(s)
+
     def check_export(self, cfg: ModelConfig) -> None:
         for field in ("prompt_tokens", "prefix_tokens", "adapter_dim"):
             _require(cfg, field, 0, "a Hugging Face model (merge or export the PEFT "
                      "parameters separately)")
+        for field, allowed in self.export_requires.items():
+            _require(cfg, field, allowed, self.export_name)
 
     @abc.abstractmethod
     def hf_config(self, cfg: ModelConfig) -> dict:
@@ -199,25 +218,20 @@ class GPT2(Family):
             specs += _conv1d(f"{L}/mlp/wi", f"{h}.mlp.c_fc", (d,), (ff,))
             specs += _conv1d(f"{L}/mlp/wo", f"{h}.mlp.c_proj", (ff,), (d,))
         specs += _norm("decoder/final_norm", p + "ln_f", True)
-        if not cfg.tie_embeddings:
-            specs += [Spec(("lm_head/kernel",), ("lm_head.weight",), (cfg.vocab_size, d),
-                           lambda w: (w.T,), lambda xs: xs[0].T)]
+        specs += _untied_head(cfg, d)
         return _fix_norm_shapes(specs, d)
+
+    export_name = "GPT-2"
+    export_requires = {  # fields that must hold to export as GPT-2
+        "architecture": "decoder", "norm": "layernorm", "norm_position": "pre",
+        "position": "learned", "use_bias": True, "gated_mlp": False, "parallel_block": False,
+        "scale_attention": True, "embed_norm": False, "final_norm": True, "num_token_types": 0,
+        "logits_scale": 1.0, "num_labels": 0, "activation": tuple(GELU_EXPORT),
+    }
 
     def check_export(self, cfg):
         super().check_export(cfg)
-        why = "GPT-2"
-        for field, allowed in [("architecture", "decoder"), ("norm", "layernorm"),
-                               ("norm_position", "pre"), ("position", "learned"),
-                               ("use_bias", True), ("gated_mlp", False), ("parallel_block", False),
-                               ("scale_attention", True), ("embed_norm", False),
-                               ("final_norm", True), ("num_token_types", 0),
-                               ("logits_scale", 1.0), ("num_labels", 0),
-                               ("activation", tuple(GELU_EXPORT))]:
-            _require(cfg, field, allowed, why)
-        if cfg.kv_heads != cfg.num_heads or cfg.dim_per_head * cfg.num_heads != cfg.d_model:
-            raise ConversionError("model.num_kv_heads/head_dim: GPT-2 needs plain multi-head "
-                                  "attention with num_heads * head_dim == d_model")
+        _require_plain_mha(cfg, "GPT-2")
 
     def hf_config(self, cfg):
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -301,19 +315,17 @@ class Bert(Family):
             specs += _linear("heads/classifier", "classifier", (d,), (cfg.num_labels,), True)
         return _fix_norm_shapes(specs, d)
 
+    export_name = "BERT"
+    export_requires = {  # fields that must hold to export as BERT
+        "architecture": "encoder", "norm": "layernorm", "norm_position": "post",
+        "position": "learned", "use_bias": True, "gated_mlp": False, "parallel_block": False,
+        "scale_attention": True, "embed_norm": True, "final_norm": False,
+        "tie_embeddings": True, "activation": tuple(GELU_EXPORT),
+    }
+
     def check_export(self, cfg):
         super().check_export(cfg)
-        why = "BERT"
-        for field, allowed in [("architecture", "encoder"), ("norm", "layernorm"),
-                               ("norm_position", "post"), ("position", "learned"),
-                               ("use_bias", True), ("gated_mlp", False), ("parallel_block", False),
-                               ("scale_attention", True), ("embed_norm", True),
-                               ("final_norm", False), ("tie_embeddings", True),
-                               ("activation", tuple(GELU_EXPORT))]:
-            _require(cfg, field, allowed, why)
-        if cfg.kv_heads != cfg.num_heads or cfg.dim_per_head * cfg.num_heads != cfg.d_model:
-            raise ConversionError("model.num_kv_heads/head_dim: BERT needs plain multi-head "
-                                  "attention with num_heads * head_dim == d_model")
+        _require_plain_mha(cfg, "BERT")
         if cfg.num_labels and (cfg.mlm_head or cfg.nsp_head):
             raise ConversionError("model.num_labels with model.mlm_head/nsp_head: no HF BERT "
                                   "class holds both; export one or the other")
@@ -431,20 +443,18 @@ class T5(Family):
             specs += mlp(f"{L}/mlp", f"{h}.2.DenseReluDense")
             specs += _norm(f"{L}/mlp_norm", f"{h}.2.layer_norm", False)
         specs += _norm("decoder/final_norm", "decoder.final_layer_norm", False)
-        if not cfg.tie_embeddings:
-            specs.append(Spec(("lm_head/kernel",), ("lm_head.weight",), (cfg.vocab_size, d),
-                              lambda w: (w.T,), lambda xs: xs[0].T))
+        specs += _untied_head(cfg, d)
         return _fix_norm_shapes(specs, d)
+
+    export_name = "T5"
+    export_requires = {  # fields that must hold to export as T5
+        "architecture": "encoder_decoder", "norm": "rmsnorm", "norm_position": "pre",
+        "position": "relative", "use_bias": False, "parallel_block": False,
+        "scale_attention": False, "embed_norm": False, "final_norm": True, "num_token_types": 0,
+    }
 
     def check_export(self, cfg):
         super().check_export(cfg)
-        why = "T5"
-        for field, allowed in [("architecture", "encoder_decoder"), ("norm", "rmsnorm"),
-                               ("norm_position", "pre"), ("position", "relative"),
-                               ("use_bias", False), ("parallel_block", False),
-                               ("scale_attention", False), ("embed_norm", False),
-                               ("final_norm", True), ("num_token_types", 0)]:
-            _require(cfg, field, allowed, why)
         scale = cfg.d_model ** -0.5
         if not (cfg.logits_scale == 1.0 or math.isclose(cfg.logits_scale, scale, rel_tol=1e-6)):
             raise ConversionError(f"model.logits_scale={cfg.logits_scale} cannot be exported as "
@@ -538,22 +548,17 @@ class Llama(Family):
             specs += _linear(f"{L}/mlp/wi_1", f"{h}.mlp.up_proj", (d,), (ff,), False)
             specs += _linear(f"{L}/mlp/wo", f"{h}.mlp.down_proj", (ff,), (d,), False)
         specs += _norm("decoder/final_norm", p + "norm", False)
-        if not cfg.tie_embeddings:
-            specs.append(Spec(("lm_head/kernel",), ("lm_head.weight",), (cfg.vocab_size, d),
-                              lambda w: (w.T,), lambda xs: xs[0].T))
+        specs += _untied_head(cfg, d)
         return _fix_norm_shapes(specs, d)
 
-    def check_export(self, cfg):
-        super().check_export(cfg)
-        why = "LLaMA"
-        for field, allowed in [("architecture", "decoder"), ("norm", "rmsnorm"),
-                               ("norm_position", "pre"), ("position", "rope"),
-                               ("use_bias", False), ("gated_mlp", True), ("activation", "silu"),
-                               ("parallel_block", False), ("scale_attention", True),
-                               ("embed_norm", False), ("final_norm", True),
-                               ("num_token_types", 0), ("logits_scale", 1.0),
-                               ("num_labels", 0)]:
-            _require(cfg, field, allowed, why)
+    export_name = "LLaMA"
+    export_requires = {  # fields that must hold to export as LLaMA
+        "architecture": "decoder", "norm": "rmsnorm", "norm_position": "pre",
+        "position": "rope", "use_bias": False, "gated_mlp": True, "activation": "silu",
+        "parallel_block": False, "scale_attention": True, "embed_norm": False,
+        "final_norm": True, "num_token_types": 0, "logits_scale": 1.0, "num_labels": 0,
+    }
+
 
     def hf_config(self, cfg):
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
