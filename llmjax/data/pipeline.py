@@ -134,16 +134,12 @@ def _piece_length(piece: Piece) -> int:
 def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int) -> dict[str, np.ndarray]:
     """Fixed-shape int32 arrays from rows of pieces; pad id 0 everywhere, segment id 0 = padding."""
     size = len(rows)
-    if kind == "nsp":
-        first_len, second_len = nsp_lengths(seq_len)
-        batch = {"tokens_a": np.zeros((size, first_len), np.int32), "tokens_b": np.zeros((size, second_len), np.int32)}
-        for r, row in enumerate(rows):
-            for piece in row:
-                for key in batch:
-                    batch[key][r, : len(piece[key])] = piece[key]
-        return batch
-    if kind == "seq2seq":
-        batch = {"inputs": np.zeros((size, seq_len), np.int32), "targets": np.zeros((size, target_len), np.int32)}
+    if kind in ("nsp", "seq2seq"):  # one piece per row: left-aligned fields, zero padded
+        if kind == "nsp":
+            widths = dict(zip(("tokens_a", "tokens_b"), nsp_lengths(seq_len)))
+        else:
+            widths = {"inputs": seq_len, "targets": target_len}
+        batch = {key: np.zeros((size, width), np.int32) for key, width in widths.items()}
         for r, row in enumerate(rows):
             for piece in row:
                 for key in batch:
