@@ -90,11 +90,13 @@ def load_params(directory: str | os.PathLike, target: Any = None) -> tuple[Any, 
 import asyncio
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
 
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +277,25 @@ def _tree_metadata(directory: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the manager
 
+def _remove_unfinished_saves(directory: Path) -> None:
+    """Delete the uncommitted <step>.orbax-checkpoint-tmp* left by a process killed mid-save
+    (primary process only; everyone waits for it before orbax touches the directory)."""
+    if jax.process_index() == 0 and directory.is_dir():
+        for path in sorted(directory.glob("*.orbax-checkpoint-tmp*")):
+            log.warning("removing unfinished checkpoint %s (its save never committed)", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("llmjax: unfinished checkpoints removed")
+
+
 class TrainCheckpoints:
     """Save and restore a run's train state, data state and metadata (run_dir/checkpoints)."""
 
-    def __init__(self, run_dir: str | os.PathLike, config: Config):
+    def __init__(self, run_dir: str | os.PathLike, config: Config, read_only: bool = False):
+        """read_only: for readers (eval) of a run that may be training and saving right now."""
         self.config = config
         self.directory = (Path(run_dir).expanduser() / CHECKPOINT_DIR).absolute()
         cc = config.checkpoint
@@ -287,9 +304,13 @@ class TrainCheckpoints:
             policies.append(ocp.checkpoint_managers.BestN(
                 get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
                 keep_checkpoints_without_metrics=False))
+        if not read_only:
+            _remove_unfinished_saves(self.directory)
+        # Not orbax's cleanup_tmp_directories: it deletes in a background thread that the first
+        # save does not wait for, and races it on the same <step>.orbax-checkpoint-tmp path.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=cc.async_save, cleanup_tmp_directories=True, create=True)
+            enable_async_checkpointing=cc.async_save, create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),

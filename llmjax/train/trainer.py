@@ -251,7 +251,7 @@ def evaluate_run(config: Config, devices=None, step: Optional[int] = None) -> di
     cfg = config
     run_dir = Path(cfg.train.run_dir).expanduser()
     exp = build(cfg, devices)
-    ckpt = TrainCheckpoints(run_dir, cfg)
+    ckpt = TrainCheckpoints(run_dir, cfg, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
