@@ -134,3 +134,54 @@ def test_switch_resolution_and_validation():
     assert model_config("gpt-tiny").kernels == "auto"
     with pytest.raises(ConfigError, match="model.kernels"):
         model_config("gpt-tiny", kernels="fast")
+
+
+# The bf16 paths: every backward dot is a row-major [m, k] @ [k, n] dot, with transposes
+# made physical and residuals stored bit-cast (cpu_kernels._t, _tn, _stash).
+
+@pytest.mark.parametrize("n,k,m", [(64, 8, 32), (64, 32, 8)])  # transpose a / transpose b
+def test_tn_both_orientations(n, k, m):
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.standard_normal((3, n, k)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((3, n, m)), jnp.bfloat16)
+    got = jax.jit(cpu_kernels._tn)(a, b)
+    ref = np.einsum("bnk,bnm->bkm", np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert got.dtype == jnp.float32 and got.shape == (3, k, m)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_attention_and_activation_gradients():
+    """Long keys (s > 2 d) take the transpose-the-small-side branch in dv and dk."""
+    rng = np.random.default_rng(5)
+    b, t, h, kh, d = 2, 32, 4, 2, 4
+    q, k, v, w = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.bfloat16)
+                  for n in (h, kh, kh, h))
+    mask = make_mask(jnp.ones((b, t), jnp.int32), jnp.ones((b, t), jnp.int32), causal=True)
+
+    def attn(impl, q, k, v):
+        out = dot_product_attention(q, k, v, mask, None, 0.5, impl)
+        return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32))
+
+    ref = jax.jit(jax.grad(attn, (1, 2, 3)), static_argnums=0)("xla", q, k, v)
+    got = jax.jit(jax.grad(attn, (1, 2, 3)), static_argnums=0)("cpu_custom_vjp", q, k, v)
+    assert [g.dtype for g in got] == [jnp.bfloat16] * 3
+    _close_trees(ref, got, 2e-2)
+
+    x, y = (jnp.asarray(rng.standard_normal((16, 24)), jnp.bfloat16) for _ in range(2))
+    gelu = lambda z: jax.nn.gelu(z, approximate=True)  # noqa: E731
+    for gate in (None, y):
+        def plain(x, gate):
+            h = gelu(x.astype(jnp.float32))
+            return h if gate is None else h * gate.astype(jnp.float32)
+
+        def kernel(x, gate):
+            return cpu_kernels.activation(gelu, x, gate, jnp.float32)
+
+        argnums = (0,) if gate is None else (0, 1)
+        np.testing.assert_allclose(np.asarray(kernel(x, gate)), np.asarray(plain(x, gate)),
+                                   rtol=1e-6)
+        loss = lambda f: lambda x, gate: jnp.sum(jnp.sin(f(x, gate)))  # noqa: E731
+        ref = jax.grad(loss(plain), argnums)(x, gate)
+        got = jax.jit(jax.grad(loss(kernel), argnums))(x, gate)
+        assert [g.dtype for g in got] == [jnp.bfloat16] * len(argnums)
+        _close_trees(ref, got, 1e-2)

@@ -45,21 +45,60 @@ def use_custom(kernels: str) -> bool:
     return resolve(kernels) == "cpu_custom_vjp"
 
 
-# XLA's algebraic simplifier folds an explicit transpose into the dot (contracting dim 0),
-# and XLA:CPU then converts bf16 operands of such dots to f32 (no AMX). An optimization
-# barrier keeps the transposed operand materialised, so the dot stays [m,k] @ [k,n]; the
-# HLO then has no converted weight-gradient dots, but the step was not faster.
-TRANSPOSE_BARRIER = False  # measured 0.98x (fp32 and bf16): off, see benchmarks/NOTES.md
+def _physical(x: Array) -> Array:
+    """x (the result of a transpose) laid out row-major in memory, for a dot operand.
+
+    XLA:CPU runs bf16 dots on the bf16 (AMX) path only as [.., m, k] @ [.., k, n] on
+    row-major operands; any other dot is converted to f32 (2-3x slower). XLA folds a plain
+    transpose into the dot or turns it into a layout change (even behind an optimization
+    barrier), so 16-bit operands go through a flat buffer behind the barrier: that copy is
+    physical. f32 dots take transposed operands at full speed: left to XLA.
+    """
+    if jnp.dtype(x.dtype).itemsize >= 4:
+        return x
+    return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
 def _t(x: Array) -> Array:
-    """x.T, materialised (see TRANSPOSE_BARRIER)."""
-    return jax.lax.optimization_barrier(x.T) if TRANSPOSE_BARRIER else x.T
+    """x with its last two dims swapped, as a dot operand (see _physical)."""
+    return _physical(jnp.swapaxes(x, -1, -2))
 
 
 def _mm(a: Array, b: Array) -> Array:
-    """[m, k] @ [k, n] with f32 accumulation (the one matmul shape XLA:CPU runs at peak)."""
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """[.., m, k] @ [.., k, n] with f32 accumulation, leading dims batched (the one dot
+    form XLA:CPU runs at peak in bf16)."""
+    batch = tuple(range(a.ndim - 2))
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+                               preferred_element_type=jnp.float32)
+
+
+def _tn(a: Array, b: Array) -> Array:
+    """a^T @ b for a [.., n, k] and b [.., n, m] (contracting the rows) as a row-major dot,
+    transposing whichever costs fewer elements: a, or b and the [.., m, k] product."""
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    if jnp.dtype(a.dtype).itemsize >= 4 or n * k <= n * m + k * m:
+        return _mm(_t(a), b)
+    # The barrier stops XLA from folding the transpose back into the dot (as a dot that
+    # contracts the leading dims, which XLA:CPU then cannot run in bf16 at all).
+    return jnp.swapaxes(jax.lax.optimization_barrier(_mm(_t(b), a)), -1, -2)
+
+
+def _stash(x: Array) -> Array:
+    """x as a residual for the backward pass.
+
+    Under the layer scan every residual is stacked with a dynamic-update-slice per layer.
+    XLA:CPU has no 16-bit float dynamic-update-slice: it converts the whole stack to f32
+    and back around each update (and hoists f32 copies of it before the backward loop).
+    A 16-bit float is therefore kept bit-cast to uint16, which it moves natively.
+    """
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _unstash(x: Array, dtype) -> Array:
+    """The residual _stash kept, back as `dtype` (the dtype it had)."""
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
 
 
 # ----------------------------------------------------------------------------
@@ -74,15 +113,16 @@ def _dense2d(x2: Array, w2: Array, dtype, out_dtype) -> Array:
 
 def _dense2d_fwd(x2, w2, dtype, out_dtype):
     xc, wc = x2.astype(dtype), w2.astype(dtype)
-    return _mm(xc, wc).astype(out_dtype), (xc, wc, jnp.zeros((0,), x2.dtype),
+    return _mm(xc, wc).astype(out_dtype), (_stash(xc), _stash(wc), jnp.zeros((0,), x2.dtype),
                                            jnp.zeros((0,), w2.dtype))
 
 
 def _dense2d_bwd(dtype, out_dtype, res, g):
     xc, wc, x_like, w_like = res
+    xc, wc = _unstash(xc, dtype), _unstash(wc, dtype)
     g = g.astype(dtype)
-    dx = _mm(g, wc.T).astype(x_like.dtype)  # g W^T
-    dw = _mm(_t(xc), g).astype(w_like.dtype)  # x^T g
+    dx = _mm(g, _t(wc)).astype(x_like.dtype)  # g W^T
+    dw = _tn(xc, g).astype(w_like.dtype)  # x^T g
     return dx, dw
 
 
@@ -112,21 +152,21 @@ def dense_f32(x: Array, kernel: Array, in_dims: int, dtype) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _attend2d(x2: Array, table: Array, dtype) -> Array:
-    return jax.lax.dot_general(x2.astype(dtype), table.astype(dtype), (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return _mm(x2.astype(dtype), _t(table.astype(dtype)))
 
 
 def _attend2d_fwd(x2, table, dtype):
     xc, tc = x2.astype(dtype), table.astype(dtype)
-    y = _mm(xc, tc.T)
-    return y, (xc, tc, jnp.zeros((0,), x2.dtype), jnp.zeros((0,), table.dtype))
+    y = _mm(xc, _t(tc))
+    return y, (_stash(xc), _stash(tc), jnp.zeros((0,), x2.dtype), jnp.zeros((0,), table.dtype))
 
 
 def _attend2d_bwd(dtype, res, g):
     xc, tc, x_like, t_like = res
+    xc, tc = _unstash(xc, dtype), _unstash(tc, dtype)
     g = g.astype(dtype)
     dx = _mm(g, tc).astype(x_like.dtype)  # [n, v] @ [v, d]
-    dt = _mm(_t(g), xc).astype(t_like.dtype)  # [v, n] @ [n, d]
+    dt = _tn(g, xc).astype(t_like.dtype)  # g^T x: [v, n] @ [n, d]
     return dx, dt
 
 
@@ -188,14 +228,22 @@ def norm(x: Array, scale: Array, bias: Optional[Array], kind: str, eps: float, d
 # ----------------------------------------------------------------------------
 # Attention: softmax(q k^T * scale + bias, masked) v with an explicit backward.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, mask, bias, scale):
-    return _attention_fwd(q, k, v, mask, bias, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, mask, bias, scale, dtype):
+    return _attention_fwd(q, k, v, mask, bias, scale, dtype)[0]
+
+
+# The attention dots run on [b, kh, g*t, .] views of the [b, kh, g, t, .] tensors, so every
+# one of them is a batched [m, k] @ [k, n] dot (see _t).
+
+def _rows(x: Array) -> Array:
+    """[b, kh, g, t, n] -> [b, kh, g*t, n]."""
+    return x.reshape(x.shape[:2] + (-1, x.shape[-1]))
 
 
 def _scores(q, k, mask, bias, scale):
     # q: [b, kh, g, t, d]; k: [b, kh, s, d] -> [b, kh, g, t, s] in f32.
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = _mm(_rows(q), _t(k)).reshape(q.shape[:-1] + k.shape[-2:-1]) * scale
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     if mask is not None:
@@ -203,27 +251,28 @@ def _scores(q, k, mask, bias, scale):
     return scores
 
 
-def _attention_fwd(q, k, v, mask, bias, scale):
+def _attention_fwd(q, k, v, mask, bias, scale, dtype):
     probs = jax.nn.softmax(_scores(q, k, mask, bias, scale), axis=-1)
-    pc = probs.astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", pc, v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype), (q, k, v, pc, mask, bias)
+    pc = probs.astype(dtype)
+    out = _mm(_rows(pc), v).reshape(q.shape[:-1] + v.shape[-1:])
+    return out.astype(dtype), (_stash(q), _stash(k), _stash(v), _stash(pc), mask, bias)
 
 
-def _attention_bwd(scale, res, g):
+def _attention_bwd(scale, dtype, res, g):
     q, k, v, pc, mask, bias = res
-    g = g.astype(v.dtype)
-    dv = jnp.einsum("bkgts,bkgtd->bksd", pc, g, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bkgtd,bksd->bkgts", g, v, preferred_element_type=jnp.float32)
+    q, k, v, pc = (_unstash(x, dtype) for x in (q, k, v, pc))
+    g = _rows(g.astype(dtype))  # [b, kh, g*t, d]
+    dv = _tn(_rows(pc), g)
+    dp = _mm(g, _t(v)).reshape(pc.shape)
     p32 = pc.astype(jnp.float32)
     ds = p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))  # softmax backward
     if mask is not None:  # fully masked (padding) rows: uniform probs, but no gradient
         ds = jnp.where(mask, ds, 0.0)
     dbias = None if bias is None else _sum_to(ds, bias.shape).astype(bias.dtype)
-    dsc = (ds * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bksd->bkgtd", dsc, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgts,bkgtd->bksd", dsc, q, preferred_element_type=jnp.float32)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias)
+    dsc = (ds * scale).astype(dtype)
+    dq = _mm(_rows(dsc), k).reshape(q.shape)
+    dk = _tn(_rows(dsc), _rows(q))
+    return (dq.astype(dtype), dk.astype(dtype), dv.astype(dtype), None, dbias)
 
 
 def _sum_to(x: Array, shape) -> Array:
@@ -242,13 +291,53 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array], bias: Optiona
     b, t, heads, d = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
-    qh = jnp.transpose(q.reshape(b, t, kv_heads, group, d), (0, 2, 3, 1, 4))
-    kh = jnp.transpose(k, (0, 2, 1, 3))
-    vh = jnp.transpose(v, (0, 2, 1, 3))
+    qh = _physical(jnp.transpose(q.reshape(b, t, kv_heads, group, d), (0, 2, 3, 1, 4)))
+    kh = _physical(jnp.transpose(k, (0, 2, 1, 3)))
+    vh = _physical(jnp.transpose(v, (0, 2, 1, 3)))
     m = None if mask is None else mask[:, :, None]  # [b, 1, 1, t, s]
     bh = None
     if bias is not None:
         bh = bias.reshape((bias.shape[0], kv_heads, group) + bias.shape[2:]) \
             if bias.shape[1] == heads else bias[:, :, None]
-    out = _attention(qh, kh, vh, m, bh, float(scale))  # [b, kh, g, t, d]
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, heads, d)
+    # q, k and v share the compute dtype (the model casts all three).
+    out = _attention(qh, kh, vh, m, bh, float(scale), jnp.dtype(q.dtype))  # [b, kh, g, t, d]
+    return _physical(jnp.transpose(out, (0, 3, 1, 2, 4))).reshape(b, t, heads, d)
+
+
+# ----------------------------------------------------------------------------
+# MLP hidden activation: act(a) or act(a) * b, computed in f32, returned in `dtype`.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _activation(fn, dtype, a, b):
+    return _activation_value(fn, dtype, a, b)
+
+
+def _activation_value(fn, dtype, a, b):
+    h = fn(a.astype(jnp.float32))
+    return (h if b is None else h * b.astype(jnp.float32)).astype(dtype)
+
+
+def _activation_fwd(fn, dtype, a, b):
+    # Only the (16-bit) inputs are kept: recomputing act in the backward is cheaper on
+    # XLA:CPU than storing and reloading its f32 internals for every layer.
+    res = (_stash(a), None if b is None else _stash(b), jnp.zeros((0,), a.dtype))
+    return _activation_value(fn, dtype, a, b), res
+
+
+def _activation_bwd(fn, dtype, res, g):
+    a, b, a_like = res
+    a = _unstash(a, a_like.dtype)
+    b = None if b is None else _unstash(b, a_like.dtype)
+    b32 = None if b is None else b.astype(jnp.float32)
+    _, vjp = jax.vjp(lambda a, b: _activation_value(fn, jnp.float32, a, b),
+                     a.astype(jnp.float32), b32)
+    da, db = vjp(g.astype(jnp.float32))
+    return da.astype(a.dtype), None if b is None else db.astype(b.dtype)
+
+
+_activation.defvjp(_activation_fwd, _activation_bwd)
+
+
+def activation(fn, a: Array, b: Optional[Array], dtype) -> Array:
+    """fn(a) (* b when gated) in f32, cast to `dtype`; a and b share one dtype."""
+    return _activation(fn, jnp.dtype(dtype), a, b)

@@ -173,11 +173,16 @@ class Mlp(nn.Module):
             stddev=stddev, kernels=cfg.kernels, name=name)
         act = ACTIVATIONS[cfg.activation]
         if cfg.gated_mlp:
-            h = act(dense((cfg.d_ff,), ("embed", "mlp"), "wi_0")(x).astype(jnp.float32))
-            h = h * dense((cfg.d_ff,), ("embed", "mlp"), "wi_1")(x).astype(jnp.float32)
+            a = dense((cfg.d_ff,), ("embed", "mlp"), "wi_0")(x)
+            b = dense((cfg.d_ff,), ("embed", "mlp"), "wi_1")(x)
         else:
-            h = act(dense((cfg.d_ff,), ("embed", "mlp"), "wi")(x).astype(jnp.float32))
-        h = constrain(h.astype(dtype_of(cfg.dtype)), ("batch", "length", "mlp"))
+            a, b = dense((cfg.d_ff,), ("embed", "mlp"), "wi")(x), None
+        if cpu_kernels.use_custom(cfg.kernels):
+            h = cpu_kernels.activation(act, a, b, dtype_of(cfg.dtype))
+        else:
+            h = act(a.astype(jnp.float32))
+            h = (h if b is None else h * b.astype(jnp.float32)).astype(dtype_of(cfg.dtype))
+        h = constrain(h, ("batch", "length", "mlp"))
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         return dense((cfg.d_model,), ("mlp", "embed"), "wo",
                      cfg.initializer_range / math.sqrt(2 * max(cfg.num_layers, 1)))(h)
