@@ -105,24 +105,29 @@ def _unstash(x: Array, dtype) -> Array:
 # Dense: y = x W over the trailing `in_dims` dims of x, any kernel rank.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _dense2d(x2: Array, w2: Array, dtype, out_dtype) -> Array:
-    # Residuals must be arrays: cotangent dtypes are recovered from the primals' dtypes
-    # (x2/w2 are kept only as their cast copies; the casts are exact for f32 -> f32).
-    return _mm(x2.astype(dtype), w2.astype(dtype)).astype(out_dtype)
+def _dense2d(x2: Array, kernel: Array, dtype, out_dtype) -> Array:
+    """x2 [n, k] @ kernel (any rank, its leading dims flattening to k) in `out_dtype`."""
+    return _mm(x2.astype(dtype), _as_matrix(kernel, x2).astype(dtype)).astype(out_dtype)
 
 
-def _dense2d_fwd(x2, w2, dtype, out_dtype):
-    xc, wc = x2.astype(dtype), w2.astype(dtype)
-    return _mm(xc, wc).astype(out_dtype), (_stash(xc), _stash(wc), jnp.zeros((0,), x2.dtype),
-                                           jnp.zeros((0,), w2.dtype))
+def _as_matrix(kernel: Array, x2: Array) -> Array:
+    return kernel.reshape(x2.shape[1], -1)
+
+
+def _dense2d_fwd(x2, kernel, dtype, out_dtype):
+    xc = x2.astype(dtype)
+    y = _mm(xc, _as_matrix(kernel, x2).astype(dtype)).astype(out_dtype)
+    # The kernel itself is the residual, not its cast copy: under the layer scan it is a
+    # slice of the stacked parameters, which JAX forwards instead of stacking it again.
+    return y, (_stash(xc), kernel, jnp.zeros((0,), x2.dtype))
 
 
 def _dense2d_bwd(dtype, out_dtype, res, g):
-    xc, wc, x_like, w_like = res
-    xc, wc = _unstash(xc, dtype), _unstash(wc, dtype)
+    xc, kernel, x_like = res
+    xc = _unstash(xc, dtype)
     g = g.astype(dtype)
-    dx = _mm(g, _t(wc)).astype(x_like.dtype)  # g W^T
-    dw = _tn(xc, g).astype(w_like.dtype)  # x^T g
+    dx = _mm(g, _t(_as_matrix(kernel, xc).astype(dtype))).astype(x_like.dtype)  # g W^T
+    dw = _tn(xc, g).reshape(kernel.shape).astype(kernel.dtype)  # x^T g
     return dx, dw
 
 
@@ -131,22 +136,20 @@ _dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
 
 def dense(x: Array, kernel: Array, in_dims: int, dtype) -> Array:
     """Same value as einsum over the trailing in_dims of x (f32 accumulation), in `dtype`."""
-    lead = x.shape[: x.ndim - in_dims]
-    k = 1
-    for n in kernel.shape[:in_dims]:
-        k *= n
-    out_shape = kernel.shape[in_dims:]
-    y = _dense2d(x.reshape(-1, k), kernel.reshape(k, -1), jnp.dtype(dtype), jnp.dtype(dtype))
-    return y.reshape(lead + out_shape)
+    return _dense(x, kernel, in_dims, dtype, dtype)
 
 
 def dense_f32(x: Array, kernel: Array, in_dims: int, dtype) -> Array:
     """dense() returning f32 (for logits and biases added before the cast)."""
+    return _dense(x, kernel, in_dims, dtype, jnp.float32)
+
+
+def _dense(x, kernel, in_dims, dtype, out_dtype):
     lead = x.shape[: x.ndim - in_dims]
     k = 1
     for n in kernel.shape[:in_dims]:
         k *= n
-    y = _dense2d(x.reshape(-1, k), kernel.reshape(k, -1), jnp.dtype(dtype), jnp.dtype(jnp.float32))
+    y = _dense2d(x.reshape(-1, k), kernel, jnp.dtype(dtype), jnp.dtype(out_dtype))
     return y.reshape(lead + kernel.shape[in_dims:])
 
 
