@@ -7,15 +7,18 @@ automatic backward loses a lot of time (see benchmarks/NOTES.md):
 * XLA fuses elementwise backward ops (GELU', LayerNorm') with the transposed
   write that feeds the weight-gradient dot, which then runs at a small
   fraction of the matmul peak;
-* bf16 weight-gradient dots whose contracting dimension is the leading one
-  are converted to f32 and miss the AMX path.
+* XLA:CPU runs a bf16 dot on its bf16 (AMX) path only in the row-major
+  [m, k] @ [k, n] form; every other dot (x^T g, g W^T, q k^T) is converted
+  to f32, 2-3x slower;
+* it has no 16-bit float dynamic-update-slice, so each bf16 residual that the
+  layer scan stacks is converted to f32 and back around every update.
 
-The functions here compute exactly the same values with `jax.custom_vjp`:
-the backward passes are written as plain 2-D row-major matmuls on operands
-that are materialised first (an explicit transpose of the activations, which
-XLA then does not fuse into the dot), and LayerNorm/attention backward use the
-closed-form formulas. tests/test_kernels.py checks outputs and gradients
-against the XLA path for every model family.
+The functions here compute the same values with `jax.custom_vjp`: every dot
+is a (batched) row-major matmul whose transposed operand is materialised
+first (_t, _tn), residuals cross the scan bit-cast to uint16 (_stash), the
+MLP activation keeps only its inputs, and LayerNorm/attention backward use
+the closed-form formulas. tests/test_kernels.py checks outputs and gradients
+against the XLA path for every model family, in fp32 and bf16.
 
 `resolve(kernels)` maps "auto" to "cpu_custom_vjp" on the CPU backend and to
 "xla" everywhere else.
