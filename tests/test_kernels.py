@@ -57,7 +57,7 @@ def test_family_outputs_and_gradients_match(preset):
     _close_trees(g_x, g_c, 1e-4)
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", FAMILIES)
 def test_bf16_mixed_precision_close(preset):
     out_x, g_x = _outputs_and_grads(preset, "xla", "bfloat16")
     out_c, g_c = _outputs_and_grads(preset, "cpu_custom_vjp", "bfloat16")
