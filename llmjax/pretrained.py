@@ -154,11 +154,14 @@ class PretrainedModel:
                                f"call finetune again with the same run_dir to resume")
         return from_pretrained(run_dir)
 
-    def save_hf(self, directory: str | os.PathLike) -> Path:
-        """A Hugging Face directory (config.json + model.safetensors [+ tokenizer files])."""
+    def save_hf(self, directory: str | os.PathLike, dtype: str = "float32",
+                max_shard_size: int | str = "5GB") -> Path:
+        """A Hugging Face directory: config.json, safetensors weights in `dtype` (sharded with
+        an index beyond `max_shard_size`, like save_pretrained) and the tokenizer files."""
         from llmjax.convert.hf import export_hf
 
-        return export_hf(self.config, self.params, directory, _tokenizer_dir(self.tokenizer))
+        return export_hf(self.config, self.params, directory, _tokenizer_dir(self.tokenizer),
+                         dtype=dtype, max_shard_size=max_shard_size)
 
 
 def _tokenizer_dir(tokenizer: Any) -> Optional[Path]:

@@ -97,6 +97,15 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
                        d_ff=48, max_len=32, parallel_block=True)
     with pytest.raises(ConversionError, match="parallel_block"):
         export_hf(cfg, init_params(cfg, jax.random.key(0)), tmp_path)
+    cfg = model_config("llama-tiny", vocab_size=64, d_model=32, num_layers=1, num_heads=4,
+                       d_ff=48, max_len=32)
+    params = init_params(cfg, jax.random.key(0))
+    with pytest.raises(ConversionError, match="export dtype 'int8'"):
+        export_hf(cfg, params, tmp_path, dtype="int8")
+    for size in ("five", "0GB", -1):
+        with pytest.raises(ConversionError, match="shard size"):
+            export_hf(cfg, params, tmp_path, max_shard_size=size)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_unknown_gguf_architecture(tmp_path):
@@ -112,3 +121,16 @@ def test_unknown_gguf_architecture(tmp_path):
     writer.close()
     with pytest.raises(ConversionError, match="mamba"):
         import_gguf(path)
+
+
+def test_cli_reports_conversion_errors_in_one_line(tmp_path, capsys):
+    from llmjax.cli import main
+    from llmjax.pretrained import PretrainedModel
+
+    cfg = model_config("llama-tiny", vocab_size=64, d_model=32, num_layers=1, num_heads=4,
+                       d_ff=48, max_len=32)
+    PretrainedModel(cfg, init_params(cfg, jax.random.key(0))).save(tmp_path / "export")
+    code = main(["convert", "llmjax-to-hf", str(tmp_path / "export"), str(tmp_path / "hf"),
+                 "--max-shard-size", "1XB"])
+    assert code == 2
+    assert "llmjax: error: shard size '1XB'" in capsys.readouterr().err

@@ -160,6 +160,43 @@ def test_export_of_llmjax_initialised_llama_loads_in_transformers(tmp_path):
     assert diff <= TOL
 
 
+def test_sharded_bf16_export_loads_in_transformers_and_back(tmp_path):
+    """save_hf(dtype=bfloat16, max_shard_size=...) writes save_pretrained's sharded layout;
+    transformers and from_pretrained read it; a later single-file export replaces it."""
+    import jax
+    import ml_dtypes
+
+    from llmjax.config import model_config
+    from llmjax.models import init_params
+    from llmjax.pretrained import PretrainedModel
+
+    cfg = model_config("llama-tiny", vocab_size=V, d_model=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, d_ff=48, max_len=64, tie_embeddings=False)
+    params = init_params(cfg, jax.random.key(2))
+    rounded = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32),
+                           params)
+    model = PretrainedModel(cfg, rounded)
+    out = model.save_hf(tmp_path / "hf", dtype="bfloat16", max_shard_size="8KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert all((out / name).stat().st_size <= 8000 + 4096 for name in shards)  # + header
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+    ids = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 12))
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation="eager",
+                                                       torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(model.logits(ids) - ref).max() <= TOL  # the bf16-rounded weights, exactly
+    back = from_pretrained(out)
+    for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(rounded)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+
+    model.save_hf(out)  # default: float32, one file below 5GB; the shards are gone
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
 def test_llmjax_checkpoint_roundtrip_through_cli(hf_dirs, tmp_path):
     """`convert hf-to-llmjax` writes an export that from_pretrained (and init_from) reads."""
     import argparse

@@ -12,7 +12,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     for name, help_, handler in [
             ("hf-to-llmjax", "HF safetensors directory -> llmjax export (for train.init_from)",
              hf_to_llmjax),
-            ("llmjax-to-hf", "llmjax export -> HF directory (config.json + model.safetensors)",
+            ("llmjax-to-hf", "llmjax export -> HF directory (config.json + safetensors)",
              llmjax_to_hf),
             ("gguf-to-llmjax", "LLaMA-architecture GGUF file -> llmjax export (dequantised)",
              gguf_to_llmjax)]:
@@ -22,6 +22,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         if name != "llmjax-to-hf":
             p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                            help="compute dtype recorded in the config (params stay fp32)")
+        else:
+            p.add_argument("--dtype", default="float32",
+                           choices=("float32", "bfloat16", "float16"),
+                           help="dtype of the written weights (default float32)")
+            p.add_argument("--max-shard-size", default="5GB",
+                           help="split the weights into shards of at most this size, with "
+                                "model.safetensors.index.json (default 5GB, as transformers)")
         p.set_defaults(handler=handler)
 
 
@@ -59,6 +66,8 @@ def llmjax_to_hf(args: argparse.Namespace) -> int:
     if not (Path(args.src) / "config.yaml").exists():
         raise SystemExit(f"{args.src}: no config.yaml (not an llmjax export)")
     model = from_pretrained(args.src)
-    out = model.save_hf(args.out)
-    print(f"wrote {out}: {(out / 'config.json').name}, model.safetensors")
+    out = model.save_hf(args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    weights = sorted(p.name for p in out.glob("model*.safetensors"))
+    print(f"wrote {out}: config.json, {', '.join(weights[:3])}"
+          f"{f' ... ({len(weights)} shards + index)' if len(weights) > 3 else ''} ({args.dtype})")
     return 0

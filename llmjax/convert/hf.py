@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.convert.errors import ConversionError
-from llmjax.convert.safetensors_io import read_hf_tensors, write_safetensors
+from llmjax.convert.safetensors_io import parse_size, read_hf_tensors, write_hf_tensors
 
 Params = dict
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -744,16 +745,26 @@ def params_to_tensors(cfg: ModelConfig, params: Params) -> tuple[Family, dict[st
     return family, tensors
 
 
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
 def export_hf(cfg: ModelConfig, params: Params, out: str | os.PathLike,
-              tokenizer_dir: Optional[str | os.PathLike] = None) -> Path:
-    """Write config.json + model.safetensors (fp32) that `transformers` loads."""
+              tokenizer_dir: Optional[str | os.PathLike] = None, dtype: str = "float32",
+              max_shard_size: int | str = "5GB") -> Path:
+    """Write config.json + safetensors weights that `transformers` loads: model.safetensors,
+    or shards of at most `max_shard_size` with an index (as save_pretrained writes them),
+    in `dtype` (float32, bfloat16 or float16)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConversionError(f"export dtype {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
     family, tensors = params_to_tensors(cfg, params)
+    tensors = {k: v.astype(EXPORT_DTYPES[dtype], copy=False) for k, v in tensors.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf = family.hf_config(cfg)
-    hf["dtype"] = "float32"
+    hf["dtype"] = hf["torch_dtype"] = dtype  # the key transformers reads, and its older name
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    write_safetensors(out / "model.safetensors", tensors)
+    write_hf_tensors(out, tensors, max_bytes)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
     return out

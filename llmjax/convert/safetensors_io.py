@@ -74,3 +74,56 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
               metadata={"format": "pt"})
+
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (as transformers reads them)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(_SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), "")
+        try:
+            value = int(float(text[: len(text) - len(unit)]) * _SIZE_UNITS.get(unit, 1))
+        except ValueError:
+            raise ConversionError(f"shard size {size!r}: expected bytes or e.g. '5GB', '500MB'") \
+                from None
+    if value <= 0:
+        raise ConversionError(f"shard size {size!r} must be positive")
+    return value
+
+
+def write_hf_tensors(directory: str | os.PathLike, tensors: dict[str, np.ndarray],
+                     max_shard_bytes: int) -> list[str]:
+    """Write model.safetensors, or model-0000i-of-0000N.safetensors shards of at most
+    `max_shard_bytes` (a bigger single tensor gets a shard of its own) plus
+    model.safetensors.index.json, as transformers' save_pretrained does. Weight files of an
+    earlier export in `directory` are removed first, so the directory never mixes two.
+    Returns the file names written."""
+    directory = Path(directory)
+    for old in [directory / "model.safetensors", directory / "model.safetensors.index.json",
+                *directory.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    filled = 0
+    for name, array in tensors.items():
+        if shards[-1] and filled + array.nbytes > max_shard_bytes:
+            shards.append({})
+            filled = 0
+        shards[-1][name] = array
+        filled += array.nbytes
+    if len(shards) == 1:
+        write_safetensors(directory / "model.safetensors", shards[0])
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, shard in zip(names, shards):
+        write_safetensors(directory / file, shard)
+        weight_map.update({name: file for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names + ["model.safetensors.index.json"]
