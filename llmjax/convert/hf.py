@@ -717,8 +717,9 @@ def import_hf(directory: str | os.PathLike, scan_layers: bool = True,
     return finish(cfg, params, scan_layers)
 
 
-def params_to_tensors(cfg: ModelConfig, params: Params) -> tuple[Family, dict[str, np.ndarray]]:
-    """HF-named fp32 tensors of an llmjax tree (scanned or not)."""
+def params_to_tensors(cfg: ModelConfig, params: Params,
+                      dtype: Any = np.float32) -> tuple[Family, dict[str, np.ndarray]]:
+    """HF-named tensors (in `dtype`) of an llmjax tree (scanned or not)."""
     from llmjax.models import unstack_layers
 
     family = family_of_config(cfg)
@@ -739,7 +740,8 @@ def params_to_tensors(cfg: ModelConfig, params: Params) -> tuple[Family, dict[st
     tensors = {}
     for spec in family.specs(ucfg, family.export_prefix(ucfg)):
         arrays = tuple(np.asarray(flat[p], np.float32) for p in spec.paths)
-        tensors[spec.hf[0]] = np.ascontiguousarray(spec.to_hf(arrays))
+        # cast tensor by tensor: a 7B export never holds a second full-precision copy
+        tensors[spec.hf[0]] = np.ascontiguousarray(spec.to_hf(arrays)).astype(dtype, copy=False)
     if hasattr(family, "export_tensors"):
         tensors = family.export_tensors(ucfg, tensors)
     return family, tensors
@@ -757,8 +759,7 @@ def export_hf(cfg: ModelConfig, params: Params, out: str | os.PathLike,
     if dtype not in EXPORT_DTYPES:
         raise ConversionError(f"export dtype {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    family, tensors = params_to_tensors(cfg, params)
-    tensors = {k: v.astype(EXPORT_DTYPES[dtype], copy=False) for k, v in tensors.items()}
+    family, tensors = params_to_tensors(cfg, params, EXPORT_DTYPES[dtype])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hf = family.hf_config(cfg)
