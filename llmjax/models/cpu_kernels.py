@@ -162,17 +162,17 @@ def _attend2d(x2: Array, table: Array, dtype) -> Array:
 
 
 def _attend2d_fwd(x2, table, dtype):
-    xc, tc = x2.astype(dtype), table.astype(dtype)
-    y = _mm(xc, _t(tc))
-    return y, (_stash(xc), _stash(tc), jnp.zeros((0,), x2.dtype), jnp.zeros((0,), table.dtype))
+    xc = x2.astype(dtype)
+    y = _mm(xc, _t(table.astype(dtype)))
+    return y, (_stash(xc), table, jnp.zeros((0,), x2.dtype))  # the table itself, as in dense
 
 
 def _attend2d_bwd(dtype, res, g):
-    xc, tc, x_like, t_like = res
-    xc, tc = _unstash(xc, dtype), _unstash(tc, dtype)
+    xc, table, x_like = res
+    xc = _unstash(xc, dtype)
     g = g.astype(dtype)
-    dx = _mm(g, tc).astype(x_like.dtype)  # [n, v] @ [v, d]
-    dt = _tn(g, xc).astype(t_like.dtype)  # g^T x: [v, n] @ [n, d]
+    dx = _mm(g, table.astype(dtype)).astype(x_like.dtype)  # [n, v] @ [v, d]
+    dt = _tn(g, xc).astype(table.dtype)  # g^T x: [v, n] @ [n, d]
     return dx, dt
 
 
