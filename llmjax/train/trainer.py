@@ -198,12 +198,13 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                     if peak:
                         train_metrics["mfu"] = flops / seconds / peak
                     writer.write(done, train_metrics)
-                    if bar is not None:
+                    if bar is not None:  # advanced here, where the steps are known to be
+                        # done: per dispatch it would race ahead of the device and stall
                         bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
                                         lr=f"{train_metrics['learning_rate']:.2e}",
-                                        tok_s=f"{train_metrics['tokens_per_second']:,.0f}")
-                if bar is not None:
-                    bar.update(1)
+                                        tok_s=f"{train_metrics['tokens_per_second']:,.0f}",
+                                        refresh=False)
+                        bar.update(done - bar.n)
                 if on_step is not None:
                     on_step(done)
                 if done == cfg.train.steps:
