@@ -198,8 +198,9 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                     if peak:
                         train_metrics["mfu"] = flops / seconds / peak
                     writer.write(done, train_metrics)
-                    if bar is not None:  # advanced here, where the steps are known to be
-                        # done: per dispatch it would race ahead of the device and stall
+                    # The bar advances here, where the steps are known to be done: advanced
+                    # per dispatch it would run ahead of the device and stall at read-backs.
+                    if bar is not None:
                         bar.set_postfix(loss=f"{train_metrics['loss']:.3f}",
                                         lr=f"{train_metrics['learning_rate']:.2e}",
                                         tok_s=f"{train_metrics['tokens_per_second']:,.0f}",
