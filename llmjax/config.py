@@ -71,7 +71,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     scan_layers: bool = True  # nn.scan over layers: constant compile time
     remat: str = "none"  # none | full | dots | dots_no_batch
-    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | auto
+    # xla | cudnn (jax.nn.dot_product_attention, GPU) | splash (Pallas, TPU) | auto
+    attention_impl: str = "xla"
     # Backend-specific kernels (llmjax/models/cpu_kernels.py): auto = cpu_custom_vjp on the
     # CPU backend (explicit backward matmuls XLA:CPU runs faster), xla (plain jnp) elsewhere.
     kernels: str = "auto"  # auto | xla | cpu_custom_vjp
@@ -101,7 +102,7 @@ class ModelConfig:
         _choice("model.remat", self.remat, REMAT_POLICIES)
         _choice("model.dtype", self.dtype, DTYPES)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
-        _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "auto"))
+        _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "splash", "auto"))
         _choice("model.kernels", self.kernels, ("auto", "xla", "cpu_custom_vjp"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if getattr(self, key) <= 0:
@@ -134,6 +135,9 @@ class ModelConfig:
             raise ConfigError("model.parallel_block needs model.norm_position=pre")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.attention_impl == "splash":
+            from llmjax.models import splash  # the kernel's own list of limits
+            splash.check(self)
 
 
 @dataclasses.dataclass

@@ -72,9 +72,9 @@ def fast_init(exp):
 class MeshRuns:
     """One step of one model on every mesh, from the single-device init, computed lazily."""
 
-    def __init__(self, preset: str, objective: str):
-        self.preset, self.objective = preset, objective
-        ref = build(config(preset, objective), devices=jax.devices()[:1])
+    def __init__(self, preset: str, objective: str, model: dict | None = None):
+        self.preset, self.objective, self.model = preset, objective, model or {}
+        ref = build(config(preset, objective, model=self.model), devices=jax.devices()[:1])
         self.batch = next(make_iterator(ref.config.data, ref.objective.batch_kind, 32, 8,
                                         vocab_size=ref.config.model.vocab_size))
         init = fast_init(ref)
@@ -83,9 +83,11 @@ class MeshRuns:
         self.params0 = self.init.params
         self.runs: dict = {}
 
-    def run(self, mesh):
-        if mesh not in self.runs:
-            exp = build(config(self.preset, self.objective, mesh),
+    def run(self, mesh, **model):
+        """(experiment, state after one step, metrics) on `mesh`, with model overrides."""
+        key = (mesh, tuple(sorted(model.items())))
+        if key not in self.runs:
+            exp = build(config(self.preset, self.objective, mesh, model={**self.model, **model}),
                         devices=jax.devices()[:math.prod(mesh)])
             shardings = exp.state_shardings()
             # The single-device init, copied from the host onto this mesh (the step donates it).
@@ -94,8 +96,8 @@ class MeshRuns:
             step = compiled_step(exp, shardings, self.batch)
             batch = to_global(self.batch, parallel.batch_sharding(exp.mesh))
             new, metrics = step(state, batch)
-            self.runs[mesh] = (exp, new, host(metrics))
-        return self.runs[mesh]
+            self.runs[key] = (exp, new, host(metrics))
+        return self.runs[key]
 
 
 _RUNS: dict = {}

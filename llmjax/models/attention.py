@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.config import ModelConfig
-from llmjax.models import cpu_kernels
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.models import cpu_kernels, splash
 from llmjax.models.layers import Dense, constrain, dtype_of, normal_init, param, rotary
 
 Array = jax.Array
@@ -44,15 +44,22 @@ def make_mask(q_segments: Array, k_segments: Array, causal: bool,
     return allowed[:, None]
 
 
-def resolve_impl(impl: str, dtype) -> str:
-    """`auto` -> the safe default of the backend: cuDNN flash attention on GPU for bf16/fp16
-    (jax.nn.dot_product_attention, implementation="cudnn"), XLA's own math elsewhere
-    (TPU: XLA; a Pallas splash kernel needs segment ids + causality, not a dense mask)."""
-    if impl != "auto":
-        return impl
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
-    return "xla"
+def resolve_impl(cfg: ModelConfig) -> str:
+    """model.attention_impl for this backend; `auto` picks the safe default:
+    cuDNN flash attention on GPU for bf16/fp16 (jax.nn.dot_product_attention),
+    the Pallas splash kernel on TPU when the model's masks fit it, XLA's own math
+    elsewhere. An explicit `splash` the model cannot use is a ConfigError."""
+    impl = cfg.attention_impl
+    if impl == "auto":
+        backend = jax.default_backend()
+        if backend == "gpu" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
+            return "cudnn"
+        if backend == "tpu" and splash.unsupported(cfg) is None:
+            return "splash"
+        return "xla"
+    if impl == "splash":
+        splash.check(cfg)  # PEFT hooks may have been set after the config was validated
+    return impl
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
@@ -91,11 +98,14 @@ class Attention(nn.Module):
     cfg: ModelConfig
     cross: bool = False
     decode: bool = False  # autoregressive decoding with a KV cache in the "cache" collection
+    causal: bool = False  # (self-attention) the mask is causal: lets the splash kernel skip blocks
 
     @nn.compact
     def __call__(self, x: Array, kv_input: Array, mask: Optional[Array], bias: Optional[Array],
                  q_positions: Array, k_positions: Array,
-                 q_segments: Optional[Array] = None) -> Array:
+                 q_segments: Optional[Array] = None, prefix: Optional[Array] = None) -> Array:
+        """`mask` is the dense form of the masking; the splash kernel rebuilds it from
+        `q_segments`, `causal` and `prefix` (the prefix-LM bidirectional prefix, if any)."""
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -124,10 +134,18 @@ class Attention(nn.Module):
             k, v, mask, bias = self._prepend_prefix(k, v, mask, bias)
 
         scale = head_dim ** -0.5 if cfg.scale_attention else 1.0
-        impl = resolve_impl(cfg.attention_impl, cfg.dtype)
+        impl = resolve_impl(cfg)
+        if impl == "splash" and (self.decode or self.cross or prefix is not None):
+            if prefix is not None and cfg.attention_impl == "splash":
+                raise ConfigError("model.attention_impl=splash cannot run the prefix-LM mask "
+                                  "(a per-example bidirectional prefix): use auto or xla")
+            impl = "xla"  # decoding steps attend one query to the KV cache: XLA's math
         if impl == "xla" and cpu_kernels.use_custom(cfg.kernels):
             impl = "cpu_custom_vjp"
-        out = dot_product_attention(q, k, v, mask, bias, scale, impl)
+        if impl == "splash":
+            out = splash.attention(q, k, v, q_segments, q_segments, self.causal, scale)
+        else:
+            out = dot_product_attention(q, k, v, mask, bias, scale, impl)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return Dense((cfg.d_model,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.use_bias,
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels,

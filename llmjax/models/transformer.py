@@ -38,6 +38,7 @@ class Context(NamedTuple):
     encoded: Optional[Array] = None  # encoder output, for cross-attention
     cross_mask: Optional[Array] = None  # [b, 1, t, s_enc]
     encoded_positions: Optional[Array] = None
+    prefix: Optional[Array] = None  # [b, t] prefix-LM bidirectional prefix (already in mask)
 
 
 class Block(nn.Module):
@@ -46,6 +47,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     cross: bool = False
     decode: bool = False
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: Array, ctx: Context, deterministic: bool = True):
@@ -54,8 +56,8 @@ class Block(nn.Module):
         adapt = lambda h, name: Adapter(cfg.adapter_dim, cfg, name=name)(h) if cfg.adapter_dim else h  # noqa: E731,E501
 
         def self_attention(h):
-            h = Attention(cfg, decode=self.decode, name="attention")(
-                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments)
+            h = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")(
+                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments, ctx.prefix)
             return adapt(h, "attention_adapter")
 
         def mlp(h):
@@ -90,6 +92,7 @@ class Stack(nn.Module):
     num_layers: int
     cross: bool = False
     decode: bool = False
+    causal: bool = False  # self-attention is causal (decoders)
 
     @nn.compact
     def __call__(self, x: Array, ctx: Context, deterministic: bool = True) -> Array:
@@ -98,7 +101,7 @@ class Stack(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat],
                              prevent_cse=not cfg.scan_layers, static_argnums=(3,))
-        kwargs = dict(cfg=cfg, cross=self.cross, decode=self.decode)
+        kwargs = dict(cfg=cfg, cross=self.cross, decode=self.decode, causal=self.causal)
         if cfg.scan_layers:
             layers = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                              split_rngs={"params": True, "dropout": True},
@@ -185,11 +188,12 @@ class Transformer(nn.Module):
                                  kernels=cfg.kernels)
         if cfg.architecture == "encoder_decoder":
             self.encoder = Stack(cfg, cfg.num_layers)
-            self.decoder = Stack(cfg, cfg.decoder_layers, cross=True, decode=self.decode)
+            self.decoder = Stack(cfg, cfg.decoder_layers, cross=True, decode=self.decode,
+                                 causal=True)
         elif cfg.architecture == "encoder":
             self.encoder = Stack(cfg, cfg.num_layers)
         else:
-            self.decoder = Stack(cfg, cfg.num_layers, decode=self.decode)
+            self.decoder = Stack(cfg, cfg.num_layers, decode=self.decode, causal=True)
         self.heads = Heads(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -220,7 +224,8 @@ class Transformer(nn.Module):
         if cfg.position == "relative":
             bias = self.relative_bias(positions, positions)
         stack = self.decoder if causal else self.encoder
-        hidden = stack(x, Context(mask, bias, positions, segments), deterministic)
+        hidden = stack(x, Context(mask, bias, positions, segments, prefix=prefix_mask),
+                       deterministic)
         if cfg.prompt_tokens:
             hidden = hidden[:, cfg.prompt_tokens:]
             segments = segments[:, cfg.prompt_tokens:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llmjax.config import ConfigError, ModelConfig
 from llmjax.objectives.base import (Batch, Objective, Term, cross_entropy, next_token_weights,
                                     register, shift_left)
 
@@ -34,6 +35,13 @@ class CausalLM(_NextToken):
 @register("prefix_lm")
 class PrefixLM(_NextToken):
     """A random prefix of each row's first document is seen bidirectionally and not predicted."""
+
+    def check(self, model: ModelConfig) -> None:
+        super().check(model)
+        if model.attention_impl == "splash":
+            raise ConfigError("objective 'prefix_lm' needs a per-example bidirectional prefix in "
+                              "the attention mask, which the splash kernel cannot express: set "
+                              "model.attention_impl=auto (XLA attention for this objective)")
 
     def prepare(self, batch: Batch, rng) -> Batch:
         seg = batch["segment_ids"]
