@@ -1,12 +1,13 @@
 """GPT-2 small (124M) train-step MFU on an accelerator, llmjax vs PyTorch (torch.compile).
 
-Issue 8, goal 5: one prepared script for a session that has the GPU machine.
+Issue 8, goal 5: one prepared script for a session that has the GPU machine (or a TPU VM).
 
-    python benchmarks/gpu_mfu.py                       # all llmjax variants, then torch
+    python benchmarks/gpu_mfu.py                       # the backend's variants, then torch
     python benchmarks/gpu_mfu.py --variants xla cudnn --torch none
     python benchmarks/gpu_mfu.py --tiny --torch eager  # a minute on CPU: checks the script
 
-llmjax variants: `model.attention_impl` xla | cudnn (| auto), each with `model.remat`
+llmjax variants: `model.attention_impl` xla | cudnn | splash (| auto); default xla and
+cudnn on GPU, xla and splash (Pallas) on TPU, xla on CPU; each with `model.remat`
 none or dots (`--remat`). bf16 compute, fp32 master weights, AdamW, seq 1024, vocab padded
 to 50304 (as nanoGPT does; `--vocab 50257` for the exact GPT-2 table) on both sides.
 PyTorch: the same architecture in plain torch (scaled_dot_product_attention, fused AdamW,
@@ -134,8 +135,8 @@ def time_torch(args, mode: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["xla", "cudnn"],
-                    help="llmjax model.attention_impl values to time")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="llmjax model.attention_impl values to time (default: the backend's)")
     ap.add_argument("--remat", default="none", choices=["none", "dots", "dots_no_batch", "full"])
     ap.add_argument("--torch", default="compile", choices=["compile", "eager", "none"])
     ap.add_argument("--batch", type=int, default=16)
@@ -149,6 +150,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.seq, args.vocab = min(args.seq, TINY["max_len"]), TINY["vocab_size"]
+    if args.variants is None:
+        extra = {"gpu": ["cudnn"], "tpu": ["splash"]}.get(jax.default_backend(), [])
+        args.variants = ["xla"] + extra
 
     from llmjax.metrics import flops_per_token, peak_flops
     from llmjax.models.api import param_count
