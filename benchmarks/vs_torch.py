@@ -7,7 +7,10 @@ Variants (all from the same initial weights, same batches in the same order):
   torch-bf16       same, under torch.autocast("cpu", bfloat16), fp32 master weights
   llmjax-fp32      llmjax with model.kernels=auto (cpu_custom_vjp on CPU)
   llmjax-bf16      same, model.dtype=bfloat16, fp32 params (mixed precision)
-  flax-fp32/bf16   llmjax with model.kernels=xla: the straightforward Flax model
+  flax-fp32/bf16   llmjax with model.kernels=xla: llmjax's model without the CPU kernels
+  textbook-fp32/bf16  the GPT as the Flax examples write it (textbook_flax.py: no llmjax
+                   code, Python loop over layers, optax loss): the issue's "straightforward
+                   Flax linen step"
 Each round runs one step of every variant in turn, so machine-speed drift hits all alike.
 Prints median step time, tokens/s, achieved FLOP/s, fraction of the matmul peak measured in
 this run, ratios, and the losses after the last step (fp32 llmjax vs torch must agree).
@@ -21,6 +24,7 @@ import numpy as np
 
 from common import (REFERENCE, JaxRunner, jax, jax_batch, jnp, matmul_peak, median,  # noqa: F401
                     reference_config, synthetic_tokens, table, train_flops)
+from textbook_flax import TextbookFlaxRunner
 
 
 class TorchGPT:
@@ -114,8 +118,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="steps per variant, warm-up included")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=["torch-fp32", "llmjax-fp32", "flax-fp32",
-                                                      "torch-bf16", "llmjax-bf16", "flax-bf16"])
+    ap.add_argument("--variants", nargs="+", default=[
+        "torch-fp32", "llmjax-fp32", "flax-fp32", "textbook-fp32",
+        "torch-bf16", "llmjax-bf16", "flax-bf16", "textbook-bf16"])
     args = ap.parse_args()
     import time
     import torch
@@ -129,6 +134,9 @@ def main():
         fw, prec = name.split("-")
         if fw == "torch":
             runners[name] = TorchGPT(params0, bf16=prec == "bf16")
+            continue
+        if fw == "textbook":
+            runners[name] = TextbookFlaxRunner(params0, bf16=prec == "bf16")
             continue
         dtype = "bfloat16" if prec == "bf16" else "float32"
         kernels = "auto" if fw == "llmjax" else "xla"
@@ -162,6 +170,7 @@ def main():
         prec = name.split("-")[1]
         ref = med.get(f"torch-{prec}")
         flax = med.get(f"flax-{prec}")
+        textbook = med.get(f"textbook-{prec}")
         peak = peak16 if prec == "bf16" else peak32
         rows.append([name, f"{med[name] * 1e3:.0f}", f"{tokens / med[name]:,.0f}",
                      f"{flops / med[name] / 1e9:.1f}", f"{flops / med[name] / peak:.0%}",
@@ -169,6 +178,7 @@ def main():
                      f"{flax / med[name]:.2f}x" if flax else "-",
                      paired(times, f"torch-{prec}", name, args.warmup),
                      paired(times, f"flax-{prec}", name, args.warmup),
+                     paired(times, f"textbook-{prec}", name, args.warmup),
                      f"{losses[name][-1]:.4f}" if not math.isnan(losses[name][-1]) else "-"])
     print()
     print(f"reference GPT {REFERENCE}, {flops / 1e9:.1f} GFLOP per step; "
@@ -177,7 +187,8 @@ def main():
           f"alternating steps; compile (+1st step) "
           + ", ".join(f"{n} {s:.1f}s" for n, s in compile_s.items()))
     print(table(["variant", "step ms", "tokens/s", "GFLOP/s", "of peak", "vs torch",
-                 "vs flax", "vs torch (paired)", "vs flax (paired)", f"loss@{args.steps}"], rows))
+                 "vs flax", "vs torch (paired)", "vs flax (paired)", "vs textbook (paired)",
+                 f"loss@{args.steps}"], rows))
     print("ratios: speed-up = reference time / variant time (> 1: faster than the reference); "
           "'paired' = median over rounds of the per-round ratio (robust to drift between rounds)")
     if "torch-fp32" in losses and "llmjax-fp32" in losses:
@@ -186,6 +197,8 @@ def main():
               f"|diff| {abs(a - b):.2e}")
         print("per-step losses torch :", " ".join(f"{x:.3f}" for x in losses["torch-fp32"]))
         print("per-step losses llmjax:", " ".join(f"{x:.3f}" for x in losses["llmjax-fp32"]))
+    if "textbook-fp32" in losses:
+        print("per-step losses textbook:", " ".join(f"{x:.3f}" for x in losses["textbook-fp32"]))
 
 
 if __name__ == "__main__":

@@ -234,6 +234,10 @@ class TrainConfig:
     eval_steps: int = 4
     run_dir: str = "runs/default"
     init_from: str = ""  # checkpoint to load params from (fine-tuning)
+    # LM head + cross-entropy over this many sequence positions at a time (0: all at once):
+    # holds [batch, chunk, vocab] logits instead of [batch, seq, vocab], for ~1 extra head
+    # forward. For large vocabularies (LLaMA 32k, GPT-2 50k, T5 32k) on accelerators.
+    logits_chunk: int = 0
     compilation_cache: str = "~/.cache/llmjax/jax"  # "" = off
     progress: bool = True
     tensorboard: bool = True
@@ -242,6 +246,9 @@ class TrainConfig:
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
+        if self.logits_chunk < 0:
+            raise ConfigError(f"train.logits_chunk={self.logits_chunk} must be >= 0 "
+                              f"(0: the whole sequence at once)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.grad_accum={self.grad_accum} must divide "
                               f"train.batch_size={self.batch_size}")

@@ -105,7 +105,8 @@ class Attention(nn.Module):
                  q_positions: Array, k_positions: Array,
                  q_segments: Optional[Array] = None, prefix: Optional[Array] = None) -> Array:
         """`mask` is the dense form of the masking; the splash kernel rebuilds it from
-        `q_segments`, `causal` and `prefix` (the prefix-LM bidirectional prefix, if any)."""
+        `q_segments` and `causal`. `prefix` (a prefix-LM's bidirectional prefix, already in
+        `mask`) is a mask splash cannot express."""
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -139,7 +140,9 @@ class Attention(nn.Module):
             if prefix is not None and cfg.attention_impl == "splash":
                 raise ConfigError("model.attention_impl=splash cannot run the prefix-LM mask "
                                   "(a per-example bidirectional prefix): use auto or xla")
-            impl = "xla"  # decoding steps attend one query to the KV cache: XLA's math
+            # KV-cache decoding steps, cross-attention (T5 only, bias elsewhere) and auto's
+            # prefix-LM calls run XLA's math.
+            impl = "xla"
         if impl == "xla" and cpu_kernels.use_custom(cfg.kernels):
             impl = "cpu_custom_vjp"
         if impl == "splash":

@@ -202,7 +202,9 @@ class Transformer(nn.Module):
                  prefix_mask: Optional[Array] = None, decoder_tokens: Optional[Array] = None,
                  decoder_segment_ids: Optional[Array] = None,
                  decoder_positions: Optional[Array] = None,
-                 deterministic: bool = True) -> dict[str, Array]:
+                 deterministic: bool = True, logits: bool = True) -> dict[str, Array]:
+        """Outputs by name: `hidden`, `logits` (decoders; `logits=False` leaves them to the
+        loss, which applies `lm_logits` chunk by chunk: train.logits_chunk), head outputs."""
         cfg = self.cfg
         if cfg.architecture == "encoder_decoder":
             encoded, enc_segments, enc_positions = self.encode(
@@ -210,7 +212,7 @@ class Transformer(nn.Module):
             if decoder_tokens is None:
                 raise ValueError("an encoder-decoder model needs decoder_tokens")
             return self.decode_step(decoder_tokens, encoded, enc_segments, enc_positions,
-                                    decoder_segment_ids, decoder_positions, deterministic)
+                                    decoder_segment_ids, decoder_positions, deterministic, logits)
         segments, positions = self._defaults(tokens, segment_ids, positions)
         x = self.embed(tokens, positions, token_types)
         x, segments, positions, prefix_mask = self._prepend_prompt(x, segments, positions,
@@ -230,8 +232,8 @@ class Transformer(nn.Module):
             hidden = hidden[:, cfg.prompt_tokens:]
             segments = segments[:, cfg.prompt_tokens:]
         out = {"hidden": hidden}
-        if causal:
-            out["logits"] = self._lm_logits(hidden)
+        if causal and logits:
+            out["logits"] = self.lm_logits(hidden)
         out.update(self.heads(hidden, segments, self.embed, deterministic))
         return out
 
@@ -251,7 +253,7 @@ class Transformer(nn.Module):
     def decode_step(self, decoder_tokens: Array, encoded: Array, encoder_segments: Array,
                     encoder_positions: Array, decoder_segment_ids: Optional[Array] = None,
                     decoder_positions: Optional[Array] = None,
-                    deterministic: bool = True) -> dict[str, Array]:
+                    deterministic: bool = True, logits: bool = True) -> dict[str, Array]:
         """Decoder half of an encoder-decoder: logits over the target vocabulary."""
         cfg = self.cfg
         segments, positions = self._defaults(decoder_tokens, decoder_segment_ids,
@@ -269,9 +271,10 @@ class Transformer(nn.Module):
         cross_mask = make_mask(segments, encoder_segments, causal=False, visible=cfg.prompt_tokens)
         hidden = self.decoder(x, Context(mask, bias, positions, segments, encoded, cross_mask,
                                          encoder_positions), deterministic)
-        return {"hidden": hidden, "logits": self._lm_logits(hidden)}
+        return {"hidden": hidden, **({"logits": self.lm_logits(hidden)} if logits else {})}
 
-    def _lm_logits(self, hidden: Array) -> Array:
+    def lm_logits(self, hidden: Array) -> Array:
+        """The LM head on final hidden states [b, t, d] -> float32 logits [b, t, vocab]."""
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(hidden)
         else:

@@ -1,7 +1,7 @@
 """Objective registry: `build(cfg.objective, cfg.model, special)` -> an Objective."""
 from llmjax.objectives import classification, lm, mlm, nsp, seq2seq  # noqa: F401 (register)
-from llmjax.objectives.base import (MODEL_INPUTS, Composite, Objective, Term, build,
-                                    cross_entropy, register, registered)
+from llmjax.objectives.base import (MODEL_INPUTS, ChunkedLogits, Composite, Objective, Term,
+                                    build, cross_entropy, register, registered)
 
-__all__ = ["MODEL_INPUTS", "Composite", "Objective", "Term", "build", "cross_entropy",
-           "register", "registered"]
+__all__ = ["MODEL_INPUTS", "ChunkedLogits", "Composite", "Objective", "Term", "build",
+           "cross_entropy", "register", "registered"]

@@ -9,6 +9,7 @@ whole batch's count (see train/step.py).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Callable, ClassVar, NamedTuple
 
 import jax
@@ -85,9 +86,21 @@ class Objective(abc.ABC):
         """Loss terms (sums, counts, correct counts) from the model outputs."""
 
 
-def cross_entropy(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0,
-                  label_smoothing: float = 0.0) -> Term:
+@dataclasses.dataclass(frozen=True)
+class ChunkedLogits:
+    """LM logits not computed yet: `head` maps hidden states [b, c, d] to float32 logits
+    [b, c, vocab]; cross_entropy applies it `chunk` sequence positions at a time."""
+
+    hidden: Array  # [b, t, d]
+    head: Callable[[Array], Array]
+    chunk: int
+
+
+def cross_entropy(logits: Array | ChunkedLogits, targets: Array, weights: Array,
+                  z_loss: float = 0.0, label_smoothing: float = 0.0) -> Term:
     """Softmax cross-entropy summed over weighted positions, with z-loss and label smoothing."""
+    if isinstance(logits, ChunkedLogits):
+        return _chunked_cross_entropy(logits, targets, weights, z_loss, label_smoothing)
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -103,6 +116,32 @@ def cross_entropy(logits: Array, targets: Array, weights: Array, z_loss: float =
     # max-and-index reduce that costs XLA:CPU another slow pass over the logits.
     correct = (picked >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     return Term(jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(correct * weights))
+
+
+def _chunked_cross_entropy(logits: ChunkedLogits, targets: Array, weights: Array,
+                           z_loss: float, label_smoothing: float) -> Term:
+    """cross_entropy over sequence chunks: a scan whose rematerialised body computes one
+    chunk's logits, so neither the forward nor the backward holds more than [b, chunk,
+    vocab] of them (the head's forward runs twice). Chunks split the sequence, never the
+    batch, so every device keeps its own rows."""
+    hidden, c = logits.hidden, logits.chunk
+    b, t = targets.shape
+    pad = -t % c
+    if pad:  # the added positions carry weight 0
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
+    k = (t + pad) // c
+    chunks = lambda x: jnp.moveaxis(x.reshape((b, k, c) + x.shape[2:]), 1, 0)  # noqa: E731
+
+    @jax.checkpoint
+    def body(total, xs):
+        h, tg, w = xs
+        term = cross_entropy(logits.head(h), tg, w, z_loss, label_smoothing)
+        return jax.tree.map(jnp.add, total, term), None
+
+    zero = Term(*(jnp.zeros((), jnp.float32) for _ in Term._fields))
+    total, _ = jax.lax.scan(body, zero, (chunks(hidden), chunks(targets), chunks(weights)))
+    return total
 
 
 def shift_left(x: Array, fill: int = 0) -> Array:

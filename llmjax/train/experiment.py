@@ -72,13 +72,15 @@ class Experiment:
         return {k: sh for k in batch_keys}
 
     def train_step(self, batch_keys, state_sh: Optional[TrainState] = None) -> Callable:
+        train = self.config.train
         fn = make_train_step(self.model, self.objective, self.tx, self.plan, self.schedule,
-                             self.config.train.grad_accum)
+                             train.grad_accum, train.logits_chunk)
         return jit_step(fn, self.mesh, self.rules, state_sh or self.state_shardings(),
                         self.batch_shardings(batch_keys))
 
     def eval_step(self, batch_keys, state_sh: Optional[TrainState] = None) -> Callable:
-        fn = make_eval_step(self.model, self.objective, self.plan)
+        fn = make_eval_step(self.model, self.objective, self.plan,
+                            self.config.train.logits_chunk)
         return jit_step(fn, self.mesh, self.rules, state_sh or self.state_shardings(),
                         self.batch_shardings(batch_keys), donate=False)
 
@@ -105,6 +107,10 @@ def build(config: Config, devices=None, special: Optional[SpecialTokens] = None)
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} leaves no room beside "
                           f"{special.num_special} special tokens")
     objective = objectives.build(config.objective, model_cfg, special)
+    if config.train.logits_chunk and model_cfg.architecture == "encoder":
+        raise ConfigError("train.logits_chunk chunks the LM head of decoders and encoder-"
+                          "decoders; an encoder's MLM head computes its logits whole: set "
+                          "train.logits_chunk=0")
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
     names = flat_names(abstract_params(model_cfg))
     return Experiment(config, mesh, rules, Transformer(model_cfg), objective, plan, tx, schedule,

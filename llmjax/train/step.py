@@ -12,13 +12,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax.objectives import MODEL_INPUTS, Objective
+from llmjax.objectives import MODEL_INPUTS, ChunkedLogits, Objective
 
 Batch = dict[str, jax.Array]
 
 
 def model_inputs(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def forward(model, params, batch: Batch, logits_chunk: int = 0, **kwargs) -> dict:
+    """model.apply on the batch's model inputs. With `logits_chunk` > 0 the LM logits are
+    left to the loss (ChunkedLogits: the head applied that many positions at a time)."""
+    variables = {"params": params}
+    if not logits_chunk:
+        return model.apply(variables, **model_inputs(batch), **kwargs)
+    outputs = model.apply(variables, **model_inputs(batch), logits=False, **kwargs)
+    head = lambda hidden: model.apply(variables, hidden, method="lm_logits")  # noqa: E731
+    return {**outputs, "logits": ChunkedLogits(outputs["hidden"], head, logits_chunk)}
 
 
 def weighted_loss(terms: dict, totals: dict, weights: dict) -> jax.Array:
@@ -44,13 +55,13 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 
 def make_train_step(model, objective: Objective, tx: optax.GradientTransformation, plan,
-                    schedule: Callable, grad_accum: int = 1) -> Callable:
+                    schedule: Callable, grad_accum: int = 1, logits_chunk: int = 0) -> Callable:
     """state, batch -> state, metrics (not jitted: see `jit_train_step`)."""
 
     def loss_fn(trainable, frozen, micro: Batch, rng, totals):
         params = plan.merge(trainable, frozen)
-        outputs = model.apply({"params": params}, **model_inputs(micro), deterministic=False,
-                              rngs={"dropout": rng})
+        outputs = forward(model, params, micro, logits_chunk, deterministic=False,
+                          rngs={"dropout": rng})
         terms = objective.loss(outputs, micro)
         return weighted_loss(terms, totals, objective.term_weights), terms
 
@@ -88,14 +99,14 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
     return train_step
 
 
-def make_eval_step(model, objective: Objective, plan) -> Callable:
+def make_eval_step(model, objective: Objective, plan, logits_chunk: int = 0) -> Callable:
     """state, batch -> {term: (loss_sum, count, correct)} summed, for host-side averaging."""
 
     def eval_step(state, batch: Batch):
         rng = jax.random.fold_in(state.rng, 2**31 - 1)  # fixed masking noise: comparable evals
         batch = objective.prepare(batch, rng)
         params = plan.merge(state.params, state.frozen)
-        outputs = model.apply({"params": params}, **model_inputs(batch), deterministic=True)
+        outputs = forward(model, params, batch, logits_chunk, deterministic=True)
         return {name: tuple(term) for name, term in objective.loss(outputs, batch).items()}
 
     return eval_step
