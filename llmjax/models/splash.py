@@ -17,6 +17,7 @@ Off TPU the kernel runs in Pallas interpret mode: correct, slow, for tests.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Optional
 
@@ -27,6 +28,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
 from llmjax.config import ConfigError, ModelConfig
 
+log = logging.getLogger(__name__)
 Array = jax.Array
 LANES = 128  # the kernel's block sizes must be multiples of this
 PAD_SEGMENT = -(2 ** 30)  # segment of the positions added to reach a block multiple
@@ -66,6 +68,12 @@ def _kernel(heads: int, q_len: int, kv_len: int, causal: bool, mqa: bool, interp
                           block_q_dq=bq, block_kv_dq=bkv)
     make = sa.make_splash_mqa_single_device if mqa else sa.make_splash_mha_single_device
     return make(mask, block_sizes=sizes, interpret=interpret)
+
+
+@functools.cache
+def _warn_interpreted(backend: str) -> None:
+    log.warning("model.attention_impl=splash on %s runs the TPU kernel in Pallas interpret "
+                "mode: correct but very slow; use attention_impl=auto or xla off TPU", backend)
 
 
 def _pad_to_lanes(x: Array, axis: int, value) -> Array:
@@ -123,6 +131,8 @@ def attention(q: Array, k: Array, v: Array, q_segments: Array, k_segments: Array
     (0 = padding, which only padding sees). Returns [b, t, heads, d].
     """
     interpret = jax.default_backend() != "tpu"
+    if interpret:
+        _warn_interpreted(jax.default_backend())
     q = (q * scale).astype(q.dtype)  # the kernel has no scale argument
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     q_segments, k_segments = q_segments.astype(jnp.int32), k_segments.astype(jnp.int32)
