@@ -33,7 +33,8 @@ def llmjax_config(args, attention: str):
     return from_dict({
         "model": model, "objective": {"name": "clm"},
         "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
-        "train": {"batch_size": args.batch, "seq_len": args.seq, "steps": 1000},
+        "train": {"batch_size": args.batch, "seq_len": args.seq, "steps": 1000,
+                  "logits_chunk": args.logits_chunk},
         "optimizer": {"name": "adamw", "learning_rate": 3e-4, "schedule": "constant",
                       "warmup_steps": 0, "weight_decay": 0.1, "grad_clip": 1.0},
     })
@@ -138,6 +139,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None,
                     help="llmjax model.attention_impl values to time (default: the backend's)")
     ap.add_argument("--remat", default="none", choices=["none", "dots", "dots_no_batch", "full"])
+    ap.add_argument("--logits-chunk", type=int, default=0,
+                    help="train.logits_chunk (LM head + loss over chunks of positions; 0: whole)")
     ap.add_argument("--torch", default="compile", choices=["compile", "eager", "none"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
@@ -161,7 +164,7 @@ def main() -> None:
     peak = peak / jax.device_count() if peak else None  # one chip runs the step
     print(f"device: {device.device_kind} ({jax.default_backend()}); peak "
           f"{peak / 1e12 if peak else float('nan'):.0f} TFLOP/s bf16; batch {args.batch} x "
-          f"seq {args.seq}, remat {args.remat}", flush=True)
+          f"seq {args.seq}, remat {args.remat}, logits_chunk {args.logits_chunk}", flush=True)
 
     rows, flops = [], None
     for attention in args.variants:
