@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
@@ -90,6 +91,8 @@ def cmd_plan(args) -> int:
     from llmjax.train.experiment import build
     from llmjax.data.tokenizer import SpecialTokens
     cfg = _load(args)
+    # Shapes only: the attention kernel changes no parameter, and cuDNN's cannot trace off a GPU.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla"))
     exp = build(cfg, special=SpecialTokens())  # planning needs no tokenizer files
     abstract = exp.abstract_state()
     sh = exp.state_shardings(abstract)

@@ -135,6 +135,10 @@ class ModelConfig:
             raise ConfigError("model.parallel_block needs model.norm_position=pre")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"model.attention_impl=cudnn runs in bfloat16 or float16, not "
+                              f"model.dtype={self.dtype}: set model.dtype=bfloat16, or "
+                              f"attention_impl=auto (cuDNN where it applies, XLA elsewhere)")
         if self.attention_impl == "splash":
             from llmjax.models import splash  # the kernel's own list of limits
             splash.check(self)

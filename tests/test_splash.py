@@ -1,7 +1,9 @@
 """model.attention_impl=splash: the Pallas splash kernel (run here in interpret mode) gives
 XLA attention's outputs and gradients for every family it supports, sharded training with
-it equals the single-device XLA run, and what it cannot express is a clear ConfigError."""
+it equals the single-device XLA run, and what it cannot express is a clear ConfigError
+(as are cuDNN attention's dtype and backend limits; planning a cuDNN config works anywhere)."""
 import dataclasses
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -116,3 +118,22 @@ def test_auto_picks_splash_on_tpu_only_where_it_fits(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert attention.resolve_impl(model_config("gpt-tiny", attention_impl="auto")) == "xla"
     assert splash.unsupported(model_config("palm-tiny")) is None
+
+
+def test_cudnn_asks_for_its_dtype_and_a_gpu(monkeypatch):
+    with pytest.raises(ConfigError, match="bfloat16 or float16"):
+        model_config("gpt-tiny", attention_impl="cudnn", dtype="float32")
+    cfg = model_config("gpt-tiny", attention_impl="cudnn", dtype="bfloat16")  # valid anywhere
+    with pytest.raises(ConfigError, match="needs a GPU .this backend: cpu"):
+        jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attention.resolve_impl(cfg) == "cudnn"
+
+
+def test_plan_of_a_gpu_config_runs_on_cpu(capsys):
+    from llmjax.cli import main
+    config = Path(__file__).parent.parent / "configs/experiments/llama-tiny.yaml"
+    code = main(["plan", str(config), "model.attention_impl=cudnn",
+                 "model.dtype=bfloat16"])
+    assert code == 0
+    assert "per device: params" in capsys.readouterr().out

@@ -59,6 +59,10 @@ def resolve_impl(cfg: ModelConfig) -> str:
         return "xla"
     if impl == "splash":
         splash.check(cfg)  # PEFT hooks may have been set after the config was validated
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        # Checked here, not in validate(): `llmjax plan` of a GPU config runs on any host.
+        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend: "
+                          f"{jax.default_backend()}); use attention_impl=auto or xla")
     return impl
 
 
