@@ -11,17 +11,25 @@ cudnn on GPU, xla and splash (Pallas) on TPU, xla on CPU; each with `model.remat
 none or dots (`--remat`). bf16 compute, fp32 master weights, AdamW, seq 1024, vocab padded
 to 50304 (as nanoGPT does; `--vocab 50257` for the exact GPT-2 table) on both sides.
 PyTorch: the same architecture in plain torch (scaled_dot_product_attention, fused AdamW,
-bf16 autocast), `torch.compile`d unless `--torch eager`; skipped when torch is missing.
+bf16 autocast), `torch.compile`d unless `--torch eager`; skipped when torch is missing or
+sees no GPU.
+It runs first, in a child process (eager if compiling fails), so the two frameworks never
+share the accelerator's memory or libraries and a torch failure cannot cost llmjax's rows.
 MFU = achieved model FLOP/s (llmjax.metrics: 6 N + 12 L H Q T per token) / the chip's
 dense bf16 peak (llmjax.metrics.PEAK_FLOPS, or `--peak-tflops`).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 from common import jax, np, table
 
+SKIP_TORCH = 3  # the --torch-child exit status when there is no baseline to time
 TINY = dict(num_layers=2, d_model=128, num_heads=4, d_ff=512, max_len=128, vocab_size=1024)
 
 
@@ -134,6 +142,39 @@ def time_torch(args, mode: str) -> tuple[float, float]:
     return compile_s, (time.perf_counter() - start) / args.steps
 
 
+def torch_child(args) -> None:
+    """--torch-child MODE: time PyTorch alone and print the result as the last line (JSON)."""
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed", file=sys.stderr)
+        sys.exit(SKIP_TORCH)
+    if not (torch.cuda.is_available() or args.tiny):  # e.g. a TPU VM: not GPT-2 on its host CPU
+        print("torch sees no CUDA device", file=sys.stderr)
+        sys.exit(SKIP_TORCH)
+    compile_s, per_step = time_torch(args, args.torch_child)
+    print(json.dumps({"compile_s": compile_s, "per_step": per_step}))
+
+
+def torch_baseline(args):
+    """(name, compile s, s/step) of PyTorch from a child process, eager when compiling fails;
+    None when no mode ran. Called before JAX initialises the accelerator."""
+    modes = ["compile", "eager"] if args.torch == "compile" else [args.torch]
+    for mode in modes:
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+                                "--torch-child", mode], capture_output=True, text=True)
+        if child.returncode == SKIP_TORCH:
+            print(f"  no PyTorch baseline: {child.stderr.strip()}", flush=True)
+            return None
+        if child.returncode == 0:
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            print(f"  torch ({mode}): {result['per_step'] * 1000:.1f} ms/step", flush=True)
+            return f"torch ({mode})", result["compile_s"], result["per_step"]
+        tail = "\n    ".join((child.stderr or child.stdout).strip().splitlines()[-6:])
+        print(f"  torch ({mode}): failed (exit {child.returncode}):\n    {tail}", flush=True)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=None,
@@ -142,6 +183,7 @@ def main() -> None:
     ap.add_argument("--logits-chunk", type=int, default=0,
                     help="train.logits_chunk (LM head + loss over chunks of positions; 0: whole)")
     ap.add_argument("--torch", default="compile", choices=["compile", "eager", "none"])
+    ap.add_argument("--torch-child", choices=["compile", "eager"], help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=50304)
@@ -153,6 +195,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         args.seq, args.vocab = min(args.seq, TINY["max_len"]), TINY["vocab_size"]
+    if args.torch_child:
+        return torch_child(args)
+    torch_row = torch_baseline(args) if args.torch != "none" else None
     if args.variants is None:
         extra = {"gpu": ["cudnn"], "tpu": ["splash"]}.get(jax.default_backend(), [])
         args.variants = ["xla"] + extra
@@ -178,14 +223,8 @@ def main() -> None:
         flops = flops_per_token(exp.model_config, params, args.seq) * args.batch * args.seq
         rows.append((f"llmjax attention={attention}", compile_s, per_step))
         print(f"  {rows[-1][0]}: {per_step * 1000:.1f} ms/step", flush=True)
-    if args.torch != "none":
-        try:
-            import torch  # noqa: F401
-            compile_s, per_step = time_torch(args, args.torch)
-            rows.append((f"torch ({args.torch})", compile_s, per_step))
-            print(f"  {rows[-1][0]}: {per_step * 1000:.1f} ms/step", flush=True)
-        except ImportError:
-            print("torch is not installed: no PyTorch baseline")
+    if torch_row:
+        rows.append(torch_row)
     if not rows or flops is None:
         return
     torch_time = next((t for name, _, t in rows if name.startswith("torch")), None)
