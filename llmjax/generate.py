@@ -9,13 +9,15 @@ jitted step. Encoder-decoder models encode once and decode from
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.config import ModelConfig
+from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.transformer import Transformer
 
 Params = dict
@@ -42,14 +44,78 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0, t
 
 
 def _decode_config(cfg: ModelConfig, needed: int) -> ModelConfig:
-    """The config to decode with: the cache sized to what this call needs when positions allow."""
+    """The config to decode with: the cache sized to what this call needs when positions allow
+    (`check_length` has already held `needed` to model.max_len)."""
     if cfg.position == "learned":
-        if needed > cfg.max_len:
-            raise ValueError(f"prompt + max_new_tokens = {needed} exceeds model.max_len="
-                             f"{cfg.max_len} (learned positions)")
         return dataclasses.replace(cfg, dropout=0.0)
     size = -(-needed // 16) * 16
     return dataclasses.replace(cfg, max_len=size, dropout=0.0)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sampling(max_new_tokens: Any, temperature: Any = 0.0, top_k: Any = 0,
+                   top_p: Any = 1.0, seed: Any = 0) -> None:
+    """ConfigError for sampling arguments that would silently misbehave (checked before
+    any model is loaded or compiled)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer "
+                          f"(the number of tokens to generate)")
+    if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ConfigError(f"temperature={temperature!r}: must be a finite number >= 0 "
+                          f"(0 = greedy, 1 = the model's distribution)")
+    if not _is_int(top_k) or top_k < 0:
+        raise ConfigError(f"top_k={top_k!r}: must be an integer >= 0 (0 = no top-k cut)")
+    if (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool)
+            or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p={top_p!r}: must be in (0, 1] (1 = no nucleus cut)")
+    if not _is_int(seed):
+        raise ConfigError(f"seed={seed!r}: must be an integer")
+
+
+def check_token_ids(ids: Any, vocab_size: int, name: str = "input_ids",
+                    size_name: str = "vocab_size") -> np.ndarray:
+    """`ids` as an int32 array, or a ConfigError naming the first id outside [0, vocab_size)
+    and its position: the embedding lookup would otherwise clamp or wrap it silently."""
+    try:
+        arr = np.asarray(ids)
+    except ValueError:  # ragged nested lists
+        arr = np.asarray(None, object)
+    if arr.dtype == object:
+        raise ConfigError(f"{name}: rows of different lengths or non-numeric ids; pass a "
+                          f"[batch, length] array (pad rows, with an attention_mask)")
+    if arr.size and arr.dtype.kind not in "iub":
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise ConfigError(f"{name}: token ids must be integers, got dtype {arr.dtype}")
+    bad = np.argwhere((arr < 0) | (arr >= vocab_size)) if arr.size else []
+    if len(bad):
+        where = tuple(int(i) for i in bad[0])
+        raise ConfigError(f"{name}: id {int(arr[where])} at position "
+                          f"{where if len(where) != 1 else where[0]} is outside [0, {vocab_size}) "
+                          f"({size_name}={vocab_size}); ids must come from this model's tokenizer")
+    return arr.astype(np.int32)
+
+
+def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """ConfigError when the sequence to decode does not fit model.max_len (learned positions
+    end there; RoPE/relative models were not trained beyond it)."""
+    fix = "lower max_new_tokens"
+    if cfg.position != "learned":
+        fix += " or load the model with from_pretrained(..., max_len=N) to decode further"
+    if cfg.architecture == "encoder_decoder":
+        if max_new_tokens + 1 > cfg.max_len:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} (+1 start token) exceeds "
+                              f"model.max_len={cfg.max_len}; {fix}")
+        if cfg.position == "learned" and prompt_len > cfg.max_len:
+            raise ConfigError(f"encoder input of {prompt_len} tokens exceeds model.max_len="
+                              f"{cfg.max_len}; shorten it")
+    elif prompt_len + max_new_tokens > cfg.max_len:
+        raise ConfigError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                          f"{prompt_len + max_new_tokens} exceeds model.max_len={cfg.max_len}; "
+                          f"shorten the prompt or {fix}")
 
 
 def _zeros_cache(model: Transformer, *args, method=None) -> Any:
@@ -93,14 +159,23 @@ def _functions(cfg: ModelConfig, temperature: float, top_k: int, top_p: float):
     return _COMPILED[key]
 
 
-def _as_rows(prompts: Any) -> list[list[int]]:
+def _as_rows(prompts: Any) -> list[Any]:
+    """One sequence of ids per prompt (not yet checked or converted)."""
     if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
         arr = np.asarray(prompts)
-        return [list(map(int, row)) for row in (arr[None] if arr.ndim == 1 else arr)]
+        return list(arr[None] if arr.ndim == 1 else arr)
     prompts = list(prompts)
-    if prompts and isinstance(prompts[0], (int, np.integer)):
-        return [list(map(int, prompts))]
-    return [list(map(int, p)) for p in prompts]
+    if prompts and isinstance(prompts[0], numbers.Number):
+        return [prompts]
+    return [list(p) for p in prompts]
+
+
+def _prompt_row(row: Any, vocab_size: int, index: int) -> list[int]:
+    arr = check_token_ids(row, vocab_size, f"prompt {index}")
+    if arr.ndim != 1:
+        raise ConfigError(f"prompt {index}: expected a sequence of token ids, got an array of "
+                          f"shape {arr.shape}")
+    return arr.tolist()
 
 
 def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]] | np.ndarray,
@@ -112,11 +187,16 @@ def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]] 
     Decoder-only: `prompts` are the context. Encoder-decoder: `prompts` are the
     encoder inputs, and decoding starts from `decoder_start_id` (T5: pad = 0).
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    if cfg.architecture == "encoder":
+        raise ConfigError(f"an encoder-only model ({cfg.family}) does not generate text: it has "
+                          f"no decoder to predict the next token; use logits()/outputs() for "
+                          f"its hidden states or MLM predictions")
     rows = _as_rows(prompts)
     if not rows or (cfg.architecture == "decoder" and any(len(r) == 0 for r in rows)):
-        raise ValueError("every prompt needs at least one token")
-    if cfg.architecture == "encoder":
-        raise ValueError("an encoder-only model does not generate text")
+        raise ConfigError("every prompt needs at least one token")
+    rows = [_prompt_row(row, cfg.vocab_size, i) for i, row in enumerate(rows)]
+    check_length(cfg, max(len(r) for r in rows), max_new_tokens)
     eos = set() if eos_id is None else ({int(eos_id)} if np.isscalar(eos_id)
                                         else {int(e) for e in eos_id})
     b, longest = len(rows), max(len(r) for r in rows)

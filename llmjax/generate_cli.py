@@ -18,12 +18,16 @@ def add_subcommands(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmjax.config import ConfigError
+    from llmjax.generate import check_sampling
     from llmjax.pretrained import from_pretrained
+
+    # Bad arguments fail before a (possibly large) model is loaded or anything compiles.
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     model = from_pretrained(args.model)
     if model.tokenizer is None:
-        print(f"llmjax: error: {args.model} has no tokenizer to encode the prompt "
-              f"(set data.tokenizer in the run's config, or use Python with token ids)")
-        return 2
+        raise ConfigError(f"{args.model} has no tokenizer to encode the prompt (set "
+                          f"data.tokenizer in the run's config, or use Python with token ids)")
     text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, chat=args.chat)

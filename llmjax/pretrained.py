@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from llmjax.config import ModelConfig
+from llmjax.config import ConfigError, ModelConfig
 from llmjax.data.tokenizer import Tokenizer
 
 Params = dict
@@ -47,18 +47,23 @@ class PretrainedModel:
         if self._apply is None:
             model = Transformer(self.config)
             self._apply = jax.jit(lambda params, kw: model.apply({"params": params}, **kw))
-        ids = np.asarray(input_ids, np.int32)
+        from llmjax.generate import check_token_ids
+
+        ids = check_token_ids(input_ids, self.config.vocab_size)
         if ids.ndim == 1:
             ids = ids[None]
         kw: dict[str, Any] = {"tokens": ids}
         if attention_mask is not None:
             kw["segment_ids"] = np.asarray(attention_mask, np.int32).reshape(ids.shape)
         if token_type_ids is not None:
-            kw["token_types"] = np.asarray(token_type_ids, np.int32).reshape(ids.shape)
+            kw["token_types"] = check_token_ids(
+                token_type_ids, max(self.config.num_token_types, 1), "token_type_ids",
+                "model.num_token_types").reshape(ids.shape)
         if self.config.architecture == "encoder_decoder":
             if decoder_input_ids is None:
                 raise ValueError("an encoder-decoder model needs decoder_input_ids")
-            dec = np.asarray(decoder_input_ids, np.int32).reshape(ids.shape[0], -1)
+            dec = check_token_ids(decoder_input_ids, self.config.vocab_size,
+                                  "decoder_input_ids").reshape(ids.shape[0], -1)
             kw["decoder_tokens"] = dec
             if decoder_attention_mask is not None:
                 kw["decoder_segment_ids"] = np.asarray(decoder_attention_mask,
@@ -86,7 +91,10 @@ class PretrainedModel:
         """
         from llmjax.generate import generate
 
-        texts = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+        from llmjax.generate import check_sampling
+
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)  # before any encoding
+        texts = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and len(prompt) > 0
                                             and isinstance(prompt[0], str))
         special = getattr(self.tokenizer, "special_ids", {}) if self.tokenizer else {}
         if eos_id == "default":
@@ -97,7 +105,8 @@ class PretrainedModel:
                     eos_id = [e for e in (eos_id, end) if e is not None]
         if texts:
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids")
+                raise ConfigError(f"{self.source or 'this model'} has no tokenizer to encode the "
+                                  f"prompt: pass token ids, or save the model with its tokenizer")
             items = [prompt] if isinstance(prompt, str) else list(prompt)
             if chat:
                 items = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}])

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
+from llmjax.convert.chat_template import render_chat_template
+from llmjax.convert.errors import ConversionError
 from llmjax.data.tokenizer import Tokenizer
 
 ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")
@@ -108,17 +110,29 @@ class HFTokenizer(Tokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._tok.id_to_token(int(token_id))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat prompt text of `messages` (needs `chat_template` and jinja2)."""
+    def chat_template(self) -> tuple[str, str]:
+        """(template, where it came from): chat_template.jinja or tokenizer_config.json's
+        chat_template (the "default" one of a named list)."""
+        directory = self.path.parent
+        source = getattr(self, "template_source", None)
+        jinja_file = directory / "chat_template.jinja"
+        if jinja_file.is_file():
+            return jinja_file.read_text(encoding="utf-8"), source or str(jinja_file)
+        source = source or str(directory / "tokenizer_config.json")
         template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
         if not template:
-            raise ValueError(f"{self.path.parent}: tokenizer_config.json has no chat_template")
-        import jinja2
+            raise ConversionError(f"{source}: the tokenizer has no chat_template; pass the "
+                                  f"prompt as plain text (without chat=True)")
+        return template, source
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template).render(messages=messages,
-                                                add_generation_prompt=add_generation_prompt,
-                                                bos_token="", eos_token="")
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat prompt text of `messages`, rendered in a sandbox (the template is untrusted)."""
+        template, source = self.chat_template()
+        tokens = {f"{role}_token": self._tok.id_to_token(i) for role, i in self._special.items()}
+        return render_chat_template(template, source, messages, add_generation_prompt, **tokens)
 
     @property
     def vocab_size(self) -> int:
