@@ -128,12 +128,13 @@ class PretrainedModel:
         """An llmjax parameter export (config.yaml + params/, tokenizer/ when known):
         what `train.init_from` and from_pretrained read."""
         from llmjax.checkpoint import save_params
-        from llmjax.convert.hf import copy_tokenizer_files
+        from llmjax.convert.hf import LLMJAX_TOKENIZER_FILES, TOKENIZER_FILES, copy_tokenizer_files
 
         directory = save_params(directory, self.params, self.config)
         tok_dir = _tokenizer_dir(self.tokenizer)
         if tok_dir is not None:
-            copy_tokenizer_files(tok_dir, Path(directory) / TOKENIZER_SUBDIR)
+            copy_tokenizer_files(tok_dir, Path(directory) / TOKENIZER_SUBDIR,
+                                 TOKENIZER_FILES + LLMJAX_TOKENIZER_FILES)
         return Path(directory)
 
     def finetune(self, config: dict, run_dir: str | os.PathLike, **train_kwargs: Any
@@ -169,13 +170,14 @@ class PretrainedModel:
         an index beyond `max_shard_size`, like save_pretrained) and the tokenizer files."""
         from llmjax.convert.hf import export_hf
 
-        return export_hf(self.config, self.params, directory, _tokenizer_dir(self.tokenizer),
-                         dtype=dtype, max_shard_size=max_shard_size)
+        return export_hf(self.config, self.params, directory, dtype=dtype,
+                         max_shard_size=max_shard_size, tokenizer=self.tokenizer)
 
 
 def _tokenizer_dir(tokenizer: Any) -> Optional[Path]:
-    path = getattr(tokenizer, "path", None)
-    return Path(path).parent if path is not None else None
+    from llmjax.convert.hf import _tokenizer_source
+
+    return _tokenizer_source(tokenizer)[1]
 
 
 def _load_tokenizer(directory: Path) -> Optional[Tokenizer]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from llmjax.config import ConfigError
+
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Register `convert` and its three directions."""
@@ -29,6 +31,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--max-shard-size", default="5GB",
                            help="split the weights into shards of at most this size, with "
                                 "model.safetensors.index.json (default 5GB, as transformers)")
+        p.add_argument("--force", action="store_true",
+                       help="replace an earlier export of the same kind in OUT (a training "
+                            "run's directory is never written into)")
         p.set_defaults(handler=handler)
 
 
@@ -42,30 +47,40 @@ def _report(model, out: Path) -> int:
     return 0
 
 
-def hf_to_llmjax(args: argparse.Namespace) -> int:
+def _import(args: argparse.Namespace):
+    """Load SRC for an llmjax export into OUT, after checking OUT may be written."""
+    from llmjax.convert.outdir import check_output_dir, remove_export
     from llmjax.pretrained import from_pretrained
 
-    if not (Path(args.src) / "config.json").exists():
-        raise SystemExit(f"{args.src}: no config.json (not a Hugging Face model directory)")
+    check_output_dir(args.out, "llmjax", args.force)  # before a possibly long load
     model = from_pretrained(args.src, dtype=args.dtype)
+    remove_export(args.out, "llmjax")
+    return model
+
+
+def hf_to_llmjax(args: argparse.Namespace) -> int:
+    if not (Path(args.src) / "config.json").exists():
+        raise ConfigError(f"{args.src}: no config.json (not a Hugging Face model directory)")
+    model = _import(args)
     return _report(model, model.save(args.out))
 
 
 def gguf_to_llmjax(args: argparse.Namespace) -> int:
-    from llmjax.pretrained import from_pretrained
-
     if Path(args.src).suffix != ".gguf":
-        raise SystemExit(f"{args.src}: expected a .gguf file")
-    model = from_pretrained(args.src, dtype=args.dtype)
+        raise ConfigError(f"{args.src}: expected a .gguf file")
+    model = _import(args)
     return _report(model, model.save(args.out))
 
 
 def llmjax_to_hf(args: argparse.Namespace) -> int:
+    from llmjax.convert.outdir import check_output_dir, remove_export
     from llmjax.pretrained import from_pretrained
 
     if not (Path(args.src) / "config.yaml").exists():
-        raise SystemExit(f"{args.src}: no config.yaml (not an llmjax export)")
+        raise ConfigError(f"{args.src}: no config.yaml (not an llmjax export)")
+    check_output_dir(args.out, "hf", args.force)
     model = from_pretrained(args.src)
+    remove_export(args.out, "hf")
     out = model.save_hf(args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     weights = sorted(p.name for p in out.glob("model*.safetensors"))
     print(f"wrote {out}: config.json, {', '.join(weights[:3])}"

@@ -31,7 +31,9 @@ from llmjax.convert.safetensors_io import parse_size, read_hf_tensors, write_hf_
 Params = dict
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "spiece.model", "tokenizer.model", "merges.txt", "vocab.json",
-                   "generation_config.json", "added_tokens.json")
+                   "generation_config.json", "added_tokens.json", "chat_template.jinja")
+# An llmjax-trained sentencepiece tokenizer (llmjax/data/tokenizer.py) in an llmjax export.
+LLMJAX_TOKENIZER_FILES = ("llmjax_tokenizer.json", "spm.model")
 
 
 class Spec(NamedTuple):
@@ -752,10 +754,13 @@ EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16
 
 def export_hf(cfg: ModelConfig, params: Params, out: str | os.PathLike,
               tokenizer_dir: Optional[str | os.PathLike] = None, dtype: str = "float32",
-              max_shard_size: int | str = "5GB") -> Path:
+              max_shard_size: int | str = "5GB", tokenizer: Any = None) -> Path:
     """Write config.json + safetensors weights that `transformers` loads: model.safetensors,
     or shards of at most `max_shard_size` with an index (as save_pretrained writes them),
-    in `dtype` (float32, bfloat16 or float16)."""
+    in `dtype` (float32, bfloat16 or float16). The tokenizer (`tokenizer`, an llmjax or
+    imported tokenizer object, or the files in `tokenizer_dir`) is written so
+    AutoTokenizer loads it, and its bos/eos/pad ids go into config.json and
+    generation_config.json."""
     if dtype not in EXPORT_DTYPES:
         raise ConversionError(f"export dtype {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")
     max_bytes = parse_size(max_shard_size)
@@ -764,20 +769,75 @@ def export_hf(cfg: ModelConfig, params: Params, out: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     hf = family.hf_config(cfg)
     hf["dtype"] = hf["torch_dtype"] = dtype  # the key transformers reads, and its older name
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     write_hf_tensors(out, tensors, max_bytes)
-    if tokenizer_dir is not None:
+    if tokenizer is not None:
+        write_hf_tokenizer(tokenizer, out)
+    elif tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, out)
+    ids = special_token_ids(tokenizer, out)
+    hf.update(ids)
+    if cfg.architecture == "encoder_decoder" and "pad_token_id" in ids:
+        hf["decoder_start_token_id"] = ids["pad_token_id"]  # T5 decodes from pad
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    _write_generation_config(out, hf)
     return out
 
 
-def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy the HF tokenizer files present in `src` to `dst`; returns their names."""
+def special_token_ids(tokenizer: Any, directory: Path) -> dict[str, int]:
+    """bos/eos/pad ids for config.json: from the tokenizer object, else the written files."""
+    special: Any = getattr(tokenizer, "special_ids", None)
+    if special is None and (directory / "tokenizer.json").exists():
+        from llmjax.convert.tokenizers import HFTokenizer
+
+        special = HFTokenizer(directory).special_ids
+    if special is None:
+        return {}
+    special = dict(special)
+    return {f"{role}_token_id": int(special[role]) for role in ("bos", "eos", "pad")
+            if role in special}
+
+
+def _write_generation_config(out: Path, hf: dict) -> None:
+    path = out / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        if key in hf:
+            config[key] = hf[key]
+    if config:
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _tokenizer_source(tokenizer: Any) -> tuple[Any, Optional[Path]]:
+    """(the innermost tokenizer, the directory holding its files)."""
+    inner = getattr(tokenizer, "inner", tokenizer)  # llmjax.data's wrapper of imported ones
+    path = getattr(inner, "path", None) or getattr(inner, "model_file", None)
+    return inner, (Path(path).parent if path is not None else None)
+
+
+def write_hf_tokenizer(tokenizer: Any, out: str | os.PathLike) -> list[str]:
+    """The tokenizer files AutoTokenizer.from_pretrained(out) loads: an imported tokenizer's
+    own files, or a tokenizer.json built from an llmjax-trained sentencepiece model."""
+    from llmjax.data.tokenizer import METADATA_FILE
+
+    inner, directory = _tokenizer_source(tokenizer)
+    if directory is None:
+        return []
+    if (directory / METADATA_FILE).exists() and not (directory / "tokenizer.json").exists():
+        from llmjax.convert.sp_export import write_sentencepiece_as_hf
+
+        return write_sentencepiece_as_hf(inner, directory / METADATA_FILE, Path(out))
+    return copy_tokenizer_files(directory, out)
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike,
+                         names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    """Copy the tokenizer files present in `src` to `dst` (new files get the umask's
+    permissions, not the source's); returns their names."""
     src, dst = Path(src), Path(dst)
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in names:
         if (src / name).exists():
             dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src / name, dst / name)
+            shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied

@@ -74,6 +74,13 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
               metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())  # save_file creates 0600 files; others' files are 0644
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

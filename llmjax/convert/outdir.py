@@ -1,0 +1,69 @@
+"""Where `llmjax convert` may write: a new or empty directory, or (with --force) an earlier
+export of the same kind. A training run's directory is never written into: its
+config.yaml describes its checkpoints, and replacing it would orphan them."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from llmjax.config import ConfigError
+
+# Files that only a training run has (llmjax/train/trainer.py, llmjax/checkpoint.py).
+RUN_MARKERS = ("checkpoints", "state", "metrics.jsonl")
+EXPORT_FILES = {
+    "llmjax": ("config.yaml", "params", "tokenizer"),
+    "hf": ("config.json", "generation_config.json", "model.safetensors",
+           "model.safetensors.index.json", "model-*-of-*.safetensors", "tokenizer.json",
+           "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+           "spiece.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+           "chat_template.jinja"),
+}
+KIND_NAMES = {"llmjax": "an llmjax export (config.yaml + params/)",
+              "hf": "a Hugging Face directory (config.json)"}
+
+
+def kind_of(directory: Path) -> str | None:
+    """'run', 'llmjax', 'hf' or None (something else) for an existing, non-empty directory."""
+    if any((directory / m).exists() for m in RUN_MARKERS) or any(directory.glob("events.out.*")):
+        return "run"
+    if (directory / "config.yaml").exists() or (directory / "params").exists():
+        return "llmjax"
+    if (directory / "config.json").exists():
+        return "hf"
+    return None
+
+
+def check_output_dir(out: str | Path, kind: str, force: bool) -> None:
+    """ConfigError unless `out` may receive an export of `kind` ('llmjax' or 'hf')."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"output {out} is a file; give a directory path")
+    if not any(out.iterdir()):
+        return
+    found = kind_of(out)
+    if found == "run":
+        raise ConfigError(f"output {out} is a training run directory (it has checkpoints or "
+                          f"metrics); convert into a new directory: a run's files are never "
+                          f"overwritten, not even with --force")
+    if found != kind:
+        what = KIND_NAMES.get(found, "a non-empty directory of other files")
+        raise ConfigError(f"output {out} is {what}; convert into a new or empty directory")
+    if not force:
+        raise ConfigError(f"output {out} already holds {KIND_NAMES[kind]}; pass --force to "
+                          f"replace it, or choose a new directory")
+
+
+def remove_export(out: str | Path, kind: str) -> None:
+    """Delete the files of an earlier export of `kind` in `out` (after check_output_dir
+    allowed it), so the new export never mixes with stale weights or tokenizer files."""
+    out = Path(out)
+    if not out.is_dir() or kind_of(out) != kind:
+        return
+    for pattern in EXPORT_FILES[kind]:
+        for path in out.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
