@@ -196,16 +196,10 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
     """Load an llmjax training run (its latest checkpoint) or export (config.yaml), an HF
     directory (config.json + safetensors) or a GGUF file. `overrides` set ModelConfig fields (e.g. dtype="bfloat16", max_len=2048)."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        import tempfile
+    if path.is_file() and path.suffix == ".gguf":  # converted once, cached (gguf_cache.py)
+        from llmjax.convert.gguf_cache import load_gguf
 
-        from llmjax.convert.gguf import import_gguf, write_gguf_tokenizer
-        from llmjax.convert.tokenizers import HFTokenizer
-
-        cfg, params = import_gguf(path, scan_layers=scan_layers, **overrides)
-        tok_dir = Path(tempfile.mkdtemp(prefix="llmjax-gguf-tok-"))
-        tokenizer = HFTokenizer(write_gguf_tokenizer(path, tok_dir))
-        return PretrainedModel(cfg, params, tokenizer, str(path))
+        return load_gguf(path, scan_layers=scan_layers, **overrides)
     if (path / "checkpoints").is_dir() or (path / "state").is_dir():  # a training run
         from llmjax.checkpoint import load_run_params
         from llmjax.data.tokenizer import load_tokenizer

@@ -53,7 +53,12 @@ def _import(args: argparse.Namespace):
     from llmjax.pretrained import from_pretrained
 
     check_output_dir(args.out, "llmjax", args.force)  # before a possibly long load
-    model = from_pretrained(args.src, dtype=args.dtype)
+    if Path(args.src).suffix == ".gguf":  # converting is explicit: no second copy in the cache
+        from llmjax.convert.gguf_cache import load_gguf
+
+        model = load_gguf(args.src, cache=False, dtype=args.dtype)
+    else:
+        model = from_pretrained(args.src, dtype=args.dtype)
     remove_export(args.out, "llmjax")
     return model
 

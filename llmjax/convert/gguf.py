@@ -74,30 +74,43 @@ def gguf_config(reader) -> ModelConfig:
         raise ConversionError(f"unknown GGUF architecture {arch!r} (general.architecture); "
                               f"supported: {list(SUPPORTED)}")
 
-    def need(key):
-        value = _field(reader, f"{arch}.{key}")
+    def count(key, default=None):
+        """A positive integer field (metadata is untrusted: a 0 or a string must not crash)."""
+        value = _field(reader, f"{arch}.{key}", default)
         if value is None:
             raise ConversionError(f"GGUF metadata field {arch}.{key!r} is missing")
-        return value
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+                not 0 < value < 2**40:
+            raise ConversionError(f"GGUF metadata field {arch}.{key}={value!r} is not a positive "
+                                  f"integer")
+        return int(value)
 
-    d, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    kv = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_field(reader, f"{arch}.rope.dimension_count", d // heads))
+    def number(key, default):
+        value = _field(reader, f"{arch}.{key}", default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or \
+                not np.isfinite(value) or value <= 0:
+            raise ConversionError(f"GGUF metadata field {arch}.{key}={value!r} is not a positive "
+                                  f"number")
+        return float(value)
+
+    d, heads = count("embedding_length"), count("attention.head_count")
+    kv = count("attention.head_count_kv", heads)
+    head_dim = count("rope.dimension_count", max(d // heads, 1))
     if _field(reader, f"{arch}.rope.scaling.type", "none") not in ("none", None):
         raise ConversionError(f"GGUF metadata field {arch}.rope.scaling.type="
                               f"{_field(reader, f'{arch}.rope.scaling.type')!r} is not supported:"
                               f" only plain RoPE is implemented")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens else 0))
+    vocab = count("vocab_size", len(tokens) if tokens else None)
     names = {t.name for t in reader.tensors}
     return ModelConfig(
         family="llama", architecture="decoder", vocab_size=vocab, d_model=d,
-        num_layers=int(need("block_count")), num_heads=heads, num_kv_heads=kv,
-        head_dim=head_dim, d_ff=int(need("feed_forward_length")),
-        max_len=int(_field(reader, f"{arch}.context_length", 2048)), norm="rmsnorm",
-        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        num_layers=count("block_count"), num_heads=heads, num_kv_heads=kv,
+        head_dim=head_dim, d_ff=count("feed_forward_length"),
+        max_len=count("context_length", 2048), norm="rmsnorm",
+        norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
         activation="silu", gated_mlp=True, position="rope",
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), use_bias=False,
+        rope_theta=number("rope.freq_base", 10000.0), use_bias=False,
         tie_embeddings="output.weight" not in names, scan_layers=False)
 
 

@@ -700,7 +700,13 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    return json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise ConversionError(f"{path}: not valid JSON ({str(err)[:200]})") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def import_hf(directory: str | os.PathLike, scan_layers: bool = True,
@@ -712,7 +718,14 @@ def import_hf(directory: str | os.PathLike, scan_layers: bool = True,
     hf = read_hf_config(directory)
     family = family_of_hf_config(hf)
     tensors = read_hf_tensors(directory)
-    cfg = family.to_config(hf, tensors)
+    try:
+        cfg = family.to_config(hf, tensors)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        # config.json is untrusted: a wrong type or zero in a field is the file's fault
+        raise ConversionError(f"{directory}/config.json: a field has an unusable value "
+                              f"({type(err).__name__}: {err})") from None
     params = tensors_to_params(family, cfg, tensors, source=str(directory))
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)

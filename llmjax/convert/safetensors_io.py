@@ -7,6 +7,7 @@ pickle is ever involved.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -23,30 +24,67 @@ DTYPES = {
 }
 
 
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file as read-only numpy views (memory-mapped)."""
+    """All tensors of one .safetensors file as read-only numpy views (memory-mapped).
+
+    The header is untrusted: its size, every dtype, shape and byte range are checked
+    against the file before any view is made, so a crafted header fails as one
+    ConversionError instead of a crash, a wrapped slice or a huge allocation."""
     path = Path(path)
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ConversionError(f"{path}: not a safetensors file (too short)")
         (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise ConversionError(f"{path}: not a safetensors file (header of {size} bytes)")
+        if size > min(MAX_HEADER_BYTES, file_size - 8):
+            raise ConversionError(f"{path}: not a safetensors file (header of {size} bytes in a "
+                                  f"file of {file_size})")
         try:
             header = json.loads(f.read(size))
-        except ValueError as err:
-            raise ConversionError(f"{path}: not a safetensors file ({err})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in DTYPES:
-            raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        tensors[name] = data[start:end].view(DTYPES[info["dtype"]]).reshape(info["shape"])
-    return tensors
+        except (ValueError, RecursionError) as err:
+            raise ConversionError(f"{path}: not a safetensors file (header: "
+                                  f"{str(err)[:200]})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    data_size = file_size - 8 - size
+    specs = {name: _tensor_spec(path, name, info, data_size)
+             for name, info in header.items() if name != "__metadata__"}
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size) if data_size else \
+        np.zeros(0, np.uint8)
+    return {name: data[start:end].view(dtype).reshape(shape)
+            for name, (dtype, shape, start, end) in specs.items()}
+
+
+def _tensor_spec(path: Path, name: str, info, data_size: int) -> tuple:
+    """(numpy dtype, shape, start, end) of one header entry, validated."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ConversionError(f"{where}: header entry is not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConversionError(f"{where} has unsupported dtype {dtype!r}; supported: "
+                              f"{sorted(DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise ConversionError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1] <= data_size):
+        raise ConversionError(f"{where}: data_offsets {offsets!r} are not a byte range within "
+                              f"the file's {data_size} data bytes")
+    start, end = offsets
+    expected = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize  # Python ints: no overflow
+    if end - start != expected:
+        raise ConversionError(f"{where}: shape {shape} of {dtype} needs {expected} bytes, the "
+                              f"header gives {end - start}")
+    return DTYPES[dtype], tuple(shape), start, end
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_hf_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -57,7 +95,17 @@ def read_hf_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     if single.exists():
         return read_safetensors(single)
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConversionError(f"{index}: not a safetensors index ({type(err).__name__}: "
+                                  f"{str(err)[:200]}); it needs a \"weight_map\" object") from None
+        for name in files:  # shards live beside the index, never elsewhere
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(
+                    ".safetensors"):
+                raise ConversionError(f"{index}: shard {name!r} is not a .safetensors file name "
+                                      f"in {directory}")
         tensors: dict[str, np.ndarray] = {}
         for name in files:
             tensors.update(read_safetensors(directory / name))
