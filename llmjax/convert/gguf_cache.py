@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from llmjax.config import ConfigError
+from llmjax.convert.errors import ConversionError
+
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the conversion's output changes
 HASHED_BYTES = 8 << 20  # from each end of the file; a GGUF header holds the vocabulary
@@ -148,7 +151,14 @@ def load_gguf(path: str | os.PathLike, scan_layers: bool = True, cache: bool = T
         log.warning("GGUF cache %s not writable (%s); converting without caching",
                     cache_root(), err)
         return _load_uncached(path, scan_layers, **overrides)
-    model = load_entry(entry, scan_layers, **overrides)
+    try:
+        model = load_entry(entry, scan_layers, **overrides)
+    except (ConversionError, OSError, ValueError, KeyError) as err:
+        if isinstance(err, ConfigError) and not isinstance(err, ConversionError):
+            raise  # a bad override, not a bad entry
+        log.warning("GGUF cache entry %s is damaged (%s); rebuilding it", entry, err)
+        shutil.rmtree(entry, ignore_errors=True)
+        model = load_entry(cached_entry(path), scan_layers, **overrides)
     model.source = str(path)
     if model.tokenizer is not None:  # chat template errors name the file it came from
         model.tokenizer.template_source = f"{path} (GGUF metadata tokenizer.chat_template)"
