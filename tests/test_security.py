@@ -341,3 +341,19 @@ def test_a_gguf_template_error_names_the_gguf_file(tiny_gguf, tmp_path, monkeypa
     with pytest.raises(ConversionError, match="evil.gguf.*sandbox"):
         model.generate("hi", chat=True, max_new_tokens=2)
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_broken_tokenizer_files_name_the_file(tmp_path):
+    from llmjax.convert.tokenizers import HFTokenizer, SentencePieceModelTokenizer
+
+    path = _tokenizer_dir(tmp_path / "tok", CHATML)
+    (path / "tokenizer_config.json").write_text('"just a string"')
+    with pytest.raises(ConversionError, match="tokenizer_config.json.*JSON object"):
+        HFTokenizer(path)
+    (path / "tokenizer_config.json").unlink()
+    (path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 7}}')
+    with pytest.raises(ConversionError, match="tokenizer.json"):
+        HFTokenizer(path)
+    (tmp_path / "spiece.model").write_bytes(b"\x08\x96\x01 not a protobuf")
+    with pytest.raises(ConversionError, match="spiece.model"):
+        SentencePieceModelTokenizer(tmp_path / "spiece.model")

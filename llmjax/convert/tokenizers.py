@@ -46,13 +46,24 @@ def _token_string(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def _json_object(path: Path) -> dict:
+    """A JSON object file (tokenizer_config.json, special_tokens_map.json) or ConversionError."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise ConversionError(f"{path}: not valid JSON ({str(err)[:200]})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _special_ids(lookup, directory: Optional[Path], extra: Optional[Mapping[str, str]] = None,
                  guess: bool = True) -> SpecialIds:
     named: dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = directory / name if directory else None
         if path is not None and path.exists():
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _json_object(path)
             for role in ROLES:
                 token = _token_string(data.get(f"{role}_token"))
                 if token is not None:
@@ -81,13 +92,17 @@ class HFTokenizer(Tokenizer):
         if not file.exists():
             raise FileNotFoundError(f"{file}: no tokenizer.json")
         self.path = file
-        self._tok = FastTokenizer.from_file(str(file))
+        try:
+            self._tok = FastTokenizer.from_file(str(file))
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise ConversionError(f"{file}: not a readable tokenizer.json "
+                                  f"({' '.join(str(err).split())[:200]})") from None
         self._tok.no_padding()  # encode gives exactly the text's ids; batching pads later
         self._tok.no_truncation()
         directory = file.parent
         self._special = _special_ids(self._tok.token_to_id, directory, special_tokens)
         config = directory / "tokenizer_config.json"
-        self.config = json.loads(config.read_text(encoding="utf-8")) if config.exists() else {}
+        self.config = _json_object(config) if config.exists() else {}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Ids of `text`; with add_special_tokens, the model's template ([CLS] .. [SEP])."""
@@ -150,7 +165,11 @@ class SentencePieceModelTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.model_file = str(model_file)
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except (RuntimeError, OSError) as err:
+            raise ConversionError(f"{model_file}: not a readable sentencepiece model "
+                                  f"({' '.join(str(err).split())[:200]})") from None
         ids = SpecialIds()
         for role, value in (("pad", self._sp.pad_id()), ("unk", self._sp.unk_id()),
                             ("bos", self._sp.bos_id()), ("eos", self._sp.eos_id())):
