@@ -89,9 +89,7 @@ class PretrainedModel:
 
         chat=True wraps text prompts in the tokenizer's chat template (a user turn).
         """
-        from llmjax.generate import generate
-
-        from llmjax.generate import check_sampling
+        from llmjax.generate import check_sampling, generate
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)  # before any encoding
         texts = isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and len(prompt) > 0

@@ -234,4 +234,5 @@ def test_llmjax_export_keeps_an_llmjax_tokenizer(trained_model, tmp_path):
     model, _ = trained_model
     loaded = from_pretrained(model.save(tmp_path / "export"))
     assert loaded.tokenizer is not None
-    assert loaded.tokenizer.encode("thou art the king") == model.tokenizer.encode("thou art the king")
+    text = "thou art the king"
+    assert loaded.tokenizer.encode(text) == model.tokenizer.encode(text)

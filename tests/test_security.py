@@ -301,7 +301,8 @@ def test_gguf_converts_once_then_loads_from_the_cache(tiny_gguf, tmp_path, monke
     monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "cache"))
     calls = []
     real = gguf_module.import_gguf
-    monkeypatch.setattr(gguf_module, "import_gguf", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(gguf_module, "import_gguf",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = [[3, 5, 6, 7, 8]]
     want = _logits(PretrainedModel(cfg, params), ids)  # the weights the file was written from
 
