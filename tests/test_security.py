@@ -5,8 +5,6 @@ allocation), and a GGUF file converts once into a cache that is reused, and rebu
 import json
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -118,8 +116,10 @@ def test_raise_exception_in_a_real_template_names_the_file(tmp_path):
         tok.apply_chat_template([{"role": "assistant", "content": "hello"}])
 
 
-def test_llmjax_generate_chat_with_a_hostile_template_exits_with_one_line(tmp_path):
+def test_llmjax_generate_chat_with_a_hostile_template_exits_with_one_line(tmp_path, monkeypatch,
+                                                                        capsys):
     """The issue's reproduction: `llmjax generate MODEL --chat` must not run the command."""
+    from llmjax.cli import main
     from llmjax.convert.tokenizers import HFTokenizer
     from llmjax.pretrained import PretrainedModel
 
@@ -127,14 +127,13 @@ def test_llmjax_generate_chat_with_a_hostile_template_exits_with_one_line(tmp_pa
                        num_layers=1, num_heads=4, d_ff=48, max_len=32)
     tok = HFTokenizer(_tokenizer_dir(tmp_path / "tok", HOSTILE[0]))
     PretrainedModel(cfg, init_params(cfg, jax.random.key(0)), tok).save(tmp_path / "model")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-m", "llmjax", "generate", str(tmp_path / "model"),
-                             "--prompt", "hi", "--chat", "--max-new-tokens", "2"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("llmjax: error:")]
-    assert len(errors) == 1 and "sandbox" in errors[0] and "tokenizer_config.json" in errors[0]
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    code = main(["generate", str(tmp_path / "model"), "--prompt", "hi", "--chat",
+                 "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("llmjax: error:") and "\n" not in err
+    assert "sandbox" in err and str(tmp_path / "model" / "tokenizer" / "tokenizer_config.json") \
+        in err
     assert not (tmp_path / "MARKER").exists()
 
 
