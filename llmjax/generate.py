@@ -196,6 +196,8 @@ def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]] 
     if not rows or (cfg.architecture == "decoder" and any(len(r) == 0 for r in rows)):
         raise ConfigError("every prompt needs at least one token")
     rows = [_prompt_row(row, cfg.vocab_size, i) for i, row in enumerate(rows)]
+    if cfg.architecture == "encoder_decoder":  # fed to the decoder as its first token
+        check_token_ids([decoder_start_id], cfg.vocab_size, "decoder_start_id")
     check_length(cfg, max(len(r) for r in rows), max_new_tokens)
     eos = set() if eos_id is None else ({int(eos_id)} if np.isscalar(eos_id)
                                         else {int(e) for e in eos_id})

@@ -70,6 +70,9 @@ def test_generate_refuses_prompt_ids_outside_the_vocabulary(llama):
         llama.generate([[1, 2], [3, 4, 99]], max_new_tokens=2)
     with pytest.raises(ConfigError, match="prompt 0: id -2"):
         generate(llama.config, llama.params, np.array([[-2, 1]]), max_new_tokens=2)
+    t5 = model_config("t5-tiny", **SMALL)
+    with pytest.raises(ConfigError, match="decoder_start_id: id 64"):
+        generate(t5, {}, [[1, 2]], max_new_tokens=2, decoder_start_id=64)
 
 
 def test_generate_past_max_len_names_both_numbers_and_the_fix(llama):
