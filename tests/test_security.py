@@ -53,6 +53,9 @@ HOSTILE = [
     "{% set ns = namespace() %}{% set ns.__class__ = 1 %}",
     "{{ messages.append({'role': 'x'}) }}",
     "{% include 'MARKER' %}",
+    "{{ 'x' * 10**10 }}",  # memory before any output
+    "{{ [0] * 10**9 }}",
+    "{{ ((2**1000)**1000)**1000 }}",  # time and memory
     "{% for %}",  # syntax error
     "{{ not_a_function() }}",
     "{{ raise_exception('roles must alternate') }}",

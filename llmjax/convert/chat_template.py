@@ -18,6 +18,9 @@ from typing import Any
 
 from llmjax.convert.errors import ConversionError
 
+MAX_REPEAT = 1_000_000  # longest string/list a template may build by repetition
+MAX_POWER_BITS = 100_000  # largest integer power a template may compute
+
 
 @functools.cache
 def _environment():
@@ -70,8 +73,24 @@ def _environment():
     def strftime_now(format):
         return datetime.now().strftime(format)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    class Environment(ImmutableSandboxedEnvironment):
+        # `'x' * 10**10` or `2 ** 10**9` would exhaust memory or time before any output.
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and (
+                    abs(right) > 1024 or left.bit_length() * abs(right) > MAX_POWER_BITS):
+                raise jinja2.exceptions.SecurityError(f"power {left} ** {right} is too large")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
+                            len(seq) * n > MAX_REPEAT:
+                        raise jinja2.exceptions.SecurityError(
+                            f"repeating a sequence {n} times exceeds {MAX_REPEAT:,} items")
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True,
+                      extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
                        namespace=Namespace, dict=lambda *a, **k: dict(*a, **k))
