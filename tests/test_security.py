@@ -322,7 +322,9 @@ def test_gguf_converts_once_then_loads_from_the_cache(tiny_gguf, tmp_path, monke
     from_pretrained(path)
     assert len(calls) == 2 and (entries[0] / MARKER).is_file()
 
-    (entries[0] / "params.safetensors").write_bytes(b"\0" * 8)  # damaged behind our back
+    # damaged behind our back (a new file: the loaded models may still map the old one)
+    (entries[0] / "params.safetensors").unlink()
+    (entries[0] / "params.safetensors").write_bytes(b"\0" * 8)
     np.testing.assert_allclose(_logits(from_pretrained(path), ids), want, atol=1e-5)
     assert len(calls) == 3
 

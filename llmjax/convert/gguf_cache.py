@@ -147,8 +147,8 @@ def load_gguf(path: str | os.PathLike, scan_layers: bool = True, cache: bool = T
         return _load_uncached(path, scan_layers, **overrides)
     try:
         entry = cached_entry(path)
-    except PermissionError as err:
-        log.warning("GGUF cache %s not writable (%s); converting without caching",
+    except OSError as err:  # read-only or full disk: still load, just not cached
+        log.warning("GGUF cache %s not usable (%s); converting without caching",
                     cache_root(), err)
         return _load_uncached(path, scan_layers, **overrides)
     try:
