@@ -88,6 +88,7 @@ def load_params(directory: str | os.PathLike, target: Any = None) -> tuple[Any, 
 # =============================================================================
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -317,6 +318,7 @@ class TrainCheckpoints:
                            "data": DataStateHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         self.last_save_seconds = 0.0
+        self._failed = False  # a save failed and was reported
 
     # -- queries
     def latest_step(self) -> Optional[int]:
@@ -341,20 +343,53 @@ class TrainCheckpoints:
                 "eval": {k: float(v) for k, v in (eval_metrics or {}).items()}}
         metrics = {"eval_loss": float(eval_metrics["loss"])} if eval_metrics else None
         start = time.perf_counter()
-        self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_saved_form(state)),
-            data=DataSave(data_state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        with self._disk_errors():
+            self.manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_saved_form(state)),
+                data=DataSave(data_state), meta=ocp.args.JsonSave(meta)), metrics=metrics,
+                force=True)
         self.last_save_seconds = time.perf_counter() - start
         log.info("checkpoint %d: %s in %.2fs%s", step, "started" if self.config.checkpoint.async_save
                  else "written", self.last_save_seconds,
                  " (writing in the background)" if self.config.checkpoint.async_save else "")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        except CheckpointError:
+            if not self._failed:  # not yet reported: say it
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 (a failed save was reported above)
+                if not self._failed:
+                    raise
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        """An OSError while writing (no space, read-only, permissions), in this thread or the
+        background save, as one line naming the path; the uncommitted save is left as
+        <step>.orbax-checkpoint-tmp* (removed at the next start) and earlier checkpoints
+        stay intact."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 (orbax wraps background errors variously)
+            cause = _os_error(err)
+            if cause is None or self._failed:
+                raise
+            self._failed = True
+            from llmjax.train.preflight import describe
+            kept = self.all_steps()  # committed ones only: a failed save never commits
+            raise CheckpointError(
+                f"cannot write a checkpoint in {self.directory}: {describe(cause)}; earlier "
+                f"checkpoints "
+                f"{kept or '(none)'} are intact: free space or fix permissions, then rerun the "
+                f"same command to resume") from None
 
     # -- restore
     def read_meta(self, step: int) -> dict:
@@ -396,25 +431,61 @@ class TrainCheckpoints:
         return state, restored["data"], meta
 
 
-def _diagnose(state_dir: Path, target: dict, err: Exception) -> str:
-    """Name the leaf that cannot be read: restore leaves one by one until one fails."""
-    message = f"cannot read {state_dir}: {type(err).__name__}: {str(err)[:500]}"
-    flat = flatten(target)
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind `err` (itself, its cause/context chain, or an exception group)."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def _diagnose(state_dir: Path, target: dict, err: Exception, partial: bool = False) -> str:
+    """Name the leaf that cannot be read: restore leaves one by one until one fails.
+
+    Each try restores one leaf of the very tree that failed, the others replaced by orbax's
+    PLACEHOLDER (skipped), so the tree structure (lists and tuples in optimizer states)
+    matches the saved one. `partial`: `target` is a nested dict of some leaves only
+    (init_from, run params), restored with partial_restore."""
+    message = f"cannot read {state_dir}: {_root_cause(err)}"
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
-            for key, leaf in flat.items():
-                sub = _nest({key: leaf})
+            for i, (path, leaf) in enumerate(flat):
+                key = path_str(path)
+                if partial:
+                    sub = _nest({key: leaf})
+                else:
+                    leaves = [ocp.PLACEHOLDER] * len(flat)
+                    leaves[i] = leaf
+                    sub = jax.tree_util.tree_unflatten(treedef, leaves)
+                restore_args = jax.tree.map(
+                    lambda x: x if x is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(
+                        sharding=x.sharding, dtype=x.dtype), sub)
                 try:
                     checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-                        sub, restore_args=jax.tree.map(
-                            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), sub),
-                        partial_restore=True))
+                        sub, restore_args=restore_args, partial_restore=partial))
                 except Exception as leaf_err:  # noqa: BLE001
                     return (f"cannot read leaf {key} {tuple(leaf.shape)} of {state_dir}: "
-                            f"{type(leaf_err).__name__}: {str(leaf_err)[:300]}")
+                            f"{_root_cause(leaf_err)}")
     except Exception:  # noqa: BLE001 (diagnosis is best effort)
         pass
     return message
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause's message (tensorstore's 'OUT_OF_RANGE: Error reading ...' rather
+    than orbax's wrapper holding the whole TensorStore spec), one line, bounded."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:400]}"
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -645,7 +716,7 @@ def _restore_leaves(tree_dir: Path, target: dict[str, Any]) -> dict:
                     lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), nested),
                 partial_restore=True))
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(_diagnose(tree_dir, nested, err)) from None
+        raise CheckpointError(_diagnose(tree_dir, nested, err, partial=True)) from None
 
 
 def _init_with(exp, rng, loaded: dict):

@@ -98,8 +98,14 @@ class MetricsWriter:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         row = {"step": step, "split": prefix, "time": time.time(), **clean}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:
+            from llmjax.config import ConfigError
+            raise ConfigError(f"cannot append to {self.path}: {err.strerror or err}; free space "
+                              f"or fix permissions, then rerun to resume from the last "
+                              f"checkpoint") from None
         if self.tb is not None:
             self._tb_row(row)
             self.tb.flush()
