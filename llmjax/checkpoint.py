@@ -585,15 +585,60 @@ class InitReport:
     dropped: list = dataclasses.field(default_factory=list)  # in the source, not in this model
     resized: list = dataclasses.field(default_factory=list)  # position tables cut to max_len
     cast: list = dataclasses.field(default_factory=list)  # loaded with another dtype
+    overridden: list = dataclasses.field(default_factory=list)  # train.init_override fields
+    runtime: list = dataclasses.field(default_factory=list)  # run-time model fields changed
 
     def summary(self) -> str:
         lines = [f"init_from {self.source}: {len(self.loaded)} leaves loaded, {len(self.new)} new "
                  f"(freshly initialised), {len(self.dropped)} dropped"]
         for title, items in (("new", self.new), ("dropped", self.dropped),
-                             ("resized", self.resized), ("cast", self.cast)):
+                             ("resized", self.resized), ("cast", self.cast),
+                             ("override", self.overridden), ("run-time", self.runtime)):
             for item in items:
                 lines.append(f"  {title:8s} {item}")
         return "\n".join(lines)
+
+
+# ModelConfig fields that may differ between an init_from source and the new model: how
+# the model runs (precision, memory, kernels, dropout, init of new leaves), its heads
+# (new heads are initialised, old ones dropped: both listed) and the PEFT hooks. Every
+# other field is architecture: same-shaped weights would compute something else.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "kernels",
+                  "dropout", "initializer_range", "pooler", "mlm_head", "nsp_head", "num_labels",
+                  "prompt_tokens", "prefix_tokens", "adapter_dim")
+# Optional sizes compared by their effective value (None = the default derived size).
+_EFFECTIVE = {"num_kv_heads": "kv_heads", "head_dim": "dim_per_head",
+              "num_decoder_layers": "decoder_layers"}
+
+
+def architecture_changes(saved_model: dict, model: ModelConfig, overrides, report,
+                         where: str) -> list[str]:
+    """Compare every ModelConfig field of the source with the target: run-time differences
+    and train.init_override'd ones go to the report; returns the other differences (errors).
+    A learned position table cut to a shorter max_len is allowed (and listed)."""
+    from llmjax.config import _build
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        source = _build(ModelConfig, {k: v for k, v in saved_model.items() if k in known},
+                        "model")
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: its model config cannot be read: {err}") from None
+    errors = []
+    for name in sorted(known & set(saved_model)):
+        attr = _EFFECTIVE.get(name, name)
+        old, new = getattr(source, attr), getattr(model, attr)
+        if old == new:
+            continue
+        change = f"model.{name} {old!r} -> {new!r}"
+        if name in RUNTIME_FIELDS:
+            report.runtime.append(change)
+        elif name in overrides:
+            report.overridden.append(change)
+        elif name == "max_len" and model.position == "learned" and new < old:
+            report.overridden.append(change + " (learned position table cut)")
+        else:
+            errors.append(change)
+    return errors
 
 
 def resolve_source(path: str | os.PathLike) -> tuple[Path, list[str], dict]:
@@ -667,6 +712,8 @@ def init_from(exp, path: str | os.PathLike):
     wanted = flatten(abstract)
     wanted_sh = flatten(shardings)
     report = InitReport(source=where)
+    arch_errors = architecture_changes(source_config.get("model", {}), exp.model_config,
+                                       exp.config.train.init_override, report, where)
     restore_target: dict[str, Any] = {}
     errors = []
     for key, leaf in wanted.items():
@@ -690,7 +737,16 @@ def init_from(exp, path: str | os.PathLike):
         restore_target[tree_key] = jax.ShapeDtypeStruct(saved_shape, meta.dtype, sharding=sharding)
     if errors:
         raise CheckpointError(f"init_from {where}: parameters do not fit this model:\n  " +
-                              "\n  ".join(errors))
+                              "\n  ".join(errors) + (f"\n  (architecture differences: "
+                                                      f"{', '.join(arch_errors)})"
+                                                      if arch_errors else ""))
+    if arch_errors:
+        names = [c.split()[0].split(".", 1)[1] for c in arch_errors]
+        raise CheckpointError(
+            f"init_from {where}: this model's architecture differs from the source's: "
+            f"{', '.join(arch_errors)}; the weights would load into a model that computes "
+            f"something else. Match these model fields to the source, or list the ones you "
+            f"mean to change: train.init_override=[{','.join(names)}]")
     report.dropped = sorted(f"{k} {tuple(m.shape)}" for k, (_, m) in source.items()
                             if k not in wanted)
     if not report.loaded:

@@ -212,7 +212,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
         nonlocal saved_step
         bad = guard.check()  # a save is a sync point anyway
         if bad and guard.mode == "stop":
-            writer.write(step, _read(metrics), "train")  # the NaN, on the record
+            writer.write(step, {**_read(metrics), "nonfinite_steps": len(bad)})  # on record
             raise guard.error(bad, saved_step, ckpt.step_dir(saved_step) if saved_step else None)
         if not guard.params_finite(state.params):
             raise guard.error([step], saved_step, ckpt.step_dir(saved_step) if saved_step
