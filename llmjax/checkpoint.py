@@ -92,8 +92,6 @@ import contextlib
 import json
 import logging
 import shutil
-import signal
-import threading
 import time
 
 import numpy as np
@@ -105,6 +103,7 @@ CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 # Exit code of a run stopped by SIGTERM after writing its checkpoint (sysexits EX_TEMPFAIL:
 # "temporary failure, retry"): rerunning the same command resumes from that checkpoint.
+# Signal handling lives in llmjax/train/signals.py.
 EXIT_PREEMPTED = 75
 
 
@@ -528,49 +527,6 @@ def check_compatible(saved_model: dict, model: ModelConfig, where: str) -> None:
                 f"{'vocabularies' if key == 'vocab_size' else key + 's'}"
                 + (" (use the tokenizer and vocab_size the checkpoint was trained with)"
                    if key == "vocab_size" else ""))
-
-
-# ---------------------------------------------------------------- preemption
-
-class PreemptionWatcher:
-    """SIGTERM -> `requested` becomes true; the trainer checkpoints at the next step boundary.
-
-    Multi-process runs ask jax's preemption sync point instead, so every host
-    stops at the same step (jax.distributed registers its own SIGTERM notice).
-    """
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._previous = None
-        self._installed = False
-
-    def __enter__(self) -> "PreemptionWatcher":
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if not self._event.is_set():
-            log.warning("SIGTERM received: checkpointing at the next step boundary, then exiting "
-                        "with code %d", EXIT_PREEMPTED)
-        self._event.set()
-
-    def reached(self, step: int) -> bool:
-        if self._event.is_set():
-            return True
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            try:
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # no preemption sync manager (distributed not initialised)
-                return False
-        return False
-
-    def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-            self._installed = False
 
 
 # ---------------------------------------------------------------- init_from (fine-tuning)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,10 +33,10 @@ from llmjax.checkpoint import CheckpointError, TrainCheckpoints
 from llmjax.checkpoint import init_from as load_init_from
 from llmjax.config import Config, ConfigError
 from llmjax.data.device import prefetch_to_device
-from llmjax.data.pipeline import make_iterator
 from llmjax.metrics import MetricsWriter, flops_per_token, peak_flops, read_metrics
 from llmjax.models import param_count
 from llmjax.train import report
+from llmjax.train.evaluate import data_iterator, evaluate, evaluate_run  # noqa: F401 (API)
 from llmjax.train.experiment import Experiment, build
 from llmjax.train.guard import NonFiniteGuard
 from llmjax.train.preflight import check_inputs, check_writable
@@ -58,42 +59,6 @@ class RunResult:
     resumed_from: Optional[int] = None  # checkpoint step the run continued from
     checkpoint_step: Optional[int] = None  # last checkpoint written
     init_report: Any = None  # llmjax.checkpoint.InitReport when train.init_from was used
-
-
-def data_iterator(exp: Experiment, split: str, num_epochs: Optional[int] = None):
-    cfg = exp.config
-    target_len = None
-    if exp.objective.batch_kind == "seq2seq" and cfg.objective.target_length:
-        target_len = cfg.objective.target_length
-    return make_iterator(cfg.data, exp.objective.batch_kind, cfg.train.seq_len,
-                         cfg.train.batch_size, split, num_epochs=num_epochs,
-                         target_len=target_len, vocab_size=exp.model_config.vocab_size)
-
-
-def evaluate(exp: Experiment, state, eval_fn, sharding, num_batches: int) -> dict[str, float]:
-    """Mean loss/accuracy per term over `num_batches` validation batches (same batches each time)."""
-    it = data_iterator(exp, "validation")
-    sums: dict[str, np.ndarray] = {}
-    try:
-        for _ in range(num_batches):
-            from llmjax.data.device import to_global
-            out = jax.device_get(eval_fn(state, to_global(next(it), sharding)))
-            for name, term in out.items():
-                sums[name] = sums.get(name, 0) + np.asarray(term, np.float64)
-    except StopIteration:
-        pass
-    finally:
-        it.close()
-    metrics = {}
-    for name, (loss_sum, count, correct) in sums.items():
-        metrics[f"{name}_loss"] = loss_sum / max(count, 1)
-        metrics[f"{name}_accuracy"] = correct / max(count, 1)
-    weights = exp.objective.term_weights
-    metrics["loss"] = sum(weights[n] * metrics[f"{n}_loss"] for n in sums)
-    if sums:
-        first = next(iter(sums))
-        metrics["perplexity"] = math.exp(min(metrics[f"{first}_loss"], 50.0))
-    return metrics
 
 
 def train(config: Config, devices=None, progress: Optional[bool] = None,
@@ -284,7 +249,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                 last_save = time.perf_counter()
             if preempted:
                 exit_code = signals.exit_code
-                _wait(ckpt, done)
+                ckpt.wait()
                 log.warning("stopped at step %d by %s; checkpoint %s written; rerun the same "
                             "command to resume (exit code %d)", done, signals.name,
                             ckpt.step_dir(done), exit_code)
@@ -301,7 +266,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
             writer.write(final, eval_metrics, "eval")
             if saved_step != final:
                 save(final, eval_metrics)
-            _wait(ckpt, final)
+            ckpt.wait()
             if cfg.peft.method != "full":  # small adapter-only export beside the checkpoints
                 peft.save_adapter(run_dir / "adapter", state.params, cfg.peft,
                                   exp.model_config, base=cfg.train.init_from)
@@ -361,36 +326,9 @@ def _time_due(due: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
 
 
-def _wait(ckpt: TrainCheckpoints, step: int) -> None:
-    ckpt.wait()
-
-
-def evaluate_run(config: Config, devices=None, step: Optional[int] = None) -> dict[str, float]:
-    """Validation metrics of the latest (or `step`) checkpoint of config's run_dir."""
-    cfg = config
-    run_dir = Path(cfg.train.run_dir).expanduser()
-    check_inputs(cfg)
-    exp = build(cfg, devices)
-    ckpt = TrainCheckpoints(run_dir, cfg, read_only=True)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{ckpt.directory} holds no checkpoint to evaluate; train "
-                                    f"first or set train.run_dir to a run directory")
-        state_sh = exp.state_shardings()
-        state, _, _ = ckpt.restore(step, exp, shardings=state_sh)
-    finally:
-        ckpt.close()
-    it = data_iterator(exp, "validation")
-    keys = list(it.output_shapes())
-    it.close()
-    eval_fn = exp.eval_step(keys, state_sh)
-    metrics = evaluate(exp, state, eval_fn, parallel.batch_sharding(exp.mesh), cfg.train.eval_steps)
-    return {"step": float(step), **metrics}
-
-
 def _progress(show: bool, total: int, initial: int):
-    if not show or jax.process_index() != 0:
+    """A tqdm bar on a terminal; None (log lines per interval instead) otherwise."""
+    if not show or jax.process_index() != 0 or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
