@@ -30,8 +30,7 @@ import yaml
 
 from llmjax import parallel, peft
 from llmjax.checkpoint import CheckpointError, TrainCheckpoints
-from llmjax.checkpoint import init_from as load_init_from
-from llmjax.config import Config, ConfigError
+from llmjax.config import Config
 from llmjax.data.device import prefetch_to_device
 from llmjax.metrics import MetricsWriter, flops_per_token, peak_flops, read_metrics
 from llmjax.models import param_count
@@ -40,6 +39,7 @@ from llmjax.train.evaluate import data_iterator, evaluate, evaluate_run  # noqa:
 from llmjax.train.experiment import Experiment, build
 from llmjax.train.guard import NonFiniteGuard
 from llmjax.train.preflight import check_inputs, check_writable
+from llmjax.train.resume import finished_step, restore_or_init
 from llmjax.train.signals import StartupInterrupted, StopSignals
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,11 @@ def train(config: Config, devices=None, progress: Optional[bool] = None,
             check_inputs(cfg)
             ckpt = TrainCheckpoints(run_dir, cfg)
             try:
-                done = _finished(cfg, ckpt)
-                if done is not None:
-                    return done
+                done = finished_step(cfg, ckpt)
+                if done is not None:  # nothing to train, nothing to write
+                    step, ev = done
+                    return RunResult(None, step, {}, ev, run_dir, resumed_from=step,
+                                     checkpoint_step=step)
                 exp = build(cfg, devices)
                 return _train(cfg, exp, ckpt, run_dir, progress, on_step, signals, wall_start)
             finally:
@@ -92,52 +94,11 @@ def train(config: Config, devices=None, progress: Optional[bool] = None,
             return RunResult(None, 0, {}, {}, run_dir, exit_code=signals.exit_code)
 
 
-def _finished(cfg: Config, ckpt: TrainCheckpoints) -> Optional[RunResult]:
-    """A RunResult (nothing trained, nothing written) when run_dir already holds a
-    checkpoint at or past train.steps; None otherwise."""
-    latest = ckpt.latest_step()
-    if latest is None or latest < cfg.train.steps or not cfg.checkpoint.resume:
-        return None
-    meta = ckpt.read_meta(latest)
-    ev = meta.get("eval") or {}
-    log.info("run %s is complete: checkpoint %s is at step %d (train.steps=%d); nothing to do. "
-             "To train further, rerun with a larger train.steps; to export: llmjax export %s OUT",
-             ckpt.directory.parent, ckpt.step_dir(latest), latest, cfg.train.steps,
-             ckpt.directory.parent)
-    return RunResult(None, latest, {}, ev, ckpt.directory.parent, resumed_from=latest,
-                     checkpoint_step=latest)
-
-
-def _restore_or_init(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, state_sh):
-    """(state, data state or None, resumed step or None, init report or None)."""
-    latest = ckpt.latest_step()
-    if latest is not None:
-        if not cfg.checkpoint.resume:
-            raise ConfigError(f"{ckpt.directory} holds checkpoints {ckpt.all_steps()} but "
-                              f"checkpoint.resume=false: choose a new train.run_dir, or delete "
-                              f"them to start afresh")
-        state, data_state, meta = ckpt.restore(latest, exp, shardings=state_sh)
-        if int(jax.device_get(state.step)) != latest:
-            raise CheckpointError(f"{ckpt.step_dir(latest)} holds step "
-                                  f"{int(jax.device_get(state.step))}, not {latest}")
-        log.info("resumed from %s (step %d)", ckpt.step_dir(latest), latest)
-        if jax.process_index() == 0:
-            for line in report.resume_changes(meta.get("config") or {}, cfg, latest):
-                log.info("%s", line)
-        return state, data_state, latest, None
-    if cfg.train.init_from:
-        state, init_report = load_init_from(exp, cfg.train.init_from)
-        if jax.process_index() == 0:
-            log.info("%s", init_report.summary())
-        return state, None, None, init_report
-    return exp.init_state(), None, None, None
-
-
 def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
            progress: Optional[bool], on_step, signals: StopSignals, wall_start: float
            ) -> RunResult:
     state_sh = exp.state_shardings()
-    state, data_state, resumed, init_report = _restore_or_init(cfg, exp, ckpt, state_sh)
+    state, data_state, resumed, init_report = restore_or_init(cfg, exp, ckpt, state_sh)
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     start = int(jax.device_get(state.step))
