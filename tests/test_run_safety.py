@@ -235,10 +235,13 @@ def test_nan_stops_keeps_last_good_checkpoint_and_records_nan(tmp_path, straight
     assert nan_rows and nan_rows[-1]["nonfinite_steps"] >= 1
 
 
-def test_skip_mode_keeps_training_finite(tmp_path, cache_dir):
+def test_skip_mode_keeps_training_finite_and_time_based_checkpoints(tmp_path, cache_dir):
+    # checkpoint.every_minutes is checked at log intervals: a tiny one saves at each of them.
     result = train(make_config(tmp_path, "optimizer.learning_rate=1e6",
-                               "optimizer.warmup_steps=0", "train.nonfinite=skip"))
+                               "optimizer.warmup_steps=0", "train.nonfinite=skip",
+                               "checkpoint.every_minutes=1e-9", "train.log_every=2"))
     assert result.exit_code == 0 and result.step == STEPS
+    assert TrainCheckpoints(tmp_path, make_config(tmp_path)).all_steps() == [2, 4, 6]
     assert all(np.isfinite(v).all() for v in params_of(result.state).values()
                if np.issubdtype(v.dtype, np.floating))
     skipped = sum(r.get("nonfinite_steps", 0) for r in rows(tmp_path) if r["split"] == "train")
@@ -313,7 +316,7 @@ def test_disk_full_during_save_is_one_line_and_resume_is_clean(tmp_path, straigh
     steps = [r["step"] for r in rows(tmp_path) if r["split"] == "train"]
     assert steps == list(range(1, STEPS + 1))  # no step twice
     assert rows(tmp_path) == rows(straight[0].run_dir)
-    assert kept  # the checkpoint resumed from was complete
+    assert kept and digest(tmp_path / "checkpoints" / "2") == kept  # read, never rewritten
 
 
 # ---------------------------------------------------------------- reporting, schedule
@@ -340,12 +343,6 @@ def test_finished_run_does_nothing(straight, caplog):
     assert again.eval_metrics["loss"] == pytest.approx(result.eval_metrics["loss"])
     assert "is complete" in caplog.text
     assert digest(run_dir) == before  # nothing retrained, nothing rewritten
-
-
-def test_time_based_checkpoints(tmp_path, cache_dir):
-    result = train(make_config(tmp_path, "checkpoint.every_minutes=1e-9", "train.log_every=2"))
-    assert result.exit_code == 0
-    assert TrainCheckpoints(tmp_path, make_config(tmp_path)).all_steps() == [2, 4, 6]
 
 
 def test_init_from_architecture_differences(tmp_path, straight):

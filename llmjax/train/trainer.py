@@ -239,7 +239,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
     step_now = int(jax.device_get(state.step))
     if jax.process_index() == 0:
         evals = [r["loss"] for r in read_metrics(writer.path)
-                 if r.get("split") == "eval" and "loss" in r]
+                 if r.get("split") == "eval" and math.isfinite(r.get("loss", math.nan))]
         log.info("%s", report.summary(
             wall=time.perf_counter() - wall_start, steps=step_now - start,
             tokens=(step_now - start) * tokens_per_step, loop_seconds=loop_seconds,
