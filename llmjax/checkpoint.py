@@ -284,11 +284,22 @@ def _remove_unfinished_saves(directory: Path) -> None:
         for path in sorted(directory.glob("*.orbax-checkpoint-tmp*")):
             log.warning("removing unfinished checkpoint %s (its save never committed)", path)
             if path.is_dir():
-                shutil.rmtree(path)
+                _rmtree(path)
             else:
                 path.unlink()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("llmjax: unfinished checkpoints removed")
+
+
+def _rmtree(path: Path) -> None:
+    """shutil.rmtree that outlasts the writers of a save that failed in this very process
+    (after a failed synchronous save orbax's other items may still be writing for a moment)."""
+    for _ in range(50):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
+    shutil.rmtree(path)  # still there: raise the real error
 
 
 class TrainCheckpoints:
