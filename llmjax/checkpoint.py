@@ -89,6 +89,7 @@ def load_params(directory: str | os.PathLike, target: Any = None) -> tuple[Any, 
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import shutil
@@ -393,13 +394,11 @@ class TrainCheckpoints:
             if cause is None or self._failed:
                 raise
             self._failed = True
-            from llmjax.train.preflight import describe
             kept = self.all_steps()  # committed ones only: a failed save never commits
             raise CheckpointError(
-                f"cannot write a checkpoint in {self.directory}: {describe(cause)}; earlier "
-                f"checkpoints "
-                f"{kept or '(none)'} are intact: free space or fix permissions, then rerun the "
-                f"same command to resume") from None
+                f"cannot write a checkpoint in {self.directory}: {describe_os_error(cause)}; "
+                f"earlier checkpoints {kept or '(none)'} are intact: free space or fix "
+                f"permissions, then rerun the same command to resume") from None
 
     # -- restore
     def read_meta(self, step: int) -> dict:
@@ -454,6 +453,13 @@ def _os_error(err: BaseException) -> Optional[OSError]:
             return e
         stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     return None
+
+
+def describe_os_error(err: OSError) -> str:
+    """'No space left on device [ENOSPC] (path)': the problem, its errno name, the path."""
+    name = errno.errorcode.get(err.errno or 0, "")
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}{f' [{name}]' if name else ''}{where}"
 
 
 def _diagnose(state_dir: Path, target: dict, err: Exception, partial: bool = False) -> str:

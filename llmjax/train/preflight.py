@@ -6,12 +6,12 @@ them and the loss goes NaN, so a too-large tokenizer must be caught here.
 """
 from __future__ import annotations
 
-import errno
 import glob
 import os
 import uuid
 from pathlib import Path
 
+from llmjax.checkpoint import describe_os_error
 from llmjax.config import Config, ConfigError
 
 
@@ -68,13 +68,6 @@ def check_writable(run_dir: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"train.run_dir={str(run_dir)!r} is not writable: {describe(err)}; "
-                          f"choose another train.run_dir or fix its permissions/space") from None
-
-
-def describe(err: OSError) -> str:
-    """'No space left on device (ENOSPC)' for an OSError, with the path when it has one."""
-    name = errno.errorcode.get(err.errno or 0, "")
-    text = err.strerror or str(err)
-    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-    return f"{text}{f' [{name}]' if name else ''}{where}"
+        raise ConfigError(f"train.run_dir={str(run_dir)!r} is not writable: "
+                          f"{describe_os_error(err)}; choose another train.run_dir or fix its "
+                          f"permissions/space") from None
