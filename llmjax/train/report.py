@@ -97,9 +97,9 @@ def summary(*, wall: float, steps: int, tokens: int, loop_seconds: float,
             final_eval: Optional[float], best_eval: Optional[float], checkpoint: Optional[Path],
             adapter: Optional[Path], run_dir: Path, finished: bool, stopped_by: str = "") -> str:
     tps = tokens / loop_seconds if loop_seconds > 0 else math.nan
-    lines = [f"run {'complete' if finished else 'stopped' + (' by ' + stopped_by if stopped_by else '')}"
-             f": {steps} steps in {duration(wall)}, {tokens:,} tokens at {tps:,.0f} tokens/s "
-             f"(mean, compile excluded)"]
+    status = "complete" if finished else "stopped" + (f" by {stopped_by}" if stopped_by else "")
+    lines = [f"run {status}: {steps} steps in {duration(wall)}, {tokens:,} tokens at "
+             f"{tps:,.0f} tokens/s (mean, compile excluded)"]
     if final_eval is not None:
         lines.append(f"  eval loss: final {final_eval:.4f}" +
                      (f", best {best_eval:.4f}" if best_eval is not None else ""))
