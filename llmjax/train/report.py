@@ -78,9 +78,13 @@ def resume_changes(saved: dict, cfg: Config, step: int) -> list[str]:
             lines.append(f"  the learning-rate schedule is recomputed from the new settings: "
                          f"at step {step} it was {lr_old:.3e}, it is now {lr_new:.3e} "
                          f"(optimizer moments carry over)")
-    if keys & {"train.batch_size", "train.seq_len", "train.grad_accum"}:
-        lines.append("  tokens per step change from here on; the data position carries over "
-                     "where the pipeline allows it")
+    if keys & {"train.batch_size", "train.seq_len"}:
+        lines.append("  the data iterator resumes only with the batch size and sequence length "
+                     "it was saved with: keep them, or fine-tune from this run in a new "
+                     "train.run_dir with train.init_from")
+    if "train.grad_accum" in keys:
+        lines.append("  the same global batch in another number of micro-batches: the same "
+                     "updates up to float rounding")
     return lines
 
 
