@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from llmjax.config import Config, ConfigError, OptimizerConfig, _build
+from llmjax.config import Config, ConfigError, ModelConfig, OptimizerConfig, _build
 
 
 def duration(seconds: float) -> str:
@@ -54,7 +54,8 @@ def compile_line(compiled, seconds: float) -> str:
 
 # Settings whose change on resume alters what the run computes from here on.
 _WATCHED = {"train": ("steps", "batch_size", "seq_len", "grad_accum"),
-            "optimizer": tuple(f.name for f in OptimizerConfig.__dataclass_fields__.values())}
+            "optimizer": tuple(OptimizerConfig.__dataclass_fields__),
+            "model": tuple(ModelConfig.__dataclass_fields__)}  # run-time ones (dtype, remat)
 
 
 def resume_changes(saved: dict, cfg: Config, step: int) -> list[str]:
