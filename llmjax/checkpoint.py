@@ -88,11 +88,11 @@ def load_params(directory: str | os.PathLike, target: Any = None) -> tuple[Any, 
 # =============================================================================
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import shutil
-import signal
-import threading
 import time
 
 import numpy as np
@@ -104,6 +104,7 @@ CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 # Exit code of a run stopped by SIGTERM after writing its checkpoint (sysexits EX_TEMPFAIL:
 # "temporary failure, retry"): rerunning the same command resumes from that checkpoint.
+# Signal handling lives in llmjax/train/signals.py.
 EXIT_PREEMPTED = 75
 
 
@@ -284,11 +285,22 @@ def _remove_unfinished_saves(directory: Path) -> None:
         for path in sorted(directory.glob("*.orbax-checkpoint-tmp*")):
             log.warning("removing unfinished checkpoint %s (its save never committed)", path)
             if path.is_dir():
-                shutil.rmtree(path)
+                _rmtree(path)
             else:
                 path.unlink()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("llmjax: unfinished checkpoints removed")
+
+
+def _rmtree(path: Path) -> None:
+    """shutil.rmtree that outlasts the writers of a save that failed in this very process
+    (after a failed synchronous save orbax's other items may still be writing for a moment)."""
+    for _ in range(50):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.1)
+    shutil.rmtree(path)  # still there: raise the real error
 
 
 class TrainCheckpoints:
@@ -317,6 +329,7 @@ class TrainCheckpoints:
                            "data": DataStateHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         self.last_save_seconds = 0.0
+        self._failed = False  # a save failed and was reported
 
     # -- queries
     def latest_step(self) -> Optional[int]:
@@ -341,20 +354,51 @@ class TrainCheckpoints:
                 "eval": {k: float(v) for k, v in (eval_metrics or {}).items()}}
         metrics = {"eval_loss": float(eval_metrics["loss"])} if eval_metrics else None
         start = time.perf_counter()
-        self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_saved_form(state)),
-            data=DataSave(data_state), meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        with self._disk_errors():
+            self.manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_saved_form(state)),
+                data=DataSave(data_state), meta=ocp.args.JsonSave(meta)), metrics=metrics,
+                force=True)
         self.last_save_seconds = time.perf_counter() - start
         log.info("checkpoint %d: %s in %.2fs%s", step, "started" if self.config.checkpoint.async_save
                  else "written", self.last_save_seconds,
                  " (writing in the background)" if self.config.checkpoint.async_save else "")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        except CheckpointError:
+            if not self._failed:  # not yet reported: say it
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 (a failed save was reported above)
+                if not self._failed:
+                    raise
+
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        """An OSError while writing (no space, read-only, permissions), in this thread or the
+        background save, as one line naming the path; the uncommitted save is left as
+        <step>.orbax-checkpoint-tmp* (removed at the next start) and earlier checkpoints
+        stay intact."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 (orbax wraps background errors variously)
+            cause = _os_error(err)
+            if cause is None or self._failed:
+                raise
+            self._failed = True
+            kept = self.all_steps()  # committed ones only: a failed save never commits
+            raise CheckpointError(
+                f"cannot write a checkpoint in {self.directory}: {describe_os_error(cause)}; "
+                f"earlier checkpoints {kept or '(none)'} are intact: free space or fix "
+                f"permissions, then rerun the same command to resume") from None
 
     # -- restore
     def read_meta(self, step: int) -> dict:
@@ -396,25 +440,68 @@ class TrainCheckpoints:
         return state, restored["data"], meta
 
 
-def _diagnose(state_dir: Path, target: dict, err: Exception) -> str:
-    """Name the leaf that cannot be read: restore leaves one by one until one fails."""
-    message = f"cannot read {state_dir}: {type(err).__name__}: {str(err)[:500]}"
-    flat = flatten(target)
+def _os_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind `err` (itself, its cause/context chain, or an exception group)."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def describe_os_error(err: OSError) -> str:
+    """'No space left on device [ENOSPC] (path)': the problem, its errno name, the path."""
+    name = errno.errorcode.get(err.errno or 0, "")
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}{f' [{name}]' if name else ''}{where}"
+
+
+def _diagnose(state_dir: Path, target: dict, err: Exception, partial: bool = False) -> str:
+    """Name the leaf that cannot be read: restore leaves one by one until one fails.
+
+    Each try restores one leaf of the very tree that failed, the others replaced by orbax's
+    PLACEHOLDER (skipped), so the tree structure (lists and tuples in optimizer states)
+    matches the saved one. `partial`: `target` is a nested dict of some leaves only
+    (init_from, run params), restored with partial_restore."""
+    message = f"cannot read {state_dir}: {_root_cause(err)}"
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
-            for key, leaf in flat.items():
-                sub = _nest({key: leaf})
+            for i, (path, leaf) in enumerate(flat):
+                key = path_str(path)
+                if partial:
+                    sub = _nest({key: leaf})
+                else:
+                    leaves = [ocp.PLACEHOLDER] * len(flat)
+                    leaves[i] = leaf
+                    sub = jax.tree_util.tree_unflatten(treedef, leaves)
+                restore_args = jax.tree.map(
+                    lambda x: x if x is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(
+                        sharding=x.sharding, dtype=x.dtype), sub)
                 try:
                     checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-                        sub, restore_args=jax.tree.map(
-                            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), sub),
-                        partial_restore=True))
+                        sub, restore_args=restore_args, partial_restore=partial))
                 except Exception as leaf_err:  # noqa: BLE001
                     return (f"cannot read leaf {key} {tuple(leaf.shape)} of {state_dir}: "
-                            f"{type(leaf_err).__name__}: {str(leaf_err)[:300]}")
+                            f"{_root_cause(leaf_err)}")
     except Exception:  # noqa: BLE001 (diagnosis is best effort)
         pass
     return message
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause's message (tensorstore's 'OUT_OF_RANGE: Error reading ...' rather
+    than orbax's wrapper holding the whole TensorStore spec), one line, bounded."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:400]}"
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -459,49 +546,6 @@ def check_compatible(saved_model: dict, model: ModelConfig, where: str) -> None:
                    if key == "vocab_size" else ""))
 
 
-# ---------------------------------------------------------------- preemption
-
-class PreemptionWatcher:
-    """SIGTERM -> `requested` becomes true; the trainer checkpoints at the next step boundary.
-
-    Multi-process runs ask jax's preemption sync point instead, so every host
-    stops at the same step (jax.distributed registers its own SIGTERM notice).
-    """
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._previous = None
-        self._installed = False
-
-    def __enter__(self) -> "PreemptionWatcher":
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if not self._event.is_set():
-            log.warning("SIGTERM received: checkpointing at the next step boundary, then exiting "
-                        "with code %d", EXIT_PREEMPTED)
-        self._event.set()
-
-    def reached(self, step: int) -> bool:
-        if self._event.is_set():
-            return True
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            try:
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # no preemption sync manager (distributed not initialised)
-                return False
-        return False
-
-    def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-            self._installed = False
-
-
 # ---------------------------------------------------------------- init_from (fine-tuning)
 
 @dataclasses.dataclass
@@ -514,15 +558,60 @@ class InitReport:
     dropped: list = dataclasses.field(default_factory=list)  # in the source, not in this model
     resized: list = dataclasses.field(default_factory=list)  # position tables cut to max_len
     cast: list = dataclasses.field(default_factory=list)  # loaded with another dtype
+    overridden: list = dataclasses.field(default_factory=list)  # train.init_override fields
+    runtime: list = dataclasses.field(default_factory=list)  # run-time model fields changed
 
     def summary(self) -> str:
         lines = [f"init_from {self.source}: {len(self.loaded)} leaves loaded, {len(self.new)} new "
                  f"(freshly initialised), {len(self.dropped)} dropped"]
         for title, items in (("new", self.new), ("dropped", self.dropped),
-                             ("resized", self.resized), ("cast", self.cast)):
+                             ("resized", self.resized), ("cast", self.cast),
+                             ("override", self.overridden), ("run-time", self.runtime)):
             for item in items:
                 lines.append(f"  {title:8s} {item}")
         return "\n".join(lines)
+
+
+# ModelConfig fields that may differ between an init_from source and the new model: how
+# the model runs (precision, memory, kernels, dropout, init of new leaves), its heads
+# (new heads are initialised, old ones dropped: both listed) and the PEFT hooks. Every
+# other field is architecture: same-shaped weights would compute something else.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "kernels",
+                  "dropout", "initializer_range", "pooler", "mlm_head", "nsp_head", "num_labels",
+                  "prompt_tokens", "prefix_tokens", "adapter_dim")
+# Optional sizes compared by their effective value (None = the default derived size).
+_EFFECTIVE = {"num_kv_heads": "kv_heads", "head_dim": "dim_per_head",
+              "num_decoder_layers": "decoder_layers"}
+
+
+def architecture_changes(saved_model: dict, model: ModelConfig, overrides, report,
+                         where: str) -> list[str]:
+    """Compare every ModelConfig field of the source with the target: run-time differences
+    and train.init_override'd ones go to the report; returns the other differences (errors).
+    A learned position table cut to a shorter max_len is allowed (and listed)."""
+    from llmjax.config import _build
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        source = _build(ModelConfig, {k: v for k, v in saved_model.items() if k in known},
+                        "model")
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: its model config cannot be read: {err}") from None
+    errors = []
+    for name in sorted(known & set(saved_model)):
+        attr = _EFFECTIVE.get(name, name)
+        old, new = getattr(source, attr), getattr(model, attr)
+        if old == new:
+            continue
+        change = f"model.{name} {old!r} -> {new!r}"
+        if name in RUNTIME_FIELDS:
+            report.runtime.append(change)
+        elif name in overrides:
+            report.overridden.append(change)
+        elif name == "max_len" and model.position == "learned" and new < old:
+            report.overridden.append(change + " (learned position table cut)")
+        else:
+            errors.append(change)
+    return errors
 
 
 def resolve_source(path: str | os.PathLike) -> tuple[Path, list[str], dict]:
@@ -596,6 +685,8 @@ def init_from(exp, path: str | os.PathLike):
     wanted = flatten(abstract)
     wanted_sh = flatten(shardings)
     report = InitReport(source=where)
+    arch_errors = architecture_changes(source_config.get("model", {}), exp.model_config,
+                                       exp.config.train.init_override, report, where)
     restore_target: dict[str, Any] = {}
     errors = []
     for key, leaf in wanted.items():
@@ -619,7 +710,16 @@ def init_from(exp, path: str | os.PathLike):
         restore_target[tree_key] = jax.ShapeDtypeStruct(saved_shape, meta.dtype, sharding=sharding)
     if errors:
         raise CheckpointError(f"init_from {where}: parameters do not fit this model:\n  " +
-                              "\n  ".join(errors))
+                              "\n  ".join(errors) + (f"\n  (architecture differences: "
+                                                      f"{', '.join(arch_errors)})"
+                                                      if arch_errors else ""))
+    if arch_errors:
+        names = [c.split()[0].split(".", 1)[1] for c in arch_errors]
+        raise CheckpointError(
+            f"init_from {where}: this model's architecture differs from the source's: "
+            f"{', '.join(arch_errors)}; the weights would load into a model that computes "
+            f"something else. Match these model fields to the source, or list the ones you "
+            f"mean to change: train.init_override=[{','.join(names)}]")
     report.dropped = sorted(f"{k} {tuple(m.shape)}" for k, (_, m) in source.items()
                             if k not in wanted)
     if not report.loaded:
@@ -645,7 +745,7 @@ def _restore_leaves(tree_dir: Path, target: dict[str, Any]) -> dict:
                     lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), nested),
                 partial_restore=True))
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(_diagnose(tree_dir, nested, err)) from None
+        raise CheckpointError(_diagnose(tree_dir, nested, err, partial=True)) from None
 
 
 def _init_with(exp, rng, loaded: dict):

@@ -243,10 +243,22 @@ class TrainConfig:
     # forward. For large vocabularies (LLaMA 32k, GPT-2 50k, T5 32k) on accelerators.
     logits_chunk: int = 0
     compilation_cache: str = "~/.cache/llmjax/jax"  # "" = off
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; log lines per interval otherwise
     tensorboard: bool = True
+    # A step whose loss or gradient norm is NaN/inf: "stop" (error naming the step; the last
+    # good checkpoint is kept) or "skip" (that update is not applied; training goes on).
+    nonfinite: str = "stop"
+    # ModelConfig architecture fields init_from may change (e.g. [rope_theta, max_len]);
+    # any other architecture difference from the source is an error.
+    init_override: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
+        _choice("train.nonfinite", self.nonfinite, ("stop", "skip"))
+        fields = [f.name for f in dataclasses.fields(ModelConfig)]
+        for name in self.init_override:
+            if name not in fields:
+                raise ConfigError(f"train.init_override: {name!r} is not a model field"
+                                  f"{_suggest(name, fields)}")
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be positive")
@@ -262,11 +274,21 @@ class TrainConfig:
 class CheckpointConfig:
     """Orbax checkpointing of the train state, data iterator and config."""
 
-    every: int = 0  # steps between saves; 0 = only at the end
+    every: int = 0  # steps between saves; 0 = none by steps
+    # Minutes between saves, checked at log intervals (train.log_every); 0 = none by time.
+    # Either way the run saves at the end and on SIGTERM / Ctrl-C.
+    every_minutes: float = 30.0
     keep: int = 3
     keep_best: bool = False  # also keep the best by eval loss
     async_save: bool = True
     resume: bool = True  # continue from the latest checkpoint in train.run_dir
+
+    def validate(self) -> None:
+        if self.every < 0 or self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every={self.every} / checkpoint.every_minutes="
+                              f"{self.every_minutes} must be >= 0 (0: off)")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep} must be >= 1")
 
 
 @dataclasses.dataclass

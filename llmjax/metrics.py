@@ -10,7 +10,7 @@ against the encoder length. MFU = achieved FLOP/s / peak FLOP/s.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import time
 from pathlib import Path
@@ -62,29 +62,91 @@ def peak_flops(override: float = 0.0) -> Optional[float]:
 
 
 class MetricsWriter:
-    """Appends metrics to run_dir/metrics.jsonl and TensorBoard event files (process 0 only)."""
+    """Appends metrics to run_dir/metrics.jsonl and TensorBoard event files (process 0 only).
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True):
+    Created with the step the run starts from (the resumed checkpoint's, 0 when fresh), it
+    first drops the rows past that step, which a run killed after its last checkpoint (or
+    before its first) wrote, so the files always match what a straight run writes. When
+    rows were dropped, the TensorBoard events are rebuilt from the kept rows.
+    NaN/inf values are written as they are (JSON NaN / Infinity): a diverged run shows it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True,
+                 start_step: Optional[int] = None):
         self.enabled = jax.process_index() == 0
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tensorboard"
         self.tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            dropped = trim_metrics(self.path, start_step) if start_step is not None else 0
             if tensorboard:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                # NaN is written on purpose (a diverged run shows it): no warning per value.
+                logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+                stale = list(self.tb_dir.glob("events.out.tfevents.*"))
+                if dropped and stale:
+                    for path in stale:
+                        path.unlink()
+                self.tb = SummaryWriter(str(self.tb_dir))
+                if dropped and stale:
+                    for row in read_metrics(self.path):
+                        self._tb_row(row)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": prefix, "time": time.time(), **clean}) + "\n")
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        row = {"step": step, "split": prefix, "time": time.time(), **clean}
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:
+            from llmjax.config import ConfigError
+            raise ConfigError(f"cannot append to {self.path}: {err.strerror or err}; free space "
+                              f"or fix permissions, then rerun to resume from the last "
+                              f"checkpoint") from None
         if self.tb is not None:
-            for key, value in clean.items():
-                self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            self._tb_row(row)
             self.tb.flush()
+
+    def _tb_row(self, row: dict) -> None:
+        for key, value in row.items():
+            if key not in ("step", "split", "time"):
+                self.tb.add_scalar(f"{row['split']}/{key}", value, row["step"],
+                                   walltime=row.get("time"))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl (a last line cut by a kill is skipped)."""
+    path = Path(path)
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the rows of metrics.jsonl up to `step` (and drop a line cut by a kill); returns
+    how many lines were dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)

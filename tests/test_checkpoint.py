@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -252,13 +253,29 @@ def test_truncated_file_is_a_clear_error(copy_of):
                    key=lambda p: p.stat().st_size)
     biggest = files[-1]
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"cannot read (leaf \S+ )?.*8/state"):
+    with pytest.raises(CheckpointError, match=r"cannot read leaf \S+ .*8/state") as info:
         train(make_config(run_dir, "train.steps=12"))
+    # The leaf named is the one whose read failed (tensorstore names it with dots).
+    found = re.search(r"cannot read leaf (\S+) .*Error reading \"([^\"/]+)/", str(info.value))
+    assert found and found.group(1).replace("/", ".") == found.group(2), str(info.value)
     run_dir = copy_of()
     meta = run_dir / "checkpoints" / str(STEPS) / "meta" / "metadata"
     meta.write_text(meta.read_text()[:100])
     with pytest.raises(CheckpointError, match=r"meta/metadata is truncated"):
         train(make_config(run_dir, "train.steps=12"))
+
+
+def test_diagnosis_blames_no_leaf_of_a_healthy_checkpoint(straight):
+    """_diagnose (run after a failed restore) re-reads leaf by leaf; on a healthy checkpoint
+    it must find nothing to blame (it once failed on every optimizer-state leaf)."""
+    from llmjax.checkpoint import _abstract_saved_form, _diagnose
+    cfg = make_config(straight[0].run_dir)
+    exp = build(cfg)
+    abstract = exp.abstract_state()
+    target = _abstract_saved_form(abstract, exp.state_shardings(abstract))
+    state_dir = straight[0].run_dir / "checkpoints" / str(STEPS) / "state"
+    assert _diagnose(state_dir, target, RuntimeError("boom")) == \
+        f"cannot read {state_dir}: RuntimeError: boom"
 
 
 def test_other_family_and_vocab_are_clear_errors(copy_of):

@@ -74,7 +74,8 @@ class Experiment:
     def train_step(self, batch_keys, state_sh: Optional[TrainState] = None) -> Callable:
         train = self.config.train
         fn = make_train_step(self.model, self.objective, self.tx, self.plan, self.schedule,
-                             train.grad_accum, train.logits_chunk)
+                             train.grad_accum, train.logits_chunk,
+                             skip_nonfinite=train.nonfinite == "skip")
         return jit_step(fn, self.mesh, self.rules, state_sh or self.state_shardings(),
                         self.batch_shardings(batch_keys))
 

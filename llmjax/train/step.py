@@ -55,8 +55,15 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 
 def make_train_step(model, objective: Objective, tx: optax.GradientTransformation, plan,
-                    schedule: Callable, grad_accum: int = 1, logits_chunk: int = 0) -> Callable:
-    """state, batch -> state, metrics (not jitted: see `jit_train_step`)."""
+                    schedule: Callable, grad_accum: int = 1, logits_chunk: int = 0,
+                    skip_nonfinite: bool = False) -> Callable:
+    """state, batch -> state, metrics (not jitted: see `jit_train_step`).
+
+    metrics["nonfinite"] is 1 when the loss or the gradient norm is NaN/inf (read by the
+    host at its read-backs, llmjax/train/guard.py). With `skip_nonfinite` such a step
+    leaves params and optimizer state as they were (the step counter still advances, so
+    the data and the schedule move on); no state is added, so checkpoints keep their tree.
+    """
 
     def loss_fn(trainable, frozen, micro: Batch, rng, totals):
         params = plan.merge(trainable, frozen)
@@ -90,9 +97,16 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
                 body, init, (_micro_batches(batch, grad_accum), jnp.arange(grad_accum)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step), **term_metrics(terms, totals),
-                   "tokens": jnp.sum(batch.get("segment_ids", batch["tokens"]) != 0)}
+                   "tokens": jnp.sum(batch.get("segment_ids", batch["tokens"]) != 0),
+                   "nonfinite": (~finite).astype(jnp.int32)}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
