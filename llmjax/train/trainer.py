@@ -123,6 +123,9 @@ def _restore_or_init(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, state
         state, report = load_init_from(exp, cfg.train.init_from)
         if jax.process_index() == 0:
             log.info("%s", report.summary())
+        # Checkpoints reference the frozen base instead of storing it (llmjax/peft/base_ref.py).
+        from llmjax.peft.base_ref import reference
+        ckpt.base = reference(cfg.train.init_from, state.frozen, report)
         return state, None, None, report
     return exp.init_state(), None, None, None
 
@@ -237,7 +240,8 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                 ckpt.wait()
                 if cfg.peft.method != "full":  # small adapter-only export beside the checkpoints
                     peft.save_adapter(run_dir / "adapter", state.params, cfg.peft,
-                                      exp.model_config, base=cfg.train.init_from)
+                                      exp.model_config, base=ckpt.base or cfg.train.init_from,
+                                      frozen=state.frozen)
     finally:
         if bar is not None:
             bar.close()

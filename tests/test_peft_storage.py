@@ -1,0 +1,223 @@
+"""PEFT runs reference their frozen base instead of storing it, and `llmjax export` / `peft merge`
+work from run directories: tiny LLaMA pretrained 2 steps, then LoRA fine-tuned 4 steps on a
+(2,2,2) mesh (checkpoints at 2 and 4). One base run and one LoRA run are shared by the module;
+the persistent compilation cache makes the later runs of the same shapes cheap."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import llmjax
+from llmjax import cli, compile_cache, config, peft
+from llmjax.checkpoint import CheckpointError, _tree_metadata, load_source, save_params
+from llmjax.export import export_run
+from llmjax.models import Transformer
+from llmjax.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS = np.array([[11, 200, 301, 42, 150, 7, 99, 500]], np.int32)
+
+
+def overrides(run_dir, *extra):
+    return ["model=llama-tiny", "train.seq_len=16", "train.batch_size=8", "train.log_every=1",
+            f"train.run_dir={run_dir}", "train.progress=false", "train.tensorboard=false",
+            "train.eval_steps=1", "train.compilation_cache=", "mesh.data=2", "mesh.fsdp=2",
+            "mesh.tensor=2", "data.synthetic_num_documents=64", "optimizer.warmup_steps=0",
+            *extra]
+
+
+def lora_config(run_dir, base, *extra):
+    return config.load(REPO / "configs/experiments/peft-lora.yaml", overrides(
+        run_dir, "train.steps=4", "checkpoint.every=2", "peft.rank=4",
+        "optimizer.learning_rate=1e-2", f"train.init_from={base}", *extra))
+
+
+def dir_bytes(path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def assert_trees_equal(a, b):
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+
+
+def merged_logits(cfg, state) -> np.ndarray:
+    """The fine-tuned model's logits from the run's in-memory state (no checkpoint code)."""
+    plan = peft.build(cfg.peft)
+    params = jax.device_get(plan.merge(state.params, state.frozen))
+    model = Transformer(plan.model_config(cfg.model))
+    return np.asarray(model.apply({"params": params}, TOKENS)["logits"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft_storage")
+    compile_cache.enable(root / "jax_cache")
+    base = train(config.load(REPO / "configs/experiments/gpt-tiny.yaml", overrides(
+        root / "base", "train.steps=2")))
+    cfg = lora_config(root / "lora", root / "base")
+    lora = train(cfg)
+    assert lora.checkpoint_step == 4
+    return {"root": root, "base": base, "lora": lora, "cfg": cfg,
+            "logits": merged_logits(cfg, lora.state)}
+
+
+def test_checkpoints_hold_no_frozen_base_and_reference_it(runs):
+    run = runs["root"] / "lora"
+    for step in (2, 4):
+        keys = _tree_metadata(run / "checkpoints" / str(step) / "state")
+        assert not [k for k in keys if k.startswith("frozen/")], keys
+        assert [k for k in keys if k.endswith("lora_a")]
+        meta = json.loads((run / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+        assert meta["base"]["path"] == str(runs["root"] / "base" / "checkpoints" / "2")
+        assert "decoder/layers/attention/query/kernel" in meta["base"]["leaves"]
+    # The whole run directory is smaller than one checkpoint of the base.
+    assert dir_bytes(run) < 0.5 * dir_bytes(runs["root"] / "base" / "checkpoints" / "2")
+
+
+def test_resume_restores_the_base_and_is_bit_exact(runs):
+    resumed_dir = runs["root"] / "resumed"
+    shutil.copytree(runs["root"] / "lora", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "4")
+    result = train(lora_config(resumed_dir, runs["root"] / "base"))
+    assert result.resumed_from == 2
+    straight = runs["lora"].state
+    assert_trees_equal((result.state.params, result.state.opt_state, result.state.frozen),
+                       (straight.params, straight.opt_state, straight.frozen))
+    # frozen leaves keep the shardings a fresh start gives them
+    for a, b in zip(jax.tree.leaves(result.state.frozen), jax.tree.leaves(straight.frozen)):
+        assert a.sharding == b.sharding
+
+
+def test_checkpoints_without_a_base_reference_still_resume(runs, monkeypatch):
+    """Checkpoints written before base referencing (frozen stored in full) resume as before."""
+    old_dir = runs["root"] / "old_format"
+    import llmjax.peft.base_ref as base_ref
+    monkeypatch.setattr(base_ref, "reference", lambda *a: None)
+    train(lora_config(old_dir, runs["root"] / "base"))
+    keys = _tree_metadata(old_dir / "checkpoints" / "2" / "state")
+    assert [k for k in keys if k.startswith("frozen/")]
+    shutil.rmtree(old_dir / "checkpoints" / "4")
+    monkeypatch.undo()
+    result = train(lora_config(old_dir, runs["root"] / "base"))
+    assert result.resumed_from == 2
+    assert_trees_equal((result.state.params, result.state.opt_state),
+                       (runs["lora"].state.params, runs["lora"].state.opt_state))
+
+
+def _point_base(run_dir: Path, base_path: Path) -> None:
+    """Rewrite the base path recorded in every checkpoint (as if the base had moved)."""
+    for meta_path in run_dir.glob("checkpoints/*/meta/metadata"):
+        meta = json.loads(meta_path.read_text())
+        meta["base"]["path"] = str(base_path)
+        meta_path.write_text(json.dumps(meta))
+
+
+def test_moved_or_changed_base_fails_in_one_line_and_a_relocated_copy_resumes(runs, capsys):
+    root = runs["root"]
+    source = load_source(root / "base")
+    copy = save_params(root / "base_copy", source.params, source.model)
+    changed = dict(source.params)
+    changed["decoder"] = jax.tree.map(lambda x: x, source.params["decoder"])
+    changed["decoder"]["final_norm"] = {"scale": source.params["decoder"]["final_norm"]["scale"]
+                                        + 1e-3}
+    changed_dir = save_params(root / "base_changed", changed, source.model)
+
+    run = root / "moved"
+    shutil.copytree(root / "lora", run)
+    shutil.rmtree(run / "checkpoints" / "4")
+    _point_base(run, changed_dir)
+    args = ["train", str(REPO / "configs/experiments/peft-lora.yaml"),
+            *overrides(run, "train.steps=4", "checkpoint.every=2", "peft.rank=4",
+                       "optimizer.learning_rate=1e-2", f"train.init_from={root / 'nowhere'}")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("llmjax: error:"), err
+    assert str(changed_dir) in err and "fingerprint" in err and "train.init_from" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]  # nothing lost
+
+    _point_base(run, root / "gone")
+    with pytest.raises(CheckpointError, match=r"gone.*missing"):
+        train(lora_config(run, root / "nowhere"))
+    # The same base elsewhere (fingerprint-checked) continues the run exactly.
+    result = train(lora_config(run, copy))
+    assert result.resumed_from == 2
+    assert_trees_equal(result.state.params, runs["lora"].state.params)
+
+
+def test_export_merged_matches_the_run_and_converts_to_transformers(runs, tmp_path):
+    out = tmp_path / "export"
+    assert cli.main(["export", str(runs["root"] / "lora"), str(out)]) == 0
+    model = llmjax.from_pretrained(out)
+    np.testing.assert_allclose(model.logits(TOKENS), runs["logits"], atol=1e-5)
+    # an earlier step, chosen explicitly, is a different model
+    early = llmjax.from_pretrained(export_run(runs["root"] / "lora", tmp_path / "early", step=2))
+    assert np.abs(early.logits(TOKENS) - runs["logits"]).max() > 1e-4
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    assert cli.main(["convert", "llmjax-to-hf", str(out), str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf",
+                                                       attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(ref, runs["logits"], atol=1e-4)
+
+
+def test_export_refuses_to_overwrite(runs, tmp_path, capsys):
+    run = str(runs["root"] / "lora")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert cli.main(["export", run, str(other)]) == 2
+    assert "not an llmjax export" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "mine"
+    out = tmp_path / "out"
+    assert cli.main(["export", run, str(out), "--adapter-only"]) == 0
+    assert cli.main(["export", run, str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["export", run, str(out), "--force"]) == 0
+    assert "peft_adapter" not in (out / "config.yaml").read_text()  # replaced by the merged one
+    assert cli.main(["export", run, str(out), "--step", "3"]) == 2
+    assert "steps: 2, 4" in capsys.readouterr().err
+
+
+def test_documented_sequence_peft_merge_of_the_run_adapter(runs, tmp_path):
+    """pretrain -> finetune init_from=RUN (LoRA) -> peft merge RUN2/adapter OUT -> from_pretrained."""
+    adapter = runs["root"] / "lora" / "adapter"
+    assert dir_bytes(adapter) < 0.1 * dir_bytes(runs["root"] / "base" / "checkpoints" / "2")
+    out = tmp_path / "merged"
+    assert cli.main(["peft", "merge", str(adapter), str(out)]) == 0
+    np.testing.assert_allclose(llmjax.from_pretrained(out).logits(TOKENS), runs["logits"],
+                               atol=1e-5)
+    # the adapter export of the run, merged onto the base given as a step dir, is the same
+    exported = export_run(runs["root"] / "lora", tmp_path / "adapter", adapter_only=True)
+    out2 = tmp_path / "merged2"
+    assert cli.main(["peft", "merge", str(exported), str(out2), "--base",
+                     str(runs["root"] / "base" / "checkpoints" / "2")]) == 0
+    np.testing.assert_allclose(llmjax.from_pretrained(out2).logits(TOKENS), runs["logits"],
+                               atol=1e-5)
+    # onto another base: refused (fingerprint), nothing written
+    source = load_source(runs["root"] / "base")
+    other = save_params(tmp_path / "other", jax.tree.map(lambda x: x * 1.01, source.params),
+                        source.model)
+    with pytest.raises(CheckpointError, match="not the base the adapter was trained on"):
+        peft.merge_checkpoint(exported, tmp_path / "merged3", other)
+    assert not (tmp_path / "merged3").exists()
+
+
+def test_init_from_a_referencing_peft_run_points_to_export(runs):
+    with pytest.raises(CheckpointError, match=r"llmjax export"):
+        train(lora_config(runs["root"] / "chained", runs["root"] / "lora"))
