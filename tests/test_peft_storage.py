@@ -221,3 +221,21 @@ def test_documented_sequence_peft_merge_of_the_run_adapter(runs, tmp_path):
 def test_init_from_a_referencing_peft_run_points_to_export(runs):
     with pytest.raises(CheckpointError, match=r"llmjax export"):
         train(lora_config(runs["root"] / "chained", runs["root"] / "lora"))
+
+
+def test_frozen_leaves_not_from_the_base_are_stored(runs, tmp_path):
+    """Leaves the base lacks (here the biases of model.use_bias=true) are freshly initialised and
+    frozen under LoRA: checkpoints and the run's adapter keep them, readers get them back."""
+    cfg = lora_config(tmp_path / "bias", runs["root"] / "base", "model.use_bias=true",
+                      "train.steps=2", "checkpoint.every=0")
+    result = train(cfg)
+    keys = _tree_metadata(tmp_path / "bias" / "checkpoints" / "2" / "state")
+    frozen = [k for k in keys if k.startswith("frozen/")]
+    assert frozen and all(k.endswith("/bias") for k in frozen), frozen
+    want = merged_logits(cfg, result.state)
+    np.testing.assert_allclose(llmjax.from_pretrained(tmp_path / "bias").logits(TOKENS), want,
+                               atol=1e-5)
+    assert cli.main(["peft", "merge", str(tmp_path / "bias" / "adapter"),
+                     str(tmp_path / "merged")]) == 0
+    np.testing.assert_allclose(llmjax.from_pretrained(tmp_path / "merged").logits(TOKENS), want,
+                               atol=1e-5)
