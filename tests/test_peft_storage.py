@@ -1,7 +1,8 @@
 """PEFT runs reference their frozen base instead of storing it, and `llmjax export` / `peft merge`
-work from run directories: tiny LLaMA pretrained 2 steps, then LoRA fine-tuned 4 steps on a
-(2,2,2) mesh (checkpoints at 2 and 4). One base run and one LoRA run are shared by the module;
-the persistent compilation cache makes the later runs of the same shapes cheap."""
+work from run directories: a tiny LLaMA with tied embeddings pretrained 2 steps on one device,
+then LoRA fine-tuned 4 steps untied (so the new lm_head is a frozen leaf the base lacks) with
+fsdp=2 (checkpoints at 2 and 4). One base run and one LoRA run are shared by the module; the
+persistent compilation cache makes the later runs of the same shapes cheap."""
 from __future__ import annotations
 
 import json
@@ -26,15 +27,20 @@ TOKENS = np.array([[11, 200, 301, 42, 150, 7, 99, 500]], np.int32)
 def overrides(run_dir, *extra):
     return ["model=llama-tiny", "train.seq_len=16", "train.batch_size=8", "train.log_every=1",
             f"train.run_dir={run_dir}", "train.progress=false", "train.tensorboard=false",
-            "train.eval_steps=1", "train.compilation_cache=", "mesh.data=2", "mesh.fsdp=2",
-            "mesh.tensor=2", "data.synthetic_num_documents=64", "optimizer.warmup_steps=0",
-            *extra]
+            "train.compilation_cache=", "train.eval_steps=0", "mesh.data=1", "mesh.fsdp=2",
+            "data.synthetic_num_documents=64", "optimizer.warmup_steps=0", *extra]
+
+
+LORA = ["train.steps=4", "checkpoint.every=2", "peft.rank=4", "optimizer.learning_rate=1e-2"]
 
 
 def lora_config(run_dir, base, *extra):
     return config.load(REPO / "configs/experiments/peft-lora.yaml", overrides(
-        run_dir, "train.steps=4", "checkpoint.every=2", "peft.rank=4",
-        "optimizer.learning_rate=1e-2", f"train.init_from={base}", *extra))
+        run_dir, *LORA, f"train.init_from={base}", *extra))
+
+
+def devices():
+    return jax.devices()[:2]
 
 
 def dir_bytes(path) -> int:
@@ -66,9 +72,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft_storage")
     compile_cache.enable(root / "jax_cache")
     base = train(config.load(REPO / "configs/experiments/gpt-tiny.yaml", overrides(
-        root / "base", "train.steps=2")))
+        root / "base", "train.steps=2", "model.tie_embeddings=true", "mesh.fsdp=1")),
+        devices=jax.devices()[:1])
     cfg = lora_config(root / "lora", root / "base")
-    lora = train(cfg)
+    lora = train(cfg, devices=devices())
     assert lora.checkpoint_step == 4
     return {"root": root, "base": base, "lora": lora, "cfg": cfg,
             "logits": merged_logits(cfg, lora.state)}
@@ -78,7 +85,8 @@ def test_checkpoints_hold_no_frozen_base_and_reference_it(runs):
     run = runs["root"] / "lora"
     for step in (2, 4):
         keys = _tree_metadata(run / "checkpoints" / str(step) / "state")
-        assert not [k for k in keys if k.startswith("frozen/")], keys
+        # only the new lm_head (not in the tied base, frozen under LoRA) is stored
+        assert [k for k in keys if k.startswith("frozen/")] == ["frozen/lm_head/kernel"], keys
         assert [k for k in keys if k.endswith("lora_a")]
         meta = json.loads((run / "checkpoints" / str(step) / "meta" / "metadata").read_text())
         assert meta["base"]["path"] == str(runs["root"] / "base" / "checkpoints" / "2")
@@ -91,7 +99,7 @@ def test_resume_restores_the_base_and_is_bit_exact(runs):
     resumed_dir = runs["root"] / "resumed"
     shutil.copytree(runs["root"] / "lora", resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "4")
-    result = train(lora_config(resumed_dir, runs["root"] / "base"))
+    result = train(lora_config(resumed_dir, runs["root"] / "base"), devices=devices())
     assert result.resumed_from == 2
     straight = runs["lora"].state
     assert_trees_equal((result.state.params, result.state.opt_state, result.state.frozen),
@@ -106,12 +114,12 @@ def test_checkpoints_without_a_base_reference_still_resume(runs, monkeypatch):
     old_dir = runs["root"] / "old_format"
     import llmjax.peft.base_ref as base_ref
     monkeypatch.setattr(base_ref, "reference", lambda *a: None)
-    train(lora_config(old_dir, runs["root"] / "base"))
+    train(lora_config(old_dir, runs["root"] / "base"), devices=devices())
     keys = _tree_metadata(old_dir / "checkpoints" / "2" / "state")
     assert [k for k in keys if k.startswith("frozen/")]
     shutil.rmtree(old_dir / "checkpoints" / "4")
     monkeypatch.undo()
-    result = train(lora_config(old_dir, runs["root"] / "base"))
+    result = train(lora_config(old_dir, runs["root"] / "base"), devices=devices())
     assert result.resumed_from == 2
     assert_trees_equal((result.state.params, result.state.opt_state),
                        (runs["lora"].state.params, runs["lora"].state.opt_state))
@@ -140,8 +148,7 @@ def test_moved_or_changed_base_fails_in_one_line_and_a_relocated_copy_resumes(ru
     shutil.rmtree(run / "checkpoints" / "4")
     _point_base(run, changed_dir)
     args = ["train", str(REPO / "configs/experiments/peft-lora.yaml"),
-            *overrides(run, "train.steps=4", "checkpoint.every=2", "peft.rank=4",
-                       "optimizer.learning_rate=1e-2", f"train.init_from={root / 'nowhere'}")]
+            *overrides(run, *LORA, "mesh.data=-1", f"train.init_from={root / 'nowhere'}")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("llmjax: error:"), err
@@ -150,9 +157,9 @@ def test_moved_or_changed_base_fails_in_one_line_and_a_relocated_copy_resumes(ru
 
     _point_base(run, root / "gone")
     with pytest.raises(CheckpointError, match=r"gone.*missing"):
-        train(lora_config(run, root / "nowhere"))
+        train(lora_config(run, root / "nowhere"), devices=devices())
     # The same base elsewhere (fingerprint-checked) continues the run exactly.
-    result = train(lora_config(run, copy))
+    result = train(lora_config(run, copy), devices=devices())
     assert result.resumed_from == 2
     assert_trees_equal(result.state.params, runs["lora"].state.params)
 
@@ -220,22 +227,14 @@ def test_documented_sequence_peft_merge_of_the_run_adapter(runs, tmp_path):
 
 def test_init_from_a_referencing_peft_run_points_to_export(runs):
     with pytest.raises(CheckpointError, match=r"llmjax export"):
-        train(lora_config(runs["root"] / "chained", runs["root"] / "lora"))
+        train(lora_config(runs["root"] / "chained", runs["root"] / "lora"), devices=devices())
 
 
-def test_frozen_leaves_not_from_the_base_are_stored(runs, tmp_path):
-    """Leaves the base lacks (here the biases of model.use_bias=true) are freshly initialised and
-    frozen under LoRA: checkpoints and the run's adapter keep them, readers get them back."""
-    cfg = lora_config(tmp_path / "bias", runs["root"] / "base", "model.use_bias=true",
-                      "train.steps=2", "checkpoint.every=0")
-    result = train(cfg)
-    keys = _tree_metadata(tmp_path / "bias" / "checkpoints" / "2" / "state")
-    frozen = [k for k in keys if k.startswith("frozen/")]
-    assert frozen and all(k.endswith("/bias") for k in frozen), frozen
-    want = merged_logits(cfg, result.state)
-    np.testing.assert_allclose(llmjax.from_pretrained(tmp_path / "bias").logits(TOKENS), want,
-                               atol=1e-5)
-    assert cli.main(["peft", "merge", str(tmp_path / "bias" / "adapter"),
-                     str(tmp_path / "merged")]) == 0
-    np.testing.assert_allclose(llmjax.from_pretrained(tmp_path / "merged").logits(TOKENS), want,
-                               atol=1e-5)
+def test_frozen_leaves_not_from_the_base_are_kept_by_the_adapter(runs):
+    """The run's adapter holds the LoRA leaves and the frozen lm_head the base lacks, so
+    adapter + base is the whole model (peft merge of it is tested above)."""
+    adapter, _, stored = peft.load_adapter(runs["root"] / "lora" / "adapter")
+    assert sorted(adapter) == ["decoder", "lm_head"]
+    np.testing.assert_array_equal(np.asarray(adapter["lm_head"]["kernel"]),
+                                  np.asarray(runs["lora"].state.frozen["lm_head"]["kernel"]))
+    assert stored["base_ref"]["fingerprint"] and "lm_head/kernel" not in stored["base_ref"]["leaves"]
