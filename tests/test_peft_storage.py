@@ -35,8 +35,9 @@ LORA = ["train.steps=4", "checkpoint.every=2", "peft.rank=4", "optimizer.learnin
 
 
 def lora_config(run_dir, base, *extra):
+    tok = Path(base).parent / "tok"
     return config.load(REPO / "configs/experiments/peft-lora.yaml", overrides(
-        run_dir, *LORA, f"train.init_from={base}", *extra))
+        run_dir, *LORA, f"train.init_from={base}", f"data.tokenizer={tok}", *extra))
 
 
 def devices():
@@ -71,6 +72,9 @@ def merged_logits(cfg, state) -> np.ndarray:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft_storage")
     compile_cache.enable(root / "jax_cache")
+    from llmjax.data.tokenizer import train_sentencepiece
+    tok = root / "tok"  # the fine-tune's tokenizer: exports must carry it
+    train_sentencepiece([REPO / "README.md", REPO / "docs/peft.md"], tok, vocab_size=500)
     base = train(config.load(REPO / "configs/experiments/gpt-tiny.yaml", overrides(
         root / "base", "train.steps=2", "model.tie_embeddings=true", "mesh.fsdp=1")),
         devices=jax.devices()[:1])
@@ -148,7 +152,8 @@ def test_moved_or_changed_base_fails_in_one_line_and_a_relocated_copy_resumes(ru
     shutil.rmtree(run / "checkpoints" / "4")
     _point_base(run, changed_dir)
     args = ["train", str(REPO / "configs/experiments/peft-lora.yaml"),
-            *overrides(run, *LORA, "mesh.data=-1", f"train.init_from={root / 'nowhere'}")]
+            *overrides(run, *LORA, "mesh.data=-1", f"train.init_from={root / 'nowhere'}",
+                       f"data.tokenizer={root / 'tok'}")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("llmjax: error:"), err
@@ -169,6 +174,9 @@ def test_export_merged_matches_the_run_and_converts_to_transformers(runs, tmp_pa
     assert cli.main(["export", str(runs["root"] / "lora"), str(out)]) == 0
     model = llmjax.from_pretrained(out)
     np.testing.assert_allclose(model.logits(TOKENS), runs["logits"], atol=1e-5)
+    from llmjax.data.tokenizer import load_tokenizer
+    text = "fine-tuned export"
+    assert model.tokenizer.encode(text) == load_tokenizer(runs["root"] / "tok").encode(text)
     # an earlier step, chosen explicitly, is a different model
     early = llmjax.from_pretrained(export_run(runs["root"] / "lora", tmp_path / "early", step=2))
     assert np.abs(early.logits(TOKENS) - runs["logits"]).max() > 1e-4
