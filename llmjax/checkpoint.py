@@ -752,6 +752,9 @@ def load_source(path: str | os.PathLike) -> Source:
         tok = (meta.get("tokenizer") or {}).get("path")  # absolute, unlike data.tokenizer
         return Source(model_cfg, params, config, Path(tok) if tok else None)
     tree_dir, _, config = resolve_source(path)
+    if config.get("kind"):  # e.g. peft_adapter: trainable leaves only, not a whole model
+        raise CheckpointError(f"{path} is a {config['kind']} export, not a model: merge it "
+                              f"onto its base first (llmjax peft merge {path} OUT)")
     params, config = load_params(tree_dir.parent)
     model_cfg = _build(ModelConfig, dict(config.get("model", config)), "model")
     tok = tree_dir.parent / "tokenizer"

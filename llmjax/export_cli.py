@@ -7,7 +7,8 @@ import argparse
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="a run's checkpoint -> parameter export (PEFT merged) or adapter export")
-    p.add_argument("run", metavar="RUN", help="run directory (train.run_dir) or checkpoint step dir")
+    p.add_argument("run", metavar="RUN",
+                   help="run directory (train.run_dir) or checkpoint step directory")
     p.add_argument("out", metavar="OUT", help="directory for the export")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--adapter-only", action="store_true",

@@ -210,7 +210,8 @@ def test_export_refuses_to_overwrite(runs, tmp_path, capsys):
 
 
 def test_documented_sequence_peft_merge_of_the_run_adapter(runs, tmp_path):
-    """pretrain -> finetune init_from=RUN (LoRA) -> peft merge RUN2/adapter OUT -> from_pretrained."""
+    """pretrain -> finetune init_from=RUN (LoRA) -> peft merge RUN2/adapter OUT ->
+    from_pretrained(OUT) gives the run's logits."""
     adapter = runs["root"] / "lora" / "adapter"
     assert dir_bytes(adapter) < 0.1 * dir_bytes(runs["root"] / "base" / "checkpoints" / "2")
     out = tmp_path / "merged"
@@ -245,4 +246,5 @@ def test_frozen_leaves_not_from_the_base_are_kept_by_the_adapter(runs):
     assert sorted(adapter) == ["decoder", "lm_head"]
     np.testing.assert_array_equal(np.asarray(adapter["lm_head"]["kernel"]),
                                   np.asarray(runs["lora"].state.frozen["lm_head"]["kernel"]))
-    assert stored["base_ref"]["fingerprint"] and "lm_head/kernel" not in stored["base_ref"]["leaves"]
+    ref = stored["base_ref"]
+    assert ref["fingerprint"] and "lm_head/kernel" not in ref["leaves"]

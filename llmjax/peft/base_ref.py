@@ -135,8 +135,12 @@ def restore_frozen(ref: BaseRef, abstract_frozen: dict, frozen_shardings: dict,
         if tree_dir in seen:
             continue
         seen.add(tree_dir)
-        leaves = load_leaves(tree_dir, {k: wanted[k] for k in ref.leaves},
-                             {k: shardings[k] for k in ref.leaves}, where)
+        try:
+            leaves = load_leaves(tree_dir, {k: wanted[k] for k in ref.leaves},
+                                 {k: shardings[k] for k in ref.leaves}, where)
+        except CheckpointError as err:  # another model there: try the next candidate
+            tried.append(str(err).splitlines()[0])
+            continue
         got = fingerprint(leaves)
         if got == ref.fingerprint:
             flat = flatten(stored)
