@@ -213,7 +213,8 @@ def test_documented_sequence_peft_merge_of_the_run_adapter(runs, tmp_path):
     """pretrain -> finetune init_from=RUN (LoRA) -> peft merge RUN2/adapter OUT ->
     from_pretrained(OUT) gives the run's logits."""
     adapter = runs["root"] / "lora" / "adapter"
-    assert dir_bytes(adapter) < 0.1 * dir_bytes(runs["root"] / "base" / "checkpoints" / "2")
+    # LoRA leaves + the frozen 128 KiB lm_head the base lacks; the base checkpoint is ~1.5 MB
+    assert dir_bytes(adapter) < 0.2 * dir_bytes(runs["root"] / "base" / "checkpoints" / "2")
     out = tmp_path / "merged"
     assert cli.main(["peft", "merge", str(adapter), str(out)]) == 0
     np.testing.assert_allclose(llmjax.from_pretrained(out).logits(TOKENS), runs["logits"],
