@@ -250,3 +250,19 @@ def test_frozen_leaves_not_from_the_base_are_kept_by_the_adapter(runs):
                                   np.asarray(runs["lora"].state.frozen["lm_head"]["kernel"]))
     ref = stored["base_ref"]
     assert ref["fingerprint"] and "lm_head/kernel" not in ref["leaves"]
+
+
+def test_finetune_from_an_export_references_it_instead_of_copying(runs, tmp_path):
+    """PretrainedModel.finetune of a model loaded from an llmjax export (unchanged) makes the
+    run reference that export: no base copy in the run directory."""
+    export = export_run(runs["root"] / "base", tmp_path / "base_export")
+    model = llmjax.from_pretrained(export, tie_embeddings=False)  # as the LoRA run's model
+    sections = runs["cfg"].to_dict()
+    del sections["model"]
+    for key in ("run_dir", "init_from"):
+        sections["train"].pop(key)
+    tuned = model.finetune(sections, tmp_path / "run", devices=devices())
+    assert not (tmp_path / "run" / "base").exists()
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["base"]["path"] == str(export)
+    np.testing.assert_allclose(tuned.logits(TOKENS), runs["logits"], atol=1e-5)
