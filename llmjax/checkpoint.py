@@ -192,20 +192,23 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 # ---------------------------------------------------------------- state <-> saved form
 
-def _saved_form(state) -> dict:
-    """TrainState -> the dict orbax stores (the PRNG key as its raw uint32 data)."""
-    return {"step": state.step, "params": state.params, "frozen": state.frozen,
+def _saved_form(state, base=None) -> dict:
+    """TrainState -> the dict orbax stores (the PRNG key as its raw uint32 data); with a
+    BaseRef (llmjax/peft/base_ref.py) the frozen leaves read from the base are left out."""
+    frozen = state.frozen if base is None else base.stored(state.frozen)
+    return {"step": state.step, "params": state.params, "frozen": frozen,
             "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
 
 
-def _abstract_saved_form(abstract, shardings) -> dict:
-    """ShapeDtypeStructs (with the target shardings) of `_saved_form(state)`."""
+def _abstract_saved_form(abstract, shardings, base=None) -> dict:
+    """ShapeDtypeStructs (with the target shardings) of `_saved_form(state, base)`."""
     rng_data = jax.eval_shape(jax.random.key_data, abstract.rng)
     def sds(leaf, sh):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
     return {"step": sds(abstract.step, shardings.step),
             "params": jax.tree.map(sds, abstract.params, shardings.params),
-            "frozen": jax.tree.map(sds, abstract.frozen, shardings.frozen),
+            "frozen": jax.tree.map(sds, abstract.frozen, shardings.frozen) if base is None
+            else base.stored(jax.tree.map(sds, abstract.frozen, shardings.frozen)),
             "opt_state": jax.tree.map(sds, abstract.opt_state, shardings.opt_state),
             "rng": jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=shardings.rng)}
 
@@ -330,6 +333,7 @@ class TrainCheckpoints:
                            "meta": ocp.JsonCheckpointHandler()})
         self.last_save_seconds = 0.0
         self._failed = False  # a save failed and was reported
+        self.base = None  # BaseRef: checkpoints of a PEFT run reference its frozen base
 
     # -- queries
     def latest_step(self) -> Optional[int]:
@@ -352,11 +356,13 @@ class TrainCheckpoints:
                 "mesh": dict(mesh.shape) if mesh is not None else None,
                 "rng_impl": _rng_impl_name(),
                 "eval": {k: float(v) for k, v in (eval_metrics or {}).items()}}
+        if self.base is not None:
+            meta["base"] = self.base.to_dict()
         metrics = {"eval_loss": float(eval_metrics["loss"])} if eval_metrics else None
         start = time.perf_counter()
         with self._disk_errors():
             self.manager.save(int(step), args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_saved_form(state)),
+                state=ocp.args.StandardSave(_saved_form(state, self.base)),
                 data=DataSave(data_state), meta=ocp.args.JsonSave(meta)), metrics=metrics,
                 force=True)
         self.last_save_seconds = time.perf_counter() - start
@@ -421,7 +427,9 @@ class TrainCheckpoints:
         _check_tokenizer(meta.get("tokenizer"), self.config, where)
         abstract = abstract or exp.abstract_state()
         shardings = shardings or exp.state_shardings(abstract)
-        target = _abstract_saved_form(abstract, shardings)
+        from llmjax.peft.base_ref import BaseRef
+        base = BaseRef.from_dict(meta.get("base"))
+        target = _abstract_saved_form(abstract, shardings, base)
         state_dir = self.step_dir(step) / "state"
         check_tree(_tree_metadata(state_dir), flatten(target), where + "/state")
         try:
@@ -432,6 +440,11 @@ class TrainCheckpoints:
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(_diagnose(state_dir, target, err)) from None
         saved = restored["state"]
+        if base is not None:  # the frozen base leaves come from the base, fingerprint-checked
+            from llmjax.peft.base_ref import restore_frozen
+            saved["frozen"] = restore_frozen(base, abstract.frozen, shardings.frozen,
+                                             saved["frozen"], where, self.config.train.init_from)
+            self.base = base
         rng = jax.jit(lambda d: jax.random.wrap_key_data(d), out_shardings=shardings.rng)(
             saved["rng"])
         from llmjax.train.state import TrainState
@@ -614,9 +627,14 @@ def architecture_changes(saved_model: dict, model: ModelConfig, overrides, repor
     return errors
 
 
-def resolve_source(path: str | os.PathLike) -> tuple[Path, list[str], dict]:
+def resolve_source(path: str | os.PathLike, allow_base_ref: bool = False
+                   ) -> tuple[Path, list[str], dict]:
     """(orbax tree dir, subtrees holding params, config dict) of a run dir, a checkpoint step
-    dir or a parameter export."""
+    dir or a parameter export.
+
+    A PEFT run's checkpoint that references its base (llmjax/peft/base_ref.py) does not hold
+    the frozen base leaves: reading it as a parameter source is an error unless the caller
+    follows the reference (`allow_base_ref`, as load_run_params does)."""
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise FileNotFoundError(f"init_from={str(path)!r} does not exist")
@@ -630,10 +648,15 @@ def resolve_source(path: str | os.PathLike) -> tuple[Path, list[str], dict]:
         if not meta_path.exists():
             raise CheckpointError(f"{meta_path} is missing: checkpoint {path} is incomplete")
         try:
-            config = json.loads(meta_path.read_text()).get("config", {})
+            meta = json.loads(meta_path.read_text())
         except ValueError as err:
             raise CheckpointError(f"{meta_path} is truncated or not JSON: {err}") from None
-        return path / "state", ["params", "frozen"], config
+        if meta.get("base") and not allow_base_ref:
+            raise CheckpointError(
+                f"{path} is a PEFT checkpoint that references its base "
+                f"{meta['base'].get('path')} instead of storing it: export the fine-tuned "
+                f"model first (llmjax export {path} OUT) and use OUT")
+        return path / "state", ["params", "frozen"], meta.get("config", {})
     if (path / "params").is_dir() or (path / "config.yaml").exists():
         config = read_config(path)
         if not (path / "params").is_dir():
@@ -774,7 +797,21 @@ def load_run_params(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict]:
     optimizer state), with the run's PEFT plan merged in (LoRA, IA3, prompts, ...)."""
     from llmjax import peft
     from llmjax.config import _build
-    tree_dir, prefixes, config = resolve_source(path)
+    model_cfg, trainable, frozen, config = load_run_trees(path)
+    plan = peft.build(_build(peft.PeftConfig, config.get("peft", {}), "peft"))
+    return model_cfg, plan.merge(trainable, frozen), config
+
+
+def load_run_trees(path: str | os.PathLike, with_base: bool = True
+                   ) -> tuple[ModelConfig, Any, Any, dict]:
+    """(hooked model config, trainable tree, frozen tree, run config) of a run directory
+    (latest checkpoint) or a checkpoint step directory, on the default device; the frozen
+    base leaves a PEFT checkpoint references are read from its base (fingerprint-checked)
+    unless with_base=False (then frozen holds only the leaves the checkpoint stores)."""
+    from llmjax import peft
+    from llmjax.config import _build
+    from llmjax.peft import base_ref
+    tree_dir, prefixes, config = resolve_source(path, allow_base_ref=True)
     if not prefixes:
         raise CheckpointError(f"{path} is a parameter export, not a run: use load_params")
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -783,5 +820,42 @@ def load_run_params(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict]:
     restored = _restore_leaves(tree_dir, target)
     plan = peft.build(_build(peft.PeftConfig, config.get("peft", {}), "peft"))
     model_cfg = plan.model_config(_build(ModelConfig, config.get("model", {}), "model"))
-    params = plan.merge(restored.get("params", {}), restored.get("frozen", {}))
-    return model_cfg, params, config
+    trainable, frozen = restored.get("params", {}), restored.get("frozen", {})
+    ref = base_ref.read_ref(tree_dir.parent)
+    if ref is not None and with_base:
+        frozen = base_ref.restore_frozen_single(ref, model_cfg, frozen, str(tree_dir.parent),
+                                                config.get("train", {}).get("init_from", ""))
+    return model_cfg, trainable, frozen, config
+
+
+@dataclasses.dataclass
+class Source:
+    """A model read from anything init_from accepts, as the model applies it."""
+
+    model: ModelConfig  # with the source run's PEFT hooks on (prompt, prefix, adapters)
+    params: Any  # on the default device, PEFT deltas merged
+    config: dict  # the run config, or the export's config.yaml
+    tokenizer: Optional[Path]  # the directory holding its tokenizer, if known
+
+
+def load_source(path: str | os.PathLike) -> Source:
+    """One loader for run directories (latest checkpoint), checkpoint step directories and
+    parameter exports: what `peft merge --base`, `llmjax export` and sharing read."""
+    from llmjax.config import _build
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (path / CHECKPOINT_DIR).is_dir() or (path / "state").is_dir():
+        model_cfg, params, config = load_run_params(path)
+        step_dir = resolve_source(path, allow_base_ref=True)[0].parent
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())
+        tok = (meta.get("tokenizer") or {}).get("path")  # absolute, unlike data.tokenizer
+        return Source(model_cfg, params, config, Path(tok) if tok else None)
+    tree_dir, _, config = resolve_source(path)
+    if config.get("kind"):  # e.g. peft_adapter: trainable leaves only, not a whole model
+        raise CheckpointError(f"{path} is a {config['kind']} export, not a model: merge it "
+                              f"onto its base first (llmjax peft merge {path} OUT)")
+    params, config = load_params(tree_dir.parent)
+    model_cfg = _build(ModelConfig, dict(config.get("model", config)), "model")
+    tok = tree_dir.parent / "tokenizer"
+    return Source(model_cfg, params, config, tok if tok.is_dir() else None)

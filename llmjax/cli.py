@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 from llmjax.config import ConfigError
 
 # Subcommand groups owned by other packages: module with add_subcommands(subparsers).
-_GROUPS = ("llmjax.data.cli", "llmjax.convert.cli", "llmjax.peft.cli", "llmjax.generate_cli")
+_GROUPS = ("llmjax.data.cli", "llmjax.convert.cli", "llmjax.peft.cli", "llmjax.generate_cli",
+           "llmjax.export_cli")
 
 
 def _overrides(values: Sequence[str]) -> list[str]:

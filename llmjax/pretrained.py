@@ -141,13 +141,16 @@ class PretrainedModel:
 
         `config` holds the run's sections (data, objective, peft, optimizer, train, ...) as
         in a YAML file; the model section and train.init_from come from this model, and
-        data.tokenizer defaults to its tokenizer. The base is exported to run_dir/base.
+        data.tokenizer defaults to its tokenizer. The base is exported to run_dir/base, unless
+        this model was loaded from an llmjax export that still holds exactly these parameters:
+        then the run references that export (PEFT checkpoints check its fingerprint).
         """
         from llmjax.config import from_dict
         from llmjax.train.trainer import train
 
         run_dir = Path(run_dir).expanduser()
-        base = self.save(run_dir / "base")
+        # An unchanged llmjax export is referenced where it is, not copied into the run.
+        base = _unchanged_export(self) or self.save(run_dir / "base")
         data = {section: dict(values) for section, values in config.items()}
         if "model" in data:
             raise ValueError("finetune takes the model from this object: set ModelConfig "
@@ -170,6 +173,23 @@ class PretrainedModel:
 
         return export_hf(self.config, self.params, directory, dtype=dtype,
                          max_shard_size=max_shard_size, tokenizer=self.tokenizer)
+
+
+def _unchanged_export(model: PretrainedModel) -> Optional[Path]:
+    """The llmjax parameter export `model` was loaded from, if its parameters on disk are
+    still exactly model.params (same fingerprint); None otherwise (HF, GGUF, runs, edits)."""
+    path = Path(model.source) if model.source else None
+    if path is None or not (path / "config.yaml").is_file() or not (path / "params").is_dir():
+        return None
+    from llmjax.checkpoint import flatten, load_params
+    from llmjax.peft.base_ref import fingerprint
+    try:
+        on_disk, config = load_params(path)
+    except Exception:  # noqa: BLE001 (unreadable: fall back to a copy)
+        return None
+    if config.get("kind") or fingerprint(flatten(on_disk)) != fingerprint(flatten(model.params)):
+        return None
+    return path.absolute()
 
 
 def _tokenizer_dir(tokenizer: Any) -> Optional[Path]:

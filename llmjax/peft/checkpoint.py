@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
+import numpy as np
+
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.peft.config import PeftConfig
 
@@ -14,14 +17,29 @@ KIND = "peft_adapter"
 
 
 def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftConfig,
-                 model_cfg: Optional[ModelConfig] = None, base: str = "") -> Path:
+                 model_cfg: Optional[ModelConfig] = None, base: Any = "",
+                 frozen: Any = None) -> Path:
     """Write the trainable subtree (LoRA A/B, IA3 vectors, prompts, adapters, heads) with
-    the peft section, the hooked model section and the base checkpoint's path."""
+    the peft section, the hooked model section and the base checkpoint's path.
+
+    `base` is a path, or a BaseRef (llmjax/peft/base_ref.py): then its fingerprint is kept
+    (merge checks it) and the `frozen` leaves that are not from the base (a new head left
+    frozen) are stored too, so adapter + base is the whole model."""
     from llmjax.checkpoint import save_params
-    config = {"kind": KIND, "peft": dataclasses.asdict(peft_cfg), "base": str(base or "")}
+    from llmjax.peft.base_ref import BaseRef
+    from llmjax.peft.tree import flatten, unflatten
+    config = {"kind": KIND, "peft": dataclasses.asdict(peft_cfg)}
+    tree = trainable
+    if isinstance(base, BaseRef):
+        config["base"] = base.path
+        config["base_ref"] = base.to_dict()
+        if frozen is not None:
+            tree = unflatten({**flatten(base.stored(frozen)), **flatten(trainable)})
+    else:
+        config["base"] = str(base or "")
     if model_cfg is not None:
         config["model"] = dataclasses.asdict(model_cfg)
-    return save_params(directory, trainable, config)
+    return save_params(directory, tree, config)
 
 
 def load_adapter(directory: str | os.PathLike, target: Any = None
@@ -44,20 +62,79 @@ def apply_adapter(base_params: Any, adapter: Any, peft_cfg: PeftConfig) -> dict:
 
 
 def merge_checkpoint(adapter_dir: str | os.PathLike, out: str | os.PathLike,
-                     base_dir: Optional[str | os.PathLike] = None) -> Path:
-    """`llmjax peft merge`: base checkpoint + adapter checkpoint -> merged parameter export."""
-    from llmjax.checkpoint import load_params, save_params
+                     base_dir: Optional[str | os.PathLike] = None, force: bool = False) -> Path:
+    """`llmjax peft merge`: base + adapter checkpoint -> merged parameter export.
+
+    The base is anything init_from accepts (run dir, checkpoint step dir, parameter export),
+    read by llmjax.checkpoint.load_source; an adapter written by a run checks the base's
+    fingerprint, so merging onto another base fails instead of exporting other weights."""
+    from llmjax.checkpoint import CheckpointError, load_source
     from llmjax.config import _build
+    from llmjax.export import write_params_export
+    from llmjax.peft.base_ref import BaseRef
     from llmjax.peft.plan import build
     adapter, peft_cfg, config = load_adapter(adapter_dir)
     base_dir = base_dir or config.get("base")
     if not base_dir:
         raise ConfigError(f"{str(adapter_dir)!r} does not record its base checkpoint: "
                           f"pass --base DIR")
-    base_params, base_config = load_params(base_dir)
+    if not Path(base_dir).expanduser().exists():
+        raise CheckpointError(f"base {base_dir} of adapter {adapter_dir} does not exist: pass "
+                              f"--base DIR where that base now lives")
+    base = load_source(base_dir)
     plan = build(peft_cfg)
-    model_cfg = plan.model_config(_build(ModelConfig, base_config.get("model", {}), "model"))
-    merged = plan.merge(adapter, base_params)
-    return save_params(out, merged, model_cfg,
-                       extra={"merged_from": {"base": str(base_dir), "adapter": str(adapter_dir),
-                                              "peft": dataclasses.asdict(peft_cfg)}})
+    if config.get("model"):
+        model_cfg = _build(ModelConfig, config["model"], "model")
+        plan.model_config(model_cfg)  # the plan remembers the model for its leaves' axes
+    else:
+        model_cfg = plan.model_config(base.model)
+    ref = BaseRef.from_dict(config.get("base_ref"))
+    params = fit_base(base.params, model_cfg, adapter, ref, where=f"base {base_dir}")
+    merged = plan.merge(adapter, params)
+    return write_params_export(out, merged, model_cfg, base.tokenizer, force=force,
+                               extra={"merged_from": {"base": str(base_dir),
+                                                      "adapter": str(adapter_dir),
+                                                      "peft": dataclasses.asdict(peft_cfg)}})
+
+
+def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
+             where: str) -> dict:
+    """Base leaves shaped as the fine-tuned model has them (as init_from loads them: learned
+    position tables cut to max_len, dtypes cast); leaves the adapter holds win. With a
+    BaseRef, the fingerprint of the leaves the run took from its base must match."""
+    import flax.linen as nn
+
+    from llmjax.checkpoint import CheckpointError, _is_position_table
+    from llmjax.models.api import abstract_params
+    from llmjax.peft import base_ref
+    from llmjax.peft.tree import flatten, path_str, unflatten
+    base = {path_str(k): v for k, v in flatten(base_params).items()}
+    have = {path_str(k) for k in flatten(adapter)}
+    out, missing = {}, []
+    for path, leaf in flatten(nn.unbox(abstract_params(model_cfg))).items():
+        key = path_str(path)
+        if key in have:
+            continue
+        if key not in base:
+            missing.append(key)
+            continue
+        value = base[key]
+        if tuple(value.shape) != tuple(leaf.shape):
+            if not (_is_position_table(key) and value.shape[1:] == leaf.shape[1:]
+                    and value.shape[0] >= leaf.shape[0]):
+                raise CheckpointError(f"{where}: leaf {key} has shape {tuple(value.shape)}, the "
+                                      f"adapter's model has {tuple(leaf.shape)}")
+            value = value[:leaf.shape[0]]
+        out[key] = value if np.dtype(value.dtype) == np.dtype(leaf.dtype) else \
+            jax.numpy.asarray(value).astype(leaf.dtype)
+    if missing:
+        raise CheckpointError(f"{where} lacks {len(missing)} leaves of the adapter's model "
+                              f"({', '.join(missing[:4])}): is it the base the adapter was "
+                              f"trained on?")
+    if ref is not None:
+        got = base_ref.fingerprint({k: out[k] for k in ref.leaves if k in out})
+        if got != ref.fingerprint:
+            raise CheckpointError(f"{where} is not the base the adapter was trained on "
+                                  f"({ref.path}, fingerprint {ref.fingerprint[:12]}; this one "
+                                  f"{got[:12]}): pass --base with that base")
+    return unflatten({tuple(k.split("/")): v for k, v in out.items()})

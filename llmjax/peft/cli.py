@@ -13,7 +13,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("src", metavar="ADAPTER", help="adapter checkpoint directory (save_adapter)")
     merge.add_argument("out", metavar="OUT", help="directory for the merged parameter export")
     merge.add_argument("--base", default=None, metavar="DIR",
-                       help="base parameter export (default: the one the adapter records)")
+                       help="base: a run directory, checkpoint step directory or parameter "
+                            "export (default: the one the adapter records)")
+    merge.add_argument("--force", action="store_true", help="replace an earlier export at OUT")
     merge.set_defaults(handler=peft_merge)
     summary = commands.add_parser(
         "summary", help="trainable parameters per method and optimizer-state bytes of a config")
@@ -25,7 +27,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
 def peft_merge(args: argparse.Namespace) -> int:
     from llmjax.peft.checkpoint import merge_checkpoint
-    out = merge_checkpoint(args.src, args.out, args.base)
+    out = merge_checkpoint(args.src, args.out, args.base, force=args.force)
     print(f"merged parameters written to {out}")
     return 0
 

@@ -52,5 +52,8 @@ def restore_or_init(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, state_
         state, init_report = load_init_from(exp, cfg.train.init_from)
         if jax.process_index() == 0:
             log.info("%s", init_report.summary())
+        # Checkpoints reference the frozen base instead of storing it (llmjax/peft/base_ref.py).
+        from llmjax.peft.base_ref import reference
+        ckpt.base = reference(cfg.train.init_from, state.frozen, init_report)
         return state, None, None, init_report
     return exp.init_state(), None, None, None
