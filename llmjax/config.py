@@ -16,12 +16,9 @@ from typing import Any, Optional
 
 import yaml
 
+from llmjax.errors import ConfigError  # defined there so that any module can import it
 from llmjax.data.config import DataConfig
 from llmjax.peft.config import PeftConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or inconsistent."""
 
 
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
@@ -326,7 +323,7 @@ def load_preset(name: str) -> dict:
     for d in config_dirs():
         path = d / "models" / f"{name}.yaml"
         if path.exists():
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path)
             return data.get("model", data)
     raise ConfigError(f"unknown model preset {name!r}{_suggest(name, preset_names())}; "
                       f"see `llmjax models` for the list")
@@ -357,25 +354,74 @@ def from_dict(data: dict) -> Config:
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file (optional) and `a.b=value` overrides."""
-    data: dict = {}
-    if path:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    data: dict = read_yaml(path) if path else {}
     for override in overrides or []:
         apply_override(data, override)
     return from_dict(data)
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML config file; ConfigError naming the file (and line:column) for a
+    missing, empty, non-UTF-8 or malformed file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist{_config_hint(path)}")
+    if path.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a directory; pass a YAML file such as "
+                          f"configs/experiments/gpt-tiny.yaml")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
+                          f"{raw[err.start]:#04x} at offset {err.start}); a config is a YAML "
+                          f"text file") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"config file {str(path)!r} is empty; it needs sections such as "
+                          f"model:, data:, train: (examples in configs/experiments/)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections "
+                          f"(model:, data:, train: ...), not a {type(data).__name__}")
+    return data
+
+
+def parse_yaml(text: str, where: str, positions: bool = True) -> Any:
+    """yaml.safe_load, with syntax errors as one-line ConfigErrors `where:line:column: ...`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark, start = err.problem_mark or err.context_mark, err.context_mark
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark and positions else where
+        what = err.problem or err.context or "syntax error"
+        if err.context and err.problem:
+            since = (f" started at line {start.line + 1}, column {start.column + 1}"
+                     if start and positions else "")
+            what += f" ({err.context.removeprefix('while ')}{since})"
+        raise ConfigError(f"{at}: invalid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: invalid YAML: {err}") from None
+
+
+def _config_hint(path: Path) -> str:
+    """Where a config of that name does exist, if anywhere (e.g. `llmjax train gpt-tiny.yaml`)."""
+    name = path.name if path.suffix else f"{path.name}.yaml"
+    for d in config_dirs():
+        if (d / "experiments" / name).is_file():
+            return f" (did you mean {d / 'experiments' / name}?)"
+    return ""
+
+
 def apply_override(data: dict, override: str) -> None:
     """Set `section.key=value` (value parsed as YAML) in a nested dict."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
+        raise ConfigError(f"override {override!r} must look like section.key=value "
+                          f"(e.g. train.steps=100)")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise ConfigError(f"override {override!r}: {key.strip()!r} is not a dotted key such as "
+                          f"train.steps (docs/config.md lists every key)")
     node = data
     for part in parts[:-1]:
         if isinstance(node.get(part), str) and part == "model":  # `model: gpt2-small`
@@ -383,7 +429,7 @@ def apply_override(data: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = parse_yaml(raw, f"override {override!r}", positions=False) if raw.strip() else ""
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

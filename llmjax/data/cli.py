@@ -6,6 +6,7 @@ import json
 import time
 
 from llmjax.data.config import DataConfig
+from llmjax.errors import ConfigError
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +56,7 @@ def tokenizer_train(args: argparse.Namespace) -> int:
 
 def data_prepare(args: argparse.Namespace) -> int:
     """Build the array_record dataset, then print documents, tokens and packing efficiency per split."""
+    from llmjax.console import quiet_tfds
     from llmjax.data.pipeline import epoch_statistics
     from llmjax.data.sources import prepare_text_dataset
     from llmjax.data.tokenizer import load_tokenizer
@@ -62,11 +64,13 @@ def data_prepare(args: argparse.Namespace) -> int:
     config = DataConfig(source="text", paths=list(args.paths), validation_paths=list(args.validation_paths),
                         validation_fraction=args.validation_fraction, document_unit=args.document_unit,
                         data_dir=args.data_dir, tokenizer=args.tokenizer, shuffle=False)
-    config.validate()
+    _check_config(config)
+    tokenizer = load_tokenizer(args.tokenizer)  # before the build: a wrong path fails at once
+    _check_inputs(config)
+    quiet_tfds()
     start = time.perf_counter()
     builder, file_stats = prepare_text_dataset(config)
     print(f"dataset: {builder.data_dir} ({time.perf_counter() - start:.1f} s)")
-    tokenizer = load_tokenizer(args.tokenizer)
     for split in ("train", "validation"):
         found = file_stats.get(split, {})
         if not found.get("documents"):
@@ -82,6 +86,30 @@ def data_prepare(args: argparse.Namespace) -> int:
             print(f"  {len(found['invalid_utf8_files'])} file(s) with invalid UTF-8 "
                   f"({found['replaced_invalid_bytes']} bad byte runs replaced by U+FFFD): {found['invalid_utf8_files']}")
     return 0
+
+
+def _check_config(config: DataConfig) -> None:
+    try:
+        config.validate()
+    except ConfigError:
+        raise
+    except ValueError as err:  # DataConfig speaks in data.* keys; here they are flags
+        raise ConfigError(str(err)) from None
+
+
+def _check_inputs(config: DataConfig) -> None:
+    """Every glob matches a file, and the training files hold some text (else one line naming them)."""
+    from llmjax.data.sources import expand_globs
+    from llmjax.data.tokenizer import has_text
+
+    validation = expand_globs(config.validation_paths, "--validation-paths") if config.validation_paths else []
+    train = [f for f in expand_globs(config.paths, "--paths") if f not in set(validation)]
+    if not train:
+        raise ConfigError("--paths matches only files that are also in --validation-paths; nothing is left to train on.")
+    if not any(has_text(f) for f in train):
+        shown = ", ".join(train[:5]) + (f" and {len(train) - 5} more" if len(train) > 5 else "")
+        raise ConfigError(f"--paths files hold no text ({shown} {'is' if len(train) == 1 else 'are all'} empty or "
+                          f"blank); pass UTF-8 text files.")
 
 
 def data_corpus(args: argparse.Namespace) -> int:
