@@ -187,14 +187,17 @@ class UsageError(ConfigError):
     """Bad command-line arguments."""
 
 
-def _positive_devices(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of devices, got {text!r}")
-    return value
+def _positive(what: str):
+    """argparse type: an int >= 1, else a message naming `what`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive number of {what}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks (also LLMJAX_DEBUG=1)")
-    parser.add_argument("--cpu-devices", type=_positive_devices, default=None, metavar="N",
+    parser.add_argument("--cpu-devices", type=_positive("devices"), default=None, metavar="N",
                         help="emulate N CPU devices (test meshes on a laptop)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -224,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_models)
     p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)")
     p.add_argument("--cache", default="~/.cache/llmjax", help="where corpus/tokenizer/data go")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--steps", type=_positive("steps"), default=600,
+                   help="training steps (default 600)")
     p.set_defaults(handler=cmd_demo)
     p = sub.add_parser("plot", help="PNG curves (loss, eval loss, learning rate, tokens/s) "
                                     "of one or more runs")

@@ -255,14 +255,11 @@ def _training_error(error: RuntimeError, vocab_size: int, files: Sequence[pathli
     """sentencepiece's C++ failure as a one-line error naming the input and the fix."""
     names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     ceiling = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(error))
-    if ceiling and int(ceiling.group(2)) < vocab_size_floor(num_sentinels):
-        return ConfigError(
-            f"{names} is too little text for a tokenizer: it yields at most {ceiling.group(2)} pieces, fewer than the "
-            f"{vocab_size_floor(num_sentinels)} llmjax needs (special tokens and byte pieces); train on more text.")
     if ceiling:
         return ConfigError(
             f"--vocab-size {vocab_size} is more than sentencepiece can learn from {names}: that text yields at most "
-            f"{ceiling.group(2)} pieces; use --vocab-size {ceiling.group(2)} or less, or train on more text.")
+            f"{ceiling.group(2)} pieces; use --vocab-size {ceiling.group(2)}"
+            f"{' or less' if int(ceiling.group(2)) > vocab_size_floor(num_sentinels) else ''}, or train on more text.")
     detail = " ".join(str(error).split())
     return ConfigError(f"sentencepiece training failed for --vocab-size {vocab_size} on {names}: {detail}")
 
