@@ -32,17 +32,17 @@ class ModelConfig:
 
     family: str = "gpt"  # label: gpt | bert | t5 | palm | llama (display, conversion)
     architecture: str = "decoder"  # decoder | encoder | encoder_decoder
-    vocab_size: int = 32000
-    d_model: int = 512
+    vocab_size: int = 32000  # token ids (>= the tokenizer's vocabulary, special tokens included)
+    d_model: int = 512  # width of the residual stream (embedding size)
     num_layers: int = 6  # encoder layers, or decoder layers of a decoder-only model
     num_decoder_layers: Optional[int] = None  # encoder_decoder only; default num_layers
-    num_heads: int = 8
+    num_heads: int = 8  # attention (query) heads
     num_kv_heads: Optional[int] = None  # None: = num_heads (MHA); 1: MQA; else GQA
     head_dim: Optional[int] = None  # None: d_model // num_heads
-    d_ff: int = 2048
+    d_ff: int = 2048  # hidden width of the MLP
     max_len: int = 512  # longest sequence (learned positions, RoPE table, KV cache)
     norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     norm_position: str = "pre"  # pre (GPT, T5, LLaMA) | post (BERT)
     embed_norm: bool = False  # LayerNorm on the embeddings (BERT)
     final_norm: bool = True  # norm after the last layer (pre-LN models)
@@ -50,9 +50,9 @@ class ModelConfig:
     gated_mlp: bool = False  # GLU variants: SwiGLU (silu), GeGLU (gelu)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     position: str = "learned"  # learned | rope | relative | none
-    rope_theta: float = 10000.0
-    relative_buckets: int = 32
-    relative_max_distance: int = 128
+    rope_theta: float = 10000.0  # RoPE base frequency (position=rope)
+    relative_buckets: int = 32  # T5 relative position buckets (position=relative)
+    relative_max_distance: int = 128  # T5: distances beyond this share the last bucket
     scale_attention: bool = True  # divide QK^T by sqrt(d_k); T5 folds it into init
     use_bias: bool = True  # biases in dense layers and norms
     tie_embeddings: bool = True  # LM head reuses the token embedding
@@ -62,8 +62,8 @@ class ModelConfig:
     mlm_head: bool = False  # BERT MLM head: transform + norm + tied decoder + bias
     nsp_head: bool = False  # BERT next-sentence head (on the pooler)
     num_labels: int = 0  # classification head on the pooled output (0: none)
-    dropout: float = 0.0
-    initializer_range: float = 0.02
+    dropout: float = 0.0  # dropout rate in the blocks and heads (training only), in [0, 1)
+    initializer_range: float = 0.02  # std of the normal initialiser of kernels and embeddings
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # master weights
     scan_layers: bool = True  # nn.scan over layers: constant compile time
@@ -145,9 +145,9 @@ class ModelConfig:
 class MeshConfig:
     """Device mesh: sizes per axis, -1 = the rest of the devices."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data-parallel axis size (batch split, parameters replicated)
+    fsdp: int = 1  # fully sharded data-parallel axis (batch and parameters split)
+    tensor: int = 1  # tensor-parallel axis (heads and MLP width split)
     dcn_data: int = 1  # data parallelism across slices (multi-slice TPU)
     # Ordered logical-axis rules: [logical name, mesh axis or list of axes or null].
     # Empty = llmjax.parallel.DEFAULT_RULES.
@@ -178,7 +178,7 @@ class ObjectiveConfig:
     prefix_fraction: float = 0.5  # prefix_lm: max prefix as a fraction of each row
     target_length: int = 0  # span_corruption / seq2seq decoder length (0: derived)
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM uses 1e-4)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # share of target probability spread over the vocabulary
 
     def validate(self) -> None:
         for key in ("mask_rate", "noise_density", "prefix_fraction"):
@@ -202,14 +202,14 @@ class OptimizerConfig:
     """optax optimizer and learning-rate schedule."""
 
     name: str = "adamw"  # adamw | adafactor | lion | sgd
-    learning_rate: float = 3e-4
+    learning_rate: float = 3e-4  # peak learning rate (after warmup)
     schedule: str = "cosine"  # constant | cosine | linear | rsqrt
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to learning_rate
     decay_steps: int = 0  # 0: train.steps
-    end_learning_rate_fraction: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    end_learning_rate_fraction: float = 0.1  # cosine/linear: final rate / peak rate
+    b1: float = 0.9  # adamw/lion first-moment decay
+    b2: float = 0.95  # adamw/lion second-moment decay
+    eps: float = 1e-8  # adamw denominator epsilon
     weight_decay: float = 0.1  # decoupled; never applied to norms, biases, embeddings' scales
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
 
