@@ -126,7 +126,7 @@ def cmd_plan(args) -> int:
 
 def cmd_demo(args) -> int:
     from llmjax.demo import run_demo
-    return run_demo(args.cache, steps=args.steps)
+    return run_demo(args.cache, steps=args.steps, overrides=args.overrides)
 
 
 def cmd_plot(args) -> int:
@@ -225,10 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
                 check_inputs=False)  # planning reads no data
     p = sub.add_parser("models", help="table of model presets with exact parameter counts")
     p.set_defaults(handler=cmd_models)
-    p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)")
+    p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)",
+                       description="Fetch Shakespeare's plays, train a BPE tokenizer, pretrain a "
+                                   "4-layer GPT, print the validation loss and a sample. Settings: "
+                                   "configs/experiments/demo-shakespeare.yaml.")
     p.add_argument("--cache", default="~/.cache/llmjax", help="where corpus/tokenizer/data go")
-    p.add_argument("--steps", type=_positive("steps"), default=600,
-                   help="training steps (default 600)")
+    p.add_argument("--steps", type=_positive("steps"), default=None,
+                   help="training steps (default: the config's 600)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                   help="overrides of configs/experiments/demo-shakespeare.yaml")
     p.set_defaults(handler=cmd_demo)
     p = sub.add_parser("plot", help="PNG curves (loss, eval loss, learning rate, tokens/s) "
                                     "of one or more runs")

@@ -349,7 +349,18 @@ def from_dict(data: dict) -> Config:
         merged = dict(load_preset(model.pop("preset")))
         merged.update(model)
         data["model"] = merged
-    return _build(Config, data, "").validate()
+    cfg = _build(Config, data, "")
+    for section, key in _HOME_PATHS:
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, key, os.path.expanduser(value))
+    return cfg.validate()
+
+
+# Paths a config may write as `~/...` (globs in data.paths are expanded where they are matched).
+_HOME_PATHS = (("data", "data_dir"), ("data", "tokenizer"), ("train", "run_dir"),
+               ("train", "init_from"))
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

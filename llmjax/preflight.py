@@ -42,6 +42,8 @@ def check_inputs(cfg, config_path: Optional[str | os.PathLike] = None) -> None:
     if data.tokenizer and _missing(data.tokenizer):
         raise ConfigError(f"data.tokenizer={data.tokenizer!r} does not exist"
                           f"{hint or '; create it with `llmjax tokenizer train --input FILES --vocab-size N --out ' + data.tokenizer + '`'}")
+    if data.tokenizer:
+        _check_vocab(cfg, data.tokenizer)
     if data.source == "tfds" and data.data_dir and _missing(data.data_dir):
         raise ConfigError(f"data.data_dir={data.data_dir!r} does not exist"
                           f"{hint or '; prepare the dataset there first (docs/data.md)'}")
@@ -49,6 +51,16 @@ def check_inputs(cfg, config_path: Optional[str | os.PathLike] = None) -> None:
     if init_from and _missing(init_from):
         raise ConfigError(f"train.init_from={init_from!r} does not exist"
                           f"{hint or '; train the base model first, or point init_from at a run directory, checkpoint or export'}")
+
+
+def _check_vocab(cfg, tokenizer_dir: str) -> None:
+    """Token ids must fit the embedding: an id past model.vocab_size is silently clamped by
+    the lookup and breaks decoding."""
+    from llmjax.data.tokenizer import load_tokenizer
+    size = load_tokenizer(tokenizer_dir).vocab_size
+    if size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({size} ids in {tokenizer_dir}): set model.vocab_size={size}")
 
 
 def _missing(path: str) -> bool:

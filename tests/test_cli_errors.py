@@ -81,6 +81,8 @@ BAD_INPUTS = [
     ("finetune without init_from", ["finetune", GPT], "finetune needs init_from"),
     ("init_from missing", ["finetune", LORA, "init_from={d}/no-run"], "llmjax train"),
     ("tokenizer missing", ["train", GPT, "data.tokenizer={d}/no-tok"], "data.tokenizer"),
+    ("tokenizer bigger than model", ["train", GPT, "data.tokenizer={d}/tok", "model.vocab_size=380"],
+     "model.vocab_size=380 is smaller than the tokenizer's vocabulary (400 ids"),
     ("classify data step", ["finetune", CLASSIFY, "data.tokenizer={d}/no-tok"],
      "python -m llmjax.data.labelled"),
     # global options and command names

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from llmjax.data.config import DataConfig
 from llmjax.errors import ConfigError
@@ -35,7 +36,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--seq-len", type=int, default=256, help="row length used for the packing efficiency")
     prepare.set_defaults(handler=data_prepare)
 
-    corpus = data_commands.add_parser("corpus", help="fetch a demo corpus")
+    corpus = data_commands.add_parser("corpus", help="fetch a demo corpus and print where its files are")
     corpus.add_argument("name", choices=("shakespeare",))
     corpus.add_argument("--cache", required=True, metavar="DIR", help="cache directory (reused on later calls)")
     corpus.set_defaults(handler=data_corpus)
@@ -113,11 +114,12 @@ def _check_inputs(config: DataConfig) -> None:
 
 
 def data_corpus(args: argparse.Namespace) -> int:
-    """Fetch (or reuse) the demo corpus and print where its files are."""
-    from llmjax.data.corpus import shakespeare
+    """Fetch (or reuse) the demo corpus and print where its training and held-out files are."""
+    from llmjax.data.corpus import shakespeare, split_dirs
 
     train, validation = shakespeare(args.cache)
-    print(f"shakespeare: {len(train)} training plays, {len(validation)} validation plays in "
-          f"{train[0].rsplit('/', 1)[0]}")
-    print("validation:", " ".join(validation))
+    train_dir, validation_dir = split_dirs(args.cache)
+    print(f"shakespeare: {len(train)} training plays, {len(validation)} held-out plays")
+    print(f"training files:  {train_dir}/*.txt")
+    print(f"held-out files:  {validation_dir}/*.txt ({', '.join(Path(f).stem for f in validation)})")
     return 0

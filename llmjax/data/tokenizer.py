@@ -260,6 +260,12 @@ def _training_error(error: RuntimeError, vocab_size: int, files: Sequence[pathli
             f"--vocab-size {vocab_size} is more than sentencepiece can learn from {names}: that text yields at most "
             f"{ceiling.group(2)} pieces; use --vocab-size {ceiling.group(2)}"
             f"{' or less' if int(ceiling.group(2)) > vocab_size_floor(num_sentinels) else ''}, or train on more text.")
+    chars = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(error))
+    if chars:
+        return ConfigError(
+            f"--vocab-size {vocab_size} is too small for the characters of {names}: special tokens, byte pieces and "
+            f"the text's characters need {chars.group(2)}; use --vocab-size {chars.group(2)} or more, or lower "
+            f"--character-coverage (rare characters then go through byte fallback).")
     detail = " ".join(str(error).split())
     return ConfigError(f"sentencepiece training failed for --vocab-size {vocab_size} on {names}: {detail}")
 
