@@ -203,7 +203,8 @@ def _positive(what: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmjax", description=__doc__.split("\n")[0], epilog=MAIN_EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, third-party libraries' notices included")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks (also LLMJAX_DEBUG=1)")
     parser.add_argument("--cpu-devices", type=_positive("devices"), default=None, metavar="N",
@@ -265,10 +266,19 @@ def leaf_parsers(parser: argparse.ArgumentParser, path: tuple = ()):
 
 
 def _add_examples(parser: argparse.ArgumentParser) -> None:
+    """Each command's epilog: its example; a group's (`llmjax data --help`): its commands'."""
+    groups: dict[str, list[str]] = {}
     for path, p in leaf_parsers(parser):
         p.formatter_class = argparse.RawDescriptionHelpFormatter
         if not p.epilog and " ".join(path) in EXAMPLES:
             p.epilog = f"example:\n  {EXAMPLES[' '.join(path)]}"
+        if len(path) > 1 and p.epilog:
+            groups.setdefault(path[0], []).append(p.epilog.split("\n", 1)[-1])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, lines in groups.items():
+        group = sub.choices[name]
+        group.formatter_class = argparse.RawDescriptionHelpFormatter
+        group.epilog = group.epilog or "examples:\n" + "\n".join(lines)
 
 
 def _hoist_global_options(argv: list[str]) -> list[str]:

@@ -202,3 +202,19 @@ def test_real_process_prints_one_line_and_no_third_party_noise(inputs):
         f"llmjax: error: {inputs / 'unclosed.yaml'}:3:1: invalid YAML: expected ',' or '}}', but "
         f"got '<stream end>' (parsing a flow mapping started at line 2, column 8)"]
     assert proc.stdout == ""
+
+
+def test_third_party_notices_stay_out_of_the_terminal(inputs, tmp_path):
+    """TFDS prints "Downloading and preparing ..." / "... downloaded and prepared" and draws
+    bars while it builds a dataset; the user sees llmjax's own lines only (-v shows the rest)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path)}
+    argv = [sys.executable, "-m", "llmjax", "data", "prepare", "--paths", str(inputs / "text.txt"),
+            str(inputs / "small.txt"), "--data-dir", str(tmp_path / "data"),
+            "--tokenizer", str(inputs / "tok")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("dataset: ") and "\ntrain: 2 files" in proc.stdout
+    both = proc.stdout + proc.stderr
+    for noise in ("Downloading and preparing", "downloaded and prepared", "Generating ",
+                  "absl", "tensorflow_datasets", "Traceback"):
+        assert noise not in both, both
