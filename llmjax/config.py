@@ -400,7 +400,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def parse_yaml(text: str, where: str, positions: bool = True) -> Any:
     """yaml.safe_load, with syntax errors as one-line ConfigErrors `where:line:column: ...`."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
         mark, start = err.problem_mark or err.context_mark, err.context_mark
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark and positions else where
@@ -412,6 +412,29 @@ def parse_yaml(text: str, where: str, positions: bool = True) -> Any:
         raise ConfigError(f"{at}: invalid YAML: {what}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: invalid YAML: {err}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a duplicated `train:` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given at line {first.line + 1}, "
+                        f"column {first.column + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
 
 
 def _config_hint(path: Path) -> str:
@@ -472,6 +495,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = _number(value)  # `steps: 1e5` (YAML 1.1 reads it as a string) or `2.0`
+        if number is not None and number.is_integer():
+            return int(number)
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -495,6 +521,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     elif origin is dict or hint is dict or hint is Any:
         return value
     raise ConfigError(f"{where} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _type_name(hint: Any) -> str:

@@ -44,6 +44,10 @@ def check_inputs(cfg, config_path: Optional[str | os.PathLike] = None) -> None:
                           f"{hint or '; create it with `llmjax tokenizer train --input FILES --vocab-size N --out ' + data.tokenizer + '`'}")
     if data.tokenizer:
         _check_vocab(cfg, data.tokenizer)
+    if data.source == "text":  # every glob must match (the files, unlike a dataset, are inputs)
+        from llmjax.data.sources import expand_globs
+        expand_globs(data.paths, "data.paths")
+        expand_globs(data.validation_paths, "data.validation_paths")
     if data.source == "tfds" and data.data_dir and _missing(data.data_dir):
         raise ConfigError(f"data.data_dir={data.data_dir!r} does not exist"
                           f"{hint or '; prepare the dataset there first (docs/data.md)'}")

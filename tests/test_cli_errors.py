@@ -34,6 +34,7 @@ def inputs(tmp_path_factory):
     (d / "list.yaml").write_text("- model\n- train\n")
     (d / "section.yaml").write_text("model: gpt-tiny\ntrain: 5\n")
     (d / "adir.yaml").mkdir()
+    (d / "twice.yaml").write_text("model: gpt-tiny\ntrain: {steps: 3}\ntrain: {batch_size: 4}\n")
     (d / "empty.txt").write_text("")
     (d / "blank.txt").write_text("  \n\n\t\n")
     (d / "small.txt").write_text("the cat sat on the mat\n" * 3)
@@ -59,6 +60,7 @@ BAD_INPUTS = [
     ("missing config", ["train", "{d}/nowhere.yaml"], "does not exist"),
     ("config name only", ["train", "gpt-tiny.yaml"], "did you mean"),
     ("config is a directory", ["plan", "{d}/adir.yaml"], "is a directory"),
+    ("duplicate section", ["train", "{d}/twice.yaml"], "twice.yaml:3:1: invalid YAML: duplicate key"),
     # configs: keys, values, overrides
     ("unknown key", ["train", GPT, "model.num_layer=3"], "did you mean 'num_layers'"),
     ("unknown section", ["train", GPT, "trian.steps=3"], "unknown key 'trian'"),
@@ -66,6 +68,7 @@ BAD_INPUTS = [
     ("override bad key", ["train", GPT, "train..steps=3"], "not a dotted key"),
     ("override bad yaml", ["train", GPT, "train.steps=[1"], "invalid YAML"),
     ("wrong type", ["train", GPT, "train.steps=many"], "train.steps expects int"),
+    ("fractional count", ["train", GPT, "train.steps=2.5"], "train.steps expects int, got 2.5"),
     ("zero steps", ["train", GPT, "train.steps=0"], "train.steps=0 must be positive"),
     ("negative batch", ["train", GPT, "train.batch_size=-4"], "must be positive"),
     ("zero d_model", ["plan", GPT, "model.d_model=0"], "model.d_model=0 must be positive"),
@@ -108,6 +111,13 @@ BAD_INPUTS = [
                           "--vocab-size", "1000", "--out", "{d}/t5"], "yields at most"),
     ("bad model type", ["tokenizer", "train", "--input", "{d}/text.txt", "--vocab-size", "1000",
                         "--model-type", "word", "--out", "{d}/t6"], "invalid choice: 'word'"),
+    ("character coverage", ["tokenizer", "train", "--input", "{d}/text.txt", "--vocab-size", "400",
+                            "--character-coverage", "0.5", "--out", "{d}/t7"], "[0.98, 1]"),
+    ("train glob matches nothing", ["train", GPT, "data.source=text", "data.paths=[{d}/no/*.txt]",
+                                    "data.data_dir={d}/dd", "data.tokenizer={d}/tok"],
+     "matches no file"),
+    ("prepare seq-len", ["data", "prepare", "--paths", "{d}/text.txt", "--data-dir", "{d}/dd",
+                         "--tokenizer", "{d}/tok", "--seq-len", "0"], "--seq-len 0"),
     ("glob matches nothing", ["data", "prepare", "--paths", "{d}/none/*.txt", "--data-dir",
                               "{d}/dd", "--tokenizer", "{d}/tok"], "matches no file"),
     ("prepare empty files", ["data", "prepare", "--paths", "{d}/empty.txt", "{d}/blank.txt",

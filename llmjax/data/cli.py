@@ -66,6 +66,8 @@ def data_prepare(args: argparse.Namespace) -> int:
                         validation_fraction=args.validation_fraction, document_unit=args.document_unit,
                         data_dir=args.data_dir, tokenizer=args.tokenizer, shuffle=False)
     _check_config(config)
+    if args.seq_len < 4:
+        raise ConfigError(f"--seq-len {args.seq_len} is too short; use at least 4 (e.g. the training seq_len).")
     tokenizer = load_tokenizer(args.tokenizer)  # before the build: a wrong path fails at once
     _check_inputs(config)
     quiet_tfds()

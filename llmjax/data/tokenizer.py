@@ -174,6 +174,11 @@ def train_sentencepiece(
     if missing:
         raise ConfigError(f"tokenizer training input not found: {', '.join(missing)}; "
                           f"pass existing text files to --input.")
+    if num_sentinels < 0:
+        raise ConfigError(f"num_sentinels={num_sentinels} must be >= 0 (T5's span corruption uses 100).")
+    if not 0.98 <= character_coverage <= 1.0:  # sentencepiece's own bounds
+        raise ConfigError(f"character_coverage={character_coverage} must be in [0.98, 1]; rarer characters "
+                          f"than the coverage go through byte fallback.")
     special = SpecialTokens(num_sentinels=num_sentinels)
     minimum = vocab_size_floor(num_sentinels)
     if vocab_size < minimum:
