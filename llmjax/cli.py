@@ -136,8 +136,9 @@ def cmd_plot(args) -> int:
     return 0
 
 
-# One example per command, shown by `llmjax COMMAND --help`; tests/test_docs_commands.py runs
-# each of them. A group's own module may set `epilog=` instead (it wins over this table).
+# One example per command, shown by `llmjax COMMAND --help`. tests/test_docs_commands.py runs
+# each (after the documented commands, whose runs and files they use). A group's own module may
+# set `epilog=` instead (it wins over this table).
 EXAMPLES = {
     "train": "llmjax train configs/experiments/gpt-tiny.yaml train.steps=100 "
              "optimizer.learning_rate=1e-3",
@@ -148,17 +149,17 @@ EXAMPLES = {
     "models": "llmjax models",
     "demo": "llmjax demo --steps 300",
     "plot": "llmjax plot runs/gpt-tiny runs/gpt-tiny-peft-lora --out curves.png",
-    "tokenizer train": "llmjax tokenizer train --input corpus/*.txt --vocab-size 8192 "
-                       "--out tok/",
-    "data prepare": "llmjax data prepare --paths 'corpus/*.txt' --data-dir data/ "
-                    "--tokenizer tok/ --validation-fraction 0.05",
-    "data corpus": "llmjax data corpus shakespeare --cache ~/.cache/llmjax/shakespeare",
-    "convert hf-to-llmjax": "llmjax convert hf-to-llmjax hf/gpt2 exports/gpt2",
-    "convert llmjax-to-hf": "llmjax convert llmjax-to-hf exports/gpt2 hf/gpt2-out",
+    "tokenizer train": "llmjax tokenizer train --input shakespeare/shakespeare_texts/train/*.txt "
+                       "--vocab-size 4096 --out tok",
+    "data prepare": "llmjax data prepare --paths 'shakespeare/shakespeare_texts/train/*.txt' "
+                    "--validation-fraction 0.05 --data-dir data --tokenizer tok",
+    "data corpus": "llmjax data corpus shakespeare --cache shakespeare",
+    "convert hf-to-llmjax": "llmjax convert hf-to-llmjax hf/own-text exports/own-text",
+    "convert llmjax-to-hf": "llmjax convert llmjax-to-hf runs/own-text hf/own-text",
     "convert gguf-to-llmjax": "llmjax convert gguf-to-llmjax model.gguf exports/model",
     "peft merge": "llmjax peft merge runs/gpt-tiny-peft-lora/adapter exports/merged",
     "peft summary": "llmjax peft summary configs/experiments/peft-lora.yaml peft.rank=4",
-    "generate": "llmjax generate runs/gpt-tiny --prompt 'Once upon a time' --max-new-tokens 20",
+    "generate": "llmjax generate runs/own-text --prompt 'ROMEO.' --max-new-tokens 60",
 }
 
 MAIN_EPILOG = """\

@@ -41,8 +41,25 @@ def inputs(tmp_path_factory):
     from llmjax.data.tokenizer import train_sentencepiece
     text = d / "text.txt"
     text.write_text("".join(f"line {i} of a small corpus, words and more words\n" for i in range(300)))
-    train_sentencepiece([text], d / "tok", vocab_size=400)
+    tokenizer = train_sentencepiece([text], d / "tok", vocab_size=400)
+    _export(d / "gpt-export", "gpt-tiny", tokenizer)  # for the generate rows
+    _export(d / "bert-export", "bert-tiny", tokenizer)
     return d
+
+
+def _export(directory, preset, tokenizer):
+    """A tiny llmjax parameter export with a tokenizer (what `llmjax generate` loads)."""
+    import shutil
+
+    import jax
+    from llmjax.config import model_config
+    from llmjax.models.api import init_params
+    from llmjax.pretrained import TOKENIZER_SUBDIR, PretrainedModel
+    cfg = model_config(preset)
+    PretrainedModel(cfg, init_params(cfg, jax.random.key(0)), tokenizer, None).save(directory)
+    # save() copies Hugging Face tokenizer files only; an llmjax tokenizer goes in by hand.
+    shutil.copytree(Path(tokenizer.model_file).parent, directory / TOKENIZER_SUBDIR,
+                    dirs_exist_ok=True)
 
 
 # (name, argv with {d} = the inputs directory, a fragment the message must contain)
@@ -133,6 +150,10 @@ BAD_INPUTS = [
      "no config.json"),
     ("convert not gguf", ["convert", "gguf-to-llmjax", "{d}/small.txt", "{d}/out"], ".gguf"),
     ("generate unknown model", ["generate", "{d}/nowhere", "--prompt", "hi"], "nowhere"),
+    ("generate past max_len", ["generate", "{d}/gpt-export", "--prompt", "hi",
+                               "--max-new-tokens", "100000"], "exceeds model.max_len"),
+    ("generate from an encoder", ["generate", "{d}/bert-export", "--prompt", "hi"],
+     "encoder-only"),
     ("peft summary bad yaml", ["peft", "summary", "{d}/unclosed.yaml"], "unclosed.yaml:3:1"),
     ("plot not a run", ["plot", "{d}"], "has no metrics.jsonl"),
 ]

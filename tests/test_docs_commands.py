@@ -205,12 +205,33 @@ def test_extraction_and_shrinking():
     assert expand("llmjax a 'b c' # comment", ROOT, ROOT) == ["llmjax", "a", "b c"]
 
 
-def test_every_command_help_has_a_working_example():
-    """`llmjax X --help` shows an example for every command, and the example parses."""
-    parser = cli.build_parser()
-    for path, sub in cli.leaf_parsers(parser):
+# Help examples that cannot run here, with the reason (reviewed list, like SKIP).
+EXAMPLE_SKIP = {
+    "convert gguf-to-llmjax": "needs a GGUF file (docs/interop.md fetches one from PyPI)",
+    "peft merge": "the adapter records runs/gpt-tiny (a run directory) as its base, which "
+                  "merge cannot read yet; needs a parameter export of the base",
+}
+
+
+def help_examples() -> dict[str, str]:
+    """{command path: the example line of `llmjax PATH --help`} of every command."""
+    out = {}
+    for path, sub in cli.leaf_parsers(cli.build_parser()):
         match = re.search(r"^  (llmjax .*)$", sub.epilog or "", re.M)
-        assert match, f"`llmjax {' '.join(path)} --help` has no example: add it to cli.EXAMPLES"
-        argv = shlex.split(match.group(1))[1:]
-        assert cli.build_parser().parse_args(argv).handler, match.group(1)
-    assert "examples:" in parser.format_help()
+        assert match, f"`llmjax {' '.join(path)} --help` has no example: add one to cli.EXAMPLES"
+        out[" ".join(path)] = match.group(1)
+    return out
+
+
+def test_every_command_help_example_runs(workdir, capsys):
+    """`llmjax X --help` shows an example for every command, and it runs (after the documented
+    commands: examples use their runs and files; commands run already are not repeated)."""
+    work, home = workdir
+    for page in PAGES:
+        for command in page_commands(page):
+            run_command(command, work, home, capsys)
+    for path, example in help_examples().items():
+        assert cli.build_parser().parse_args(shlex.split(example)[1:]).handler, example
+        if path not in EXAMPLE_SKIP:
+            run_command(example, work, home, capsys)
+    assert "examples:" in cli.build_parser().format_help()
