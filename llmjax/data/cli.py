@@ -65,7 +65,7 @@ def data_prepare(args: argparse.Namespace) -> int:
     config = DataConfig(source="text", paths=list(args.paths), validation_paths=list(args.validation_paths),
                         validation_fraction=args.validation_fraction, document_unit=args.document_unit,
                         data_dir=args.data_dir, tokenizer=args.tokenizer, shuffle=False)
-    _check_config(config)
+    config.validate()  # ValueErrors naming the data.* key (reported as user errors)
     if args.seq_len < 4:
         raise ConfigError(f"--seq-len {args.seq_len} is too short; use at least 4 (e.g. the training seq_len).")
     tokenizer = load_tokenizer(args.tokenizer)  # before the build: a wrong path fails at once
@@ -89,15 +89,6 @@ def data_prepare(args: argparse.Namespace) -> int:
             print(f"  {len(found['invalid_utf8_files'])} file(s) with invalid UTF-8 "
                   f"({found['replaced_invalid_bytes']} bad byte runs replaced by U+FFFD): {found['invalid_utf8_files']}")
     return 0
-
-
-def _check_config(config: DataConfig) -> None:
-    try:
-        config.validate()
-    except ConfigError:
-        raise
-    except ValueError as err:  # DataConfig speaks in data.* keys; here they are flags
-        raise ConfigError(str(err)) from None
 
 
 def _check_inputs(config: DataConfig) -> None:
