@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
-from llmjax.errors import ConfigError  # defined there so that any module can import it
 from llmjax.data.config import DataConfig
+from llmjax.errors import ConfigError  # defined there: modules that config imports raise it too
 from llmjax.peft.config import PeftConfig
 
 
