@@ -8,6 +8,8 @@ users). Anything else raised inside a library is a bug, reported as an internal 
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +27,9 @@ def user_message(err: BaseException) -> Optional[str]:
     """The message to show for an error the user can fix, or None for a bug."""
     if isinstance(err, ConfigError):
         return str(err)
+    if isinstance(err, json.JSONDecodeError):  # llmjax parses JSON only from input files
+        return (f"an input file is not valid JSON: {err.msg} at line {err.lineno}, column "
+                f"{err.colno}{_json_file(err)}")
     if isinstance(err, UnicodeDecodeError):
         return (f"input is not {err.encoding} text ({err.reason} at byte {err.start}); "
                 f"llmjax reads UTF-8 text files")
@@ -54,6 +59,18 @@ def raised_by_llmjax(err: BaseException) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _json_file(err: json.JSONDecodeError) -> str:
+    """` (FILE)` when the llmjax frame that parsed the JSON holds exactly one path to a .json file."""
+    tb, candidates = err.__traceback__, set()
+    while tb is not None:
+        frame = tb.tb_frame
+        if Path(frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR):
+            candidates = {str(v) for v in frame.f_locals.values() if isinstance(v, (str, os.PathLike))
+                          and str(v).endswith(".json") and os.path.isfile(v)} or candidates
+        tb = tb.tb_next
+    return f" ({candidates.pop()})" if len(candidates) == 1 else ""
 
 
 def _is_yaml_error(err: BaseException) -> bool:

@@ -34,6 +34,8 @@ def inputs(tmp_path_factory):
     (d / "list.yaml").write_text("- model\n- train\n")
     (d / "section.yaml").write_text("model: gpt-tiny\ntrain: 5\n")
     (d / "adir.yaml").mkdir()
+    (d / "hf-bad").mkdir()
+    (d / "hf-bad" / "config.json").write_text("{model_type: gpt2")
     (d / "twice.yaml").write_text("model: gpt-tiny\ntrain: {steps: 3}\ntrain: {batch_size: 4}\n")
     (d / "empty.txt").write_text("")
     (d / "blank.txt").write_text("  \n\n\t\n")
@@ -148,6 +150,8 @@ BAD_INPUTS = [
     # other commands
     ("convert not an HF dir", ["convert", "hf-to-llmjax", "{d}/nowhere", "{d}/out"],
      "no config.json"),
+    ("convert bad config.json", ["convert", "hf-to-llmjax", "{d}/hf-bad", "{d}/out"],
+     "hf-bad/config.json)"),
     ("convert not gguf", ["convert", "gguf-to-llmjax", "{d}/small.txt", "{d}/out"], ".gguf"),
     ("generate unknown model", ["generate", "{d}/nowhere", "--prompt", "hi"], "nowhere"),
     ("generate past max_len", ["generate", "{d}/gpt-export", "--prompt", "hi",
