@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     input the user can fix. Also importable as llmjax.config.ConfigError."""
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+# Optional dependencies and the setup.py extra that installs each.
+_EXTRAS = {"torch": "hf", "transformers": "hf", "peft": "hf", "gguf": "hf", "tokenizers": "hf",
+           "tensorflow": "tf", "tensorboard": "tensorboard"}
 _FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                 FileExistsError)
 
@@ -27,6 +30,11 @@ def user_message(err: BaseException) -> Optional[str]:
     """The message to show for an error the user can fix, or None for a bug."""
     if isinstance(err, ConfigError):
         return str(err)
+    if isinstance(err, ModuleNotFoundError) and err.name and err.name.split(".")[0] != "llmjax":
+        package = err.name.split(".")[0]
+        extra = _EXTRAS.get(package)
+        how = f"pip install -e '.[{extra}]'" if extra else f"pip install {package}"
+        return f"this needs the Python package {package!r}, which is not installed: {how}"
     if isinstance(err, json.JSONDecodeError):  # llmjax parses JSON only from input files
         return (f"an input file is not valid JSON: {err.msg} at line {err.lineno}, column "
                 f"{err.colno}{_json_file(err)}")

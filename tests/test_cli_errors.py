@@ -5,6 +5,7 @@ Every row of BAD_INPUTS fails before a model is built, so the table costs well u
 per row (in-process through cli.main)."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -206,6 +207,16 @@ def test_a_library_value_error_is_a_bug_but_ours_is_a_user_error(monkeypatch, ca
     monkeypatch.setattr(cli, "cmd_models", lambda args: SpecialTokens().sentinel(1000))
     assert cli.main(["models"]) == 2  # raised by llmjax's own check: a message for the user
     assert "sentinel index 1000 out of range" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.delenv("LLMJAX_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_models", lambda args: importlib.import_module("gguf_nope"))
+    assert cli.main(["models"]) == 2
+    assert "'gguf_nope', which is not installed: pip install gguf_nope" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_models", _fail_with(ModuleNotFoundError("x", name="torch")))
+    assert cli.main(["models"]) == 2
+    assert "pip install -e '.[hf]'" in capsys.readouterr().err
 
 
 def test_debug_flag_and_environment_variable_show_the_traceback(monkeypatch):
