@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import difflib
 import importlib
-import logging
 import os
 import re
 import sys

@@ -2,9 +2,10 @@
 (used by `llmjax` main).
 
 ConfigError (and its subclasses) is the project's user error. Some user errors arrive as other
-types: a missing or unreadable file (OSError with a filename), undecodable text, YAML syntax,
-and ValueError/RuntimeError raised by llmjax's own checks (their messages are written for
-users). Anything else raised inside a library is a bug, reported as an internal error.
+types: a missing or unreadable file (OSError with a filename), undecodable text, YAML or JSON
+syntax, a missing optional package, and ValueError/RuntimeError raised by llmjax's own checks
+(their messages are written for users). Anything else raised inside a library is a bug,
+reported as an internal error.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Optional
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or inconsistent; more generally any
     input the user can fix. Also importable as llmjax.config.ConfigError."""
+
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Optional dependencies and the setup.py extra that installs each.

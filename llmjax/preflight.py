@@ -32,29 +32,32 @@ def setup_steps(config_path: Optional[str | os.PathLike]) -> list[str]:
 
 
 def check_inputs(cfg, config_path: Optional[str | os.PathLike] = None) -> None:
-    """ConfigError for a local tokenizer, TFDS data_dir or init_from path that does not exist."""
+    """ConfigError for a missing local tokenizer, text file, TFDS data_dir or init_from path,
+    or a tokenizer larger than model.vocab_size."""
     steps = setup_steps(config_path)
-    own = str(config_path) if config_path else ""
-    # Steps before the one that runs this config create its inputs.
-    before = [s for s in steps if own and Path(own).name not in s] or steps
-    hint = f"; this config's setup steps: {'; '.join(f'`{s}`' for s in before)}" if before else ""
+    # The steps before the one that runs this config are the ones that create its inputs.
+    own = Path(config_path).name if config_path else None
+    before = [s for s in steps if not own or own not in s] or steps
+    hint = "; this config's setup steps: " + "; ".join(f"`{s}`" for s in before) if before else ""
     data = cfg.data
     if data.tokenizer and _missing(data.tokenizer):
-        raise ConfigError(f"data.tokenizer={data.tokenizer!r} does not exist"
-                          f"{hint or '; create it with `llmjax tokenizer train --input FILES --vocab-size N --out ' + data.tokenizer + '`'}")
+        fix = hint or (f"; create it with `llmjax tokenizer train --input FILES --vocab-size N "
+                       f"--out {data.tokenizer}`")
+        raise ConfigError(f"data.tokenizer={data.tokenizer!r} does not exist{fix}")
     if data.tokenizer:
         _check_vocab(cfg, data.tokenizer)
-    if data.source == "text":  # every glob must match (the files, unlike a dataset, are inputs)
+    if data.source == "text":  # every glob must match a file
         from llmjax.data.sources import expand_globs
         expand_globs(data.paths, "data.paths")
         expand_globs(data.validation_paths, "data.validation_paths")
     if data.source == "tfds" and data.data_dir and _missing(data.data_dir):
-        raise ConfigError(f"data.data_dir={data.data_dir!r} does not exist"
-                          f"{hint or '; prepare the dataset there first (docs/data.md)'}")
+        fix = hint or "; prepare the dataset there first (docs/data.md)"
+        raise ConfigError(f"data.data_dir={data.data_dir!r} does not exist{fix}")
     init_from = cfg.train.init_from
     if init_from and _missing(init_from):
-        raise ConfigError(f"train.init_from={init_from!r} does not exist"
-                          f"{hint or '; train the base model first, or point init_from at a run directory, checkpoint or export'}")
+        fix = hint or ("; train the base model first, or point init_from at a run directory, "
+                       "checkpoint or parameter export")
+        raise ConfigError(f"train.init_from={init_from!r} does not exist{fix}")
 
 
 def _check_vocab(cfg, tokenizer_dir: str) -> None:
