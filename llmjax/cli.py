@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_models)
     p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)",
                        description="Fetch Shakespeare's plays, train a BPE tokenizer, pretrain a "
-                                   "4-layer GPT, print the validation loss and a sample. Settings: "
+                                   "4-layer GPT,\nprint the validation loss and a sample. Settings: "
                                    "configs/experiments/demo-shakespeare.yaml.")
     p.add_argument("--cache", default="~/.cache/llmjax", help="where corpus/tokenizer/data go")
     p.add_argument("--steps", type=_positive("steps"), default=None,
