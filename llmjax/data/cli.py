@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from llmjax.data.config import DataConfig
+from llmjax.errors import ConfigError
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +36,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--seq-len", type=int, default=256, help="row length used for the packing efficiency")
     prepare.set_defaults(handler=data_prepare)
 
-    corpus = data_commands.add_parser("corpus", help="fetch a demo corpus")
+    corpus = data_commands.add_parser("corpus", help="fetch a demo corpus and print where its files are")
     corpus.add_argument("name", choices=("shakespeare",))
     corpus.add_argument("--cache", required=True, metavar="DIR", help="cache directory (reused on later calls)")
     corpus.set_defaults(handler=data_corpus)
@@ -55,6 +57,7 @@ def tokenizer_train(args: argparse.Namespace) -> int:
 
 def data_prepare(args: argparse.Namespace) -> int:
     """Build the array_record dataset, then print documents, tokens and packing efficiency per split."""
+    from llmjax.console import quiet_tfds
     from llmjax.data.pipeline import epoch_statistics
     from llmjax.data.sources import prepare_text_dataset
     from llmjax.data.tokenizer import load_tokenizer
@@ -62,11 +65,15 @@ def data_prepare(args: argparse.Namespace) -> int:
     config = DataConfig(source="text", paths=list(args.paths), validation_paths=list(args.validation_paths),
                         validation_fraction=args.validation_fraction, document_unit=args.document_unit,
                         data_dir=args.data_dir, tokenizer=args.tokenizer, shuffle=False)
-    config.validate()
+    config.validate()  # ValueErrors naming the data.* key (reported as user errors)
+    if args.seq_len < 4:
+        raise ConfigError(f"--seq-len {args.seq_len} is too short; use at least 4 (e.g. the training seq_len).")
+    tokenizer = load_tokenizer(args.tokenizer)  # before the build: a wrong path fails at once
+    _check_inputs(config)
+    quiet_tfds()
     start = time.perf_counter()
     builder, file_stats = prepare_text_dataset(config)
     print(f"dataset: {builder.data_dir} ({time.perf_counter() - start:.1f} s)")
-    tokenizer = load_tokenizer(args.tokenizer)
     for split in ("train", "validation"):
         found = file_stats.get(split, {})
         if not found.get("documents"):
@@ -84,12 +91,28 @@ def data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_inputs(config: DataConfig) -> None:
+    """Every glob matches a file, and the training files hold some text (else one line naming them)."""
+    from llmjax.data.sources import expand_globs
+    from llmjax.data.tokenizer import has_text
+
+    validation = expand_globs(config.validation_paths, "--validation-paths") if config.validation_paths else []
+    train = [f for f in expand_globs(config.paths, "--paths") if f not in set(validation)]
+    if not train:
+        raise ConfigError("--paths matches only files that are also in --validation-paths; nothing is left to train on.")
+    if not any(has_text(f) for f in train):
+        shown = ", ".join(train[:5]) + (f" and {len(train) - 5} more" if len(train) > 5 else "")
+        raise ConfigError(f"--paths files hold no text ({shown} {'is' if len(train) == 1 else 'are all'} empty or "
+                          f"blank); pass UTF-8 text files.")
+
+
 def data_corpus(args: argparse.Namespace) -> int:
-    """Fetch (or reuse) the demo corpus and print where its files are."""
-    from llmjax.data.corpus import shakespeare
+    """Fetch (or reuse) the demo corpus and print where its training and held-out files are."""
+    from llmjax.data.corpus import shakespeare, split_dirs
 
     train, validation = shakespeare(args.cache)
-    print(f"shakespeare: {len(train)} training plays, {len(validation)} validation plays in "
-          f"{train[0].rsplit('/', 1)[0]}")
-    print("validation:", " ".join(validation))
+    train_dir, validation_dir = split_dirs(args.cache)
+    print(f"shakespeare: {len(train)} training plays, {len(validation)} held-out plays")
+    print(f"training files:  {train_dir}/*.txt")
+    print(f"held-out files:  {validation_dir}/*.txt ({', '.join(Path(f).stem for f in validation)})")
     return 0

@@ -17,11 +17,14 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sentencepiece as spm
+
+from llmjax.errors import ConfigError
 
 METADATA_FILE = "llmjax_tokenizer.json"
 SENTENCEPIECE_MODEL_FILE = "spm.model"
@@ -163,20 +166,31 @@ def train_sentencepiece(
     character outside `character_coverage` (Chinese needs ~0.9995).
     """
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type={model_type!r} is not supported; use 'bpe' (fast) or 'unigram'.")
-    files = [pathlib.Path(p) for p in inputs]
+        raise ConfigError(f"model_type={model_type!r} is not supported; use 'bpe' (fast) or 'unigram'.")
+    files = [pathlib.Path(p).expanduser() for p in inputs]
+    if not files:
+        raise ConfigError("no tokenizer training input given; pass text files to --input.")
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"tokenizer training input not found: {missing}; pass existing text files to --input.")
-    if not files:
-        raise ValueError("no tokenizer training input given; pass text files to --input.")
+        raise ConfigError(f"tokenizer training input not found: {', '.join(missing)}; "
+                          f"pass existing text files to --input.")
+    if num_sentinels < 0:
+        raise ConfigError(f"num_sentinels={num_sentinels} must be >= 0 (T5's span corruption uses 100).")
+    if not 0.98 <= character_coverage <= 1.0:  # sentencepiece's own bounds
+        raise ConfigError(f"character_coverage={character_coverage} must be in [0.98, 1]; rarer characters "
+                          f"than the coverage go through byte fallback.")
     special = SpecialTokens(num_sentinels=num_sentinels)
-    minimum = special.num_special + BYTE_PIECES + 1
+    minimum = vocab_size_floor(num_sentinels)
     if vocab_size < minimum:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small: {special.num_special} special tokens and {BYTE_PIECES} byte pieces "
             f"need at least {minimum}; use e.g. {max(1000, minimum)}."
         )
+    files = [p for p in files if has_text(p)]  # sentencepiece fails on a corpus of no text
+    if not files:
+        raise ConfigError(f"tokenizer training input has no text: {', '.join(map(str, inputs))} "
+                          f"{'is' if len(inputs) == 1 else 'are all'} empty or blank; pass UTF-8 "
+                          f"text files to --input.")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / SENTENCEPIECE_MODEL_FILE.removesuffix(".model")
@@ -204,10 +218,7 @@ def train_sentencepiece(
     try:
         spm.SentencePieceTrainer.train(**options)
     except RuntimeError as error:
-        raise ValueError(
-            f"sentencepiece training failed for vocab_size={vocab_size} on {len(files)} file(s): {error}. "
-            "If it says the vocabulary is too large for the text, lower --vocab-size or add more text."
-        ) from error
+        raise _training_error(error, vocab_size, files, num_sentinels) from None
     seconds = time.perf_counter() - start
     model_file = out / SENTENCEPIECE_MODEL_FILE
     tokenizer = SentencePieceTokenizer(model_file, special)
@@ -230,6 +241,40 @@ def train_sentencepiece(
     return tokenizer
 
 
+def vocab_size_floor(num_sentinels: int = 100) -> int:
+    """The smallest vocabulary: the special tokens, 256 byte pieces and one learned piece."""
+    return SpecialTokens(num_sentinels=num_sentinels).num_special + BYTE_PIECES + 1
+
+
+def has_text(path: str | os.PathLike, chunk: int = 1 << 16) -> bool:
+    """Whether a file holds anything but whitespace (reads only up to the first such byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def _training_error(error: RuntimeError, vocab_size: int, files: Sequence[pathlib.Path],
+                    num_sentinels: int) -> ConfigError:
+    """sentencepiece's C++ failure as a one-line error naming the input and the fix."""
+    names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    ceiling = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(error))
+    if ceiling:
+        return ConfigError(
+            f"--vocab-size {vocab_size} is more than sentencepiece can learn from {names}: that text yields at most "
+            f"{ceiling.group(2)} pieces; use --vocab-size {ceiling.group(2)}"
+            f"{' or less' if int(ceiling.group(2)) > vocab_size_floor(num_sentinels) else ''}, or train on more text.")
+    chars = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(error))
+    if chars:
+        return ConfigError(
+            f"--vocab-size {vocab_size} is too small for the characters of {names}: special tokens, byte pieces and "
+            f"the text's characters need {chars.group(2)}; use --vocab-size {chars.group(2)} or more, or lower "
+            f"--character-coverage (rare characters then go through byte fallback).")
+    detail = " ".join(str(error).split())
+    return ConfigError(f"sentencepiece training failed for --vocab-size {vocab_size} on {names}: {detail}")
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer in `directory` (as written by `train_sentencepiece`), checking its special ids."""
     path = pathlib.Path(directory).expanduser()
@@ -239,11 +284,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         if imported is not None:
             return imported
     if not meta_file.is_file():
-        hint = " (it holds no tokenizer files)" if not path.exists() else ""
-        raise FileNotFoundError(
-            f"no tokenizer metadata {meta_file}{hint}; train one with "
-            f"`llmjax tokenizer train --input FILES --vocab-size N --out {directory}` and point data.tokenizer at it."
-        )
+        what = "does not exist" if not path.exists() else (
+            f"holds neither an llmjax tokenizer ({METADATA_FILE}) nor an imported one (tokenizer.json, spiece.model, "
+            f"tokenizer.model, vocab.txt)")
+        raise FileNotFoundError(f"tokenizer directory {str(directory)!r} {what}; train one with "
+                          f"`llmjax tokenizer train --input FILES --vocab-size N --out {directory}`.")
     metadata = json.loads(meta_file.read_text(encoding="utf-8"))
     kind = metadata.get("kind")
     if kind != "sentencepiece":
