@@ -41,7 +41,7 @@ def _load(args) -> "Config":  # noqa: F821
     if getattr(args, "require_init", False) and not cfg.train.init_from:
         raise ConfigError("finetune needs init_from=PATH (a checkpoint or parameter export)")
     if getattr(args, "check_inputs", True):
-        from llmjax.preflight import check_inputs
+        from llmjax.train.preflight import check_inputs
         check_inputs(cfg, args.config)
     return cfg
 

@@ -105,7 +105,7 @@ BAD_INPUTS = [
     ("init_from missing", ["finetune", LORA, "init_from={d}/no-run"], "llmjax train"),
     ("tokenizer missing", ["train", GPT, "data.tokenizer={d}/no-tok"], "data.tokenizer"),
     ("tokenizer bigger than model", ["train", GPT, "data.tokenizer={d}/tok", "model.vocab_size=380"],
-     "model.vocab_size=380 is smaller than the tokenizer's vocabulary (400 ids"),
+     "has 400 tokens (largest special id"),
     ("classify data step", ["finetune", CLASSIFY, "data.tokenizer={d}/no-tok"],
      "python -m llmjax.data.labelled"),
     # global options and command names
@@ -152,7 +152,7 @@ BAD_INPUTS = [
     ("convert not an HF dir", ["convert", "hf-to-llmjax", "{d}/nowhere", "{d}/out"],
      "no config.json"),
     ("convert bad config.json", ["convert", "hf-to-llmjax", "{d}/hf-bad", "{d}/out"],
-     "hf-bad/config.json)"),
+     "hf-bad/config.json: not valid JSON"),
     ("convert not gguf", ["convert", "gguf-to-llmjax", "{d}/small.txt", "{d}/out"], ".gguf"),
     ("generate unknown model", ["generate", "{d}/nowhere", "--prompt", "hi"], "nowhere"),
     ("generate past max_len", ["generate", "{d}/gpt-export", "--prompt", "hi",
