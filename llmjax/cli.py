@@ -158,6 +158,7 @@ EXAMPLES = {
     "convert llmjax-to-hf": "llmjax convert llmjax-to-hf runs/own-text hf/own-text",
     "convert gguf-to-llmjax": "llmjax convert gguf-to-llmjax model.gguf exports/model",
     "peft merge": "llmjax peft merge runs/gpt-tiny-peft-lora/adapter exports/merged",
+    "export": "llmjax export runs/gpt-tiny-peft-lora exports/lora-merged",
     "peft summary": "llmjax peft summary configs/experiments/peft-lora.yaml peft.rank=4",
     "generate": "llmjax generate runs/own-text --prompt 'ROMEO.' --max-new-tokens 60",
 }

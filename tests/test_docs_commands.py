@@ -208,8 +208,6 @@ def test_extraction_and_shrinking():
 # Help examples that cannot run here, with the reason (reviewed list, like SKIP).
 EXAMPLE_SKIP = {
     "convert gguf-to-llmjax": "needs a GGUF file (docs/interop.md fetches one from PyPI)",
-    "peft merge": "the adapter records runs/gpt-tiny (a run directory) as its base, which "
-                  "merge cannot read yet; needs a parameter export of the base",
 }
 
 
