@@ -202,9 +202,11 @@ class Transformer(nn.Module):
                  prefix_mask: Optional[Array] = None, decoder_tokens: Optional[Array] = None,
                  decoder_segment_ids: Optional[Array] = None,
                  decoder_positions: Optional[Array] = None,
-                 deterministic: bool = True, logits: bool = True) -> dict[str, Array]:
+                 deterministic: bool = True, logits: bool = True,
+                 pool_index: Optional[Array] = None) -> dict[str, Array]:
         """Outputs by name: `hidden`, `logits` (decoders; `logits=False` leaves them to the
-        loss, which applies `lm_logits` chunk by chunk: train.logits_chunk), head outputs."""
+        loss, which applies `lm_logits` chunk by chunk: train.logits_chunk), head outputs.
+        `pool_index` [b, s]: positions the pooler / classifier read (packed classification)."""
         cfg = self.cfg
         if cfg.architecture == "encoder_decoder":
             encoded, enc_segments, enc_positions = self.encode(
@@ -234,7 +236,7 @@ class Transformer(nn.Module):
         out = {"hidden": hidden}
         if causal and logits:
             out["logits"] = self.lm_logits(hidden)
-        out.update(self.heads(hidden, segments, self.embed, deterministic))
+        out.update(self.heads(hidden, segments, self.embed, deterministic, pool_index))
         return out
 
     def encode(self, tokens: Array, segment_ids: Optional[Array] = None,
