@@ -57,7 +57,8 @@ class Block(nn.Module):
 
         def self_attention(h):
             h = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")(
-                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments, ctx.prefix)
+                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments, ctx.prefix,
+                deterministic)
             return adapt(h, "attention_adapter")
 
         def mlp(h):
@@ -71,7 +72,8 @@ class Block(nn.Module):
             if self.cross:
                 h = make_norm(cfg, "cross_attention_norm")(x)
                 x = x + drop(Attention(cfg, cross=True, name="cross_attention")(
-                    h, ctx.encoded, ctx.cross_mask, None, ctx.positions, ctx.encoded_positions))
+                    h, ctx.encoded, ctx.cross_mask, None, ctx.positions, ctx.encoded_positions,
+                    deterministic=deterministic))
             x = x + drop(mlp(make_norm(cfg, "mlp_norm")(x)))
         else:  # post-norm (BERT)
             x = make_norm(cfg, "attention_norm")(x + drop(self_attention(x)))
@@ -79,7 +81,7 @@ class Block(nn.Module):
                 x = make_norm(cfg, "cross_attention_norm")(x + drop(Attention(
                     cfg, cross=True, name="cross_attention")(
                         x, ctx.encoded, ctx.cross_mask, None, ctx.positions,
-                        ctx.encoded_positions)))
+                        ctx.encoded_positions, deterministic=deterministic)))
             x = make_norm(cfg, "mlp_norm")(x + drop(mlp(x)))
         x = constrain(x, ("batch", "length", "embed"))
         return x, None
@@ -113,6 +115,8 @@ class Stack(nn.Module):
                 x, _ = block(**kwargs, name=f"layers_{i}")(x, ctx, deterministic)
         if cfg.final_norm:
             x = make_norm(cfg, "final_norm")(x)
+        if cfg.family == "t5":  # T5Stack drops out after its final norm
+            x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         return x
 
 
