@@ -83,10 +83,9 @@ class DataConfig:
             if not self.tokenizer:
                 raise ValueError("data.tokenizer is empty but data.source='labelled'; set the model's tokenizer "
                                  "directory (or train one with `llmjax tokenizer train`).")
-            if not self.label_names:
-                from llmjax.data.labelled import collect_label_names
+            from llmjax.data.labelled import check_labelled
 
-                self.label_names = collect_label_names(self)
+            check_labelled(self)  # reads the files once (cached): label names, columns, rows
         if self.synthetic_vocab_size < 16:
             raise ValueError(f"data.synthetic_vocab_size={self.synthetic_vocab_size} must be >= 16.")
         if self.synthetic_num_documents < 1:

@@ -189,6 +189,17 @@ def collect_label_names(config) -> list[str]:
     return sort_labels(names)
 
 
+def check_labelled(config) -> None:
+    """Fill in config.label_names from the training files when empty, and check every file
+    (training and validation) now, before anything compiles: columns, rows, labels."""
+    if not config.label_names:
+        config.label_names = collect_label_names(config)
+    text, label, pair = _fields(config)
+    for key in ("train_files", "validation_files"):
+        for path in labelled_files(getattr(config, key), key):
+            _checked(path, text, label, pair, list(config.label_names))
+
+
 class LabelledSource:
     """Random access to the rows of labelled files as records {text_field, pair_field, label_field}."""
 
