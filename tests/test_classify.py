@@ -216,6 +216,15 @@ def test_eval_reports_a_hand_counted_accuracy(files, run, trained, capsys):
     assert main(["eval", str(run.run_dir), "--data", files["valid"]]) == 0
     out = capsys.readouterr().out
     assert f"examples {len(rows)}, accuracy {hits / len(rows):.4f}" in out
+    config = files["dir"] / "classify.yaml"  # the config route: llmjax eval CONFIG data.validation_files=FILE
+    config.write_text(json.dumps({"model": {"preset": "bert-tiny", "mlm_head": False, "nsp_head": False,
+                                            "num_labels": 3},
+                                  "objective": {"name": "classification"},
+                                  "data": {"source": "labelled", "train_files": [files["train"]],
+                                           "tokenizer": files["tok"]},
+                                  "train": {"run_dir": str(run.run_dir), "seq_len": 64}}))
+    assert main(["eval", str(config), f"data.validation_files=[{files['valid']}]"]) == 0
+    assert out.split("\n", 1)[1] == capsys.readouterr().out.split("\n", 1)[1]  # same report
     support = {n: sum(label == n for _, label in rows) for n in names}
     for name in names:
         line = re.search(rf"^{name}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", out, re.M)

@@ -14,7 +14,7 @@ Array = jax.Array
 def pool_positions(segments: Array, max_segments: int, first: bool) -> Array:
     """[b, max_segments] index of the first (encoder [CLS]) or last (decoder) token of packed
     segment k+1 in each row; 0 for segments absent from the row (their labels are unused)."""
-    onehot = segments[:, :, None] == jnp.arange(1, max_segments + 1, dtype=segments.dtype)
+    onehot = segments[:, :, None].astype(jnp.int32) == jnp.arange(1, max_segments + 1, dtype=jnp.int32)
     length = segments.shape[1]
     if first:
         index = jnp.argmax(onehot, axis=1)
