@@ -128,13 +128,14 @@ def report(true: Sequence[str], predicted: Sequence[str], label_names: Sequence[
     return Report(list(label_names), confusion)
 
 
-def evaluate_files(model: Any, data: Any, files: Sequence[str], max_length: Optional[int] = None) -> Report:
+def evaluate_files(model: Any, data: Any, files: Sequence[str], max_length: Optional[int] = None,
+                   key: str = "--data") -> Report:
     """Classify every row of labelled `files` (columns as in DataConfig `data`) and report."""
     from llmjax.data.labelled import labelled_files, open_labelled
 
     names = label_names_of(model)
     data = dataclasses.replace(data, label_names=names)
-    source = open_labelled(data, "validation", labelled_files(files, "validation_files"))
+    source = open_labelled(data, "validation", labelled_files(files, key))
     rows = source.rows
     items = [text if not source.pair_field else (text, pair) for text, pair, _ in rows]
     probs = class_probabilities(model, items, max_length)

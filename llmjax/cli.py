@@ -94,11 +94,17 @@ def _eval_classifier(run_dir, files, data) -> int:
     if data is None:  # the columns the run was trained with
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         data = _build(DataConfig, saved.get("data", {}), "data")
+    key = "--data" if files else "data.validation_files"
     files = files or data.validation_files
     if not files:
         raise ConfigError("no labelled file to evaluate: pass --data FILE (CSV / TSV / JSONL) or set "
                           "data.validation_files")
-    report = evaluate_files(from_pretrained(run_dir), data, files)
+    model = from_pretrained(run_dir)
+    if data.label_names and list(model.label_names) != list(data.label_names):
+        raise ConfigError(f"{run_dir} was trained with labels {list(model.label_names) or 'unknown'}, the "
+                          f"config names {list(data.label_names)}; evaluate with the run's config "
+                          f"(llmjax eval {run_dir} --data FILE)")
+    report = evaluate_files(model, data, files, key=key)
     print(f"{run_dir} on {', '.join(files)}")
     print(report.format())
     return 0

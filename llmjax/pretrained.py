@@ -181,8 +181,17 @@ class PretrainedModel:
         an index beyond `max_shard_size`, like save_pretrained) and the tokenizer files."""
         from llmjax.convert.hf import export_hf
 
-        return export_hf(self.config, self.params, directory, _tokenizer_dir(self.tokenizer),
-                         dtype=dtype, max_shard_size=max_shard_size)
+        out = export_hf(self.config, self.params, directory, _tokenizer_dir(self.tokenizer),
+                        dtype=dtype, max_shard_size=max_shard_size)
+        if self.label_names:  # HF keeps a classifier's label names in config.json
+            import json
+
+            path = Path(out) / "config.json"
+            hf = json.loads(path.read_text())
+            hf["id2label"] = {str(i): name for i, name in enumerate(self.label_names)}
+            hf["label2id"] = {name: i for i, name in enumerate(self.label_names)}
+            path.write_text(json.dumps(hf, indent=2) + "\n")
+        return out
 
 
 def _tokenizer_dir(tokenizer: Any) -> Optional[Path]:

@@ -205,6 +205,9 @@ def test_trained_classifier_learns_and_classify_agrees_with_outputs(files, run, 
     assert model.classify("a sunny day").label == "alpha"
     exported = model.save(files["dir"] / "export")
     assert from_pretrained(exported).label_names == model.label_names
+    hf_dir = model.save_hf(files["dir"] / "hf")  # id2label, as transformers reads it
+    assert json.loads((hf_dir / "config.json").read_text())["id2label"] == {"0": "alpha", "1": "beta", "2": "none"}
+    assert from_pretrained(hf_dir).label_names == model.label_names
 
 
 def test_eval_reports_a_hand_counted_accuracy(files, run, trained, capsys):

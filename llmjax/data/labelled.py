@@ -94,12 +94,13 @@ def _error(message: str) -> Exception:
 
 
 def labelled_files(patterns: Sequence[str], key: str) -> list[str]:
-    """Sorted files matched by the globs of data.`key`; a glob matching nothing is an error."""
+    """Sorted files matched by the globs of `key` (data.train_files, --data, ...); a glob
+    matching nothing is an error."""
     files: list[str] = []
     for pattern in patterns:
         matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
         if not matched:
-            raise _error(f"data.{key} pattern {pattern!r} matches no file; fix the path or glob.")
+            raise _error(f"{key} pattern {pattern!r} matches no file; fix the path or glob.")
         files.extend(matched)
     for path in files:
         if pathlib.Path(path).suffix.lower() not in FORMATS:
@@ -184,7 +185,7 @@ def collect_label_names(config) -> list[str]:
     """The sorted distinct labels of config.train_files (a DataConfig with source=labelled)."""
     text, label, pair = _fields(config)
     names = set()
-    for path in labelled_files(config.train_files, "train_files"):
+    for path in labelled_files(config.train_files, "data.train_files"):
         names.update(row[2] for row in read_labelled(path, text, label, pair))
     if len(names) < 2:
         raise _error(f"data.train_files hold a single label {sorted(names)}; classification needs at least two.")
@@ -198,7 +199,7 @@ def check_labelled(config) -> None:
         config.label_names = collect_label_names(config)
     text, label, pair = _fields(config)
     for key in ("train_files", "validation_files"):
-        for path in labelled_files(getattr(config, key), key):
+        for path in labelled_files(getattr(config, key), f"data.{key}"):
             _checked(path, text, label, pair, list(config.label_names))
 
 
@@ -232,7 +233,7 @@ def open_labelled(config, split: str, files: Optional[Sequence[str]] = None) -> 
     held_out = files is None and not config.validation_files  # validation is a share of the training rows
     if files is None:
         key = "validation_files" if split == "validation" and not held_out else "train_files"
-        files = labelled_files(getattr(config, key), key)
+        files = labelled_files(getattr(config, key), f"data.{key}")
     rows = [row for path in files for row in _checked(path, text, label, pair, names)]
     if held_out and config.validation_fraction > 0:
         wanted = split == "validation"
