@@ -264,7 +264,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                "global_batch_size": self.global_batch_size, "process_index": self.process_index,
                "process_count": self.process_count, "num_documents": self.num_documents, "shuffle": self.shuffle,
                "seed": self.seed}
-        if self.kind == "classification":
+        if self.max_segments:  # packed classification; absent otherwise, as in states saved before packing
             out["max_segments"] = self.max_segments
         return out
 
