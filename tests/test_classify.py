@@ -277,3 +277,21 @@ def test_data_corpus_prints_training_and_validation_files(tmp_path, capsys):
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1].split() for line in out.splitlines() if ":" in line}
     assert lines["training"] == [str(texts / p) for p in ("macbeth_gut.txt", "othello_gut.txt")]
     assert sorted(lines["validation"]) == sorted(str(texts / p) for p in plays[:3])
+
+
+def test_packed_classification_iterator_resumes_exactly(files):
+    cfg = _config(files).data
+    first = make_iterator(cfg, "classification", 64, 4, process_index=0, process_count=1)
+    for _ in range(3):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    expected = [next(first) for _ in range(2)]
+    again = make_iterator(cfg, "classification", 64, 4, process_index=0, process_count=1)
+    again.set_state(state)
+    for want in expected:
+        got = next(again)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    other = make_iterator(cfg.__class__(**{**cfg.__dict__, "max_segments": 3}), "classification", 64, 4,
+                          process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="max_segments: saved 8 vs now 3"):
+        other.set_state(state)
