@@ -37,7 +37,12 @@ def _overrides(values: Sequence[str]) -> list[str]:
 
 def _load(args) -> "Config":  # noqa: F821
     from llmjax import config
-    cfg = config.load(args.config, _overrides(args.overrides))
+    from llmjax.errors import MissingInputError
+    try:
+        cfg = config.load(args.config, _overrides(args.overrides))
+    except MissingInputError as err:  # found while validating: say how the config makes it
+        from llmjax.train.preflight import setup_hint
+        raise MissingInputError(f"{err}{setup_hint(args.config)}") from None
     if getattr(args, "require_init", False) and not cfg.train.init_from:
         raise ConfigError("finetune needs init_from=PATH (a checkpoint or parameter export)")
     if getattr(args, "check_inputs", True):
@@ -73,11 +78,54 @@ def _print_result(result) -> None:
 
 
 def cmd_eval(args) -> int:
-    from llmjax.train.trainer import evaluate_run
+    """A run's validation metrics. Classifiers (objective classification on labelled files, a
+    run directory, or --data FILE) are scored on every row: accuracy, per-class precision /
+    recall / F1 and confusion counts."""
+    from pathlib import Path
+    if Path(args.config).is_dir():  # llmjax eval RUN_DIR --data FILE
+        if args.overrides:
+            raise ConfigError(f"overrides {args.overrides} need a config file; with a run directory "
+                              f"pass only --data FILE")
+        return _eval_classifier(Path(args.config), args.data, None)
     cfg = _load(args)
     _quiet_data(cfg)
+    if cfg.objective.name == "classification" and (cfg.data.source == "labelled" or args.data):
+        return _eval_classifier(Path(cfg.train.run_dir), args.data, cfg.data)
+    if args.data:
+        raise ConfigError(f"--data scores classifiers on labelled files; objective "
+                          f"{cfg.objective.name!r} evaluates data.validation_* of the config instead")
+    from llmjax.train.trainer import evaluate_run
     metrics = evaluate_run(cfg)
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _eval_classifier(run_dir, files, data) -> int:
+    """Classify every row of labelled `files` (default: data.validation_files) with the run."""
+    import yaml
+    from llmjax.classify import evaluate_files
+    from llmjax.config import _build
+    from llmjax.data.config import DataConfig
+    from llmjax.pretrained import from_pretrained
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{run_dir} holds no checkpoints to evaluate; train first or point "
+                                f"at a run directory")
+    if data is None:  # the columns the run was trained with
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        data = _build(DataConfig, saved.get("data", {}), "data")
+    key = "--data" if files else "data.validation_files"
+    files = files or data.validation_files
+    if not files:
+        raise ConfigError("no labelled file to evaluate: pass --data FILE (CSV / TSV / JSONL) or set "
+                          "data.validation_files")
+    model = from_pretrained(run_dir)
+    if data.label_names and list(model.label_names) != list(data.label_names):
+        raise ConfigError(f"{run_dir} was trained with labels {list(model.label_names) or 'unknown'}, the "
+                          f"config names {list(data.label_names)}; evaluate with the run's config "
+                          f"(llmjax eval {run_dir} --data FILE)")
+    report = evaluate_files(model, data, files, key=key)
+    print(f"{run_dir} on {', '.join(files)}")
+    print(report.format())
     return 0
 
 
@@ -223,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("train", cmd_train, "pretrain or fine-tune from a config")
     with_config("finetune", cmd_train, "fine-tune: train with init_from=PATH", require_init=True)
-    with_config("eval", cmd_eval, "evaluate the latest checkpoint of a run")
+    p = with_config("eval", cmd_eval, "evaluate the latest checkpoint of a run (CONFIG or, for "
+                    "classifiers, RUN_DIR)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help="labelled CSV / TSV / JSONL files to score a classifier on")
     with_config("plan", cmd_plan, "show mesh, shardings and memory per device",
                 check_inputs=False)  # planning reads no data
     p = sub.add_parser("models", help="table of model presets with exact parameter counts")

@@ -62,7 +62,8 @@ class ModelConfig:
     mlm_head: bool = False  # BERT MLM head: transform + norm + tied decoder + bias
     nsp_head: bool = False  # BERT next-sentence head (on the pooler)
     num_labels: int = 0  # classification head on the pooled output (0: none)
-    dropout: float = 0.0  # dropout rate in the blocks and heads (training only), in [0, 1)
+    dropout: float = 0.0  # hidden dropout: embeddings, attention output, MLP output (+ inside T5's MLP)
+    attention_dropout: float = 0.0  # dropout on the attention probabilities (HF attention_probs_dropout_prob)
     initializer_range: float = 0.02  # std of the normal initialiser of kernels and embeddings
     dtype: str = "float32"  # compute dtype (activations, matmul inputs)
     param_dtype: str = "float32"  # master weights
@@ -132,6 +133,8 @@ class ModelConfig:
             raise ConfigError("model.parallel_block needs model.norm_position=pre")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError(f"model.attention_dropout={self.attention_dropout} must be in [0, 1)")
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ConfigError(f"model.attention_impl=cudnn runs in bfloat16 or float16, not "
                               f"model.dtype={self.dtype}: set model.dtype=bfloat16, or "

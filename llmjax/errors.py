@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     input the user can fix. Also importable as llmjax.config.ConfigError."""
 
 
+class MissingInputError(ConfigError):
+    """An input path named by the config (data files, tokenizer, init_from) does not exist: the
+    CLI adds the setup steps named in the config's header comments, which create it."""
+
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Optional dependencies and the setup.py extra that installs each.
 _EXTRAS = {"torch": "hf", "transformers": "hf", "peft": "hf", "gguf": "hf", "tokenizers": "hf",

@@ -4,6 +4,8 @@
     model.logits(ids)                          # numpy in, numpy out
     model.generate("The capital of France is", max_new_tokens=8)
     model.save("runs/smollm2")                 # an export usable by train.init_from
+    clf = from_pretrained("runs/my-classifier")  # a classification run: label names come with it
+    clf.classify(["great film", "dull"])       # [Prediction(label, {label: probability}), ...]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from llmjax.data.tokenizer import Tokenizer
 
 Params = dict
 TOKENIZER_SUBDIR = "tokenizer"
+LABELS_FILE = "labels.json"  # label names of a classifier export (id i -> name)
 
 
 @dataclasses.dataclass
@@ -30,6 +33,7 @@ class PretrainedModel:
     params: Params
     tokenizer: Optional[Tokenizer] = None
     source: str = ""
+    label_names: tuple = ()  # classifier label names, id order (from the run's data.label_names)
 
     def __post_init__(self):
         self._apply = None
@@ -80,6 +84,15 @@ class PretrainedModel:
         out = self.outputs(input_ids, attention_mask, decoder_input_ids, **kwargs)
         return out["logits"] if "logits" in out else out["hidden"]
 
+    # -- classification --------------------------------------------------------------------
+    def classify(self, texts: Any, max_length: Optional[int] = None, batch_size: int = 64) -> Any:
+        """Label and per-label probabilities of each text (a string, or a (text, pair) tuple):
+        a list of `llmjax.classify.Prediction(label, probabilities)`; one text in, one out.
+        Framed as in training: [CLS] text [SEP] (pair [SEP]), cut to max_length (model.max_len)."""
+        from llmjax.classify import classify
+
+        return classify(self, texts, max_length, batch_size)
+
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
@@ -129,6 +142,10 @@ class PretrainedModel:
         from llmjax.convert.hf import LLMJAX_TOKENIZER_FILES, TOKENIZER_FILES, copy_tokenizer_files
 
         directory = save_params(directory, self.params, self.config)
+        if self.label_names:
+            import json
+
+            (Path(directory) / LABELS_FILE).write_text(json.dumps(list(self.label_names)) + "\n")
         tok_dir = _tokenizer_dir(self.tokenizer)
         if tok_dir is not None:
             copy_tokenizer_files(tok_dir, Path(directory) / TOKENIZER_SUBDIR,
@@ -159,7 +176,11 @@ class PretrainedModel:
         data.setdefault("train", {}).update(init_from=str(base), run_dir=str(run_dir))
         if (base / TOKENIZER_SUBDIR).is_dir():
             data.setdefault("data", {}).setdefault("tokenizer", str(base / TOKENIZER_SUBDIR))
-        result = train(from_dict(data), **train_kwargs)
+        run_config = from_dict(data)
+        from llmjax.data.labelled import check_num_labels
+
+        check_num_labels(run_config.data, run_config.model)
+        result = train(run_config, **train_kwargs)
         if result.exit_code:
             raise RuntimeError(f"fine-tuning stopped early (exit code {result.exit_code}); "
                                f"call finetune again with the same run_dir to resume")
@@ -171,8 +192,17 @@ class PretrainedModel:
         an index beyond `max_shard_size`, like save_pretrained) and the tokenizer files."""
         from llmjax.convert.hf import export_hf
 
-        return export_hf(self.config, self.params, directory, dtype=dtype,
-                         max_shard_size=max_shard_size, tokenizer=self.tokenizer)
+        out = export_hf(self.config, self.params, directory, dtype=dtype,
+                        max_shard_size=max_shard_size, tokenizer=self.tokenizer)
+        if self.label_names:  # HF keeps a classifier's label names in config.json
+            import json
+
+            path = Path(out) / "config.json"
+            hf = json.loads(path.read_text())
+            hf["id2label"] = {str(i): name for i, name in enumerate(self.label_names)}
+            hf["label2id"] = {name: i for i, name in enumerate(self.label_names)}
+            path.write_text(json.dumps(hf, indent=2) + "\n")
+        return out
 
 
 def _unchanged_export(model: PretrainedModel) -> Optional[Path]:
@@ -209,6 +239,19 @@ def _load_tokenizer(directory: Path) -> Optional[Tokenizer]:
     return None
 
 
+def _run_label_names(run: dict, cfg: ModelConfig) -> tuple:
+    """The classifier's label names a run recorded (data.label_names), when they fit its head."""
+    names = tuple(run.get("data", {}).get("label_names") or ())
+    return names if cfg.num_labels and len(names) == cfg.num_labels else ()
+
+
+def _export_label_names(directory: Path) -> tuple:
+    import json
+
+    path = directory / LABELS_FILE
+    return tuple(json.loads(path.read_text())) if path.exists() else ()
+
+
 def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
                     **overrides: Any) -> PretrainedModel:
     """Load an llmjax training run (its latest checkpoint) or export (config.yaml), an HF
@@ -232,7 +275,7 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
             cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
         tok_dir = run.get("data", {}).get("tokenizer")
         tokenizer = load_tokenizer(Path(tok_dir).expanduser()) if tok_dir else None
-        return PretrainedModel(cfg, params, tokenizer, str(path))
+        return PretrainedModel(cfg, params, tokenizer, str(path), _run_label_names(run, cfg))
     if (path / "config.yaml").exists():
         from llmjax.checkpoint import load_params
         from llmjax.config import _build
@@ -247,11 +290,13 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
 
             params = stack_layers(params) if scan_layers else unstack_layers(params)
             cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
-        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path))
+        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path), _export_label_names(path))
     if (path / "config.json").exists():
-        from llmjax.convert.hf import import_hf
+        from llmjax.convert.hf import import_hf, read_hf_config
 
         cfg, params = import_hf(path, scan_layers=scan_layers, **overrides)
-        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path))
+        id2label = read_hf_config(path).get("id2label") or {}
+        names = tuple(id2label.get(str(i), str(i)) for i in range(cfg.num_labels)) if id2label else ()
+        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path), names)
     raise FileNotFoundError(f"{path}: not an llmjax export (config.yaml), a Hugging Face "
                             f"directory (config.json) or a .gguf file")

@@ -1,5 +1,6 @@
 """Pipeline: packing, epochs, per-host sharding, resume, objective-specific batches, device placement."""
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -212,10 +213,14 @@ def test_sft_loss_mask_covers_only_the_response():
 
 
 def test_classification_labels_come_from_the_records():
-    batch = next(make_iterator(SYNTHETIC, "classification", 128, 4, process_index=0, process_count=1))
     source = SyntheticSource(50, 500, 107, seed=0)
+    unpacked = dataclasses.replace(SYNTHETIC, pack=False)
+    batch = next(make_iterator(unpacked, "classification", 128, 4, process_index=0, process_count=1))
     assert batch["labels"].tolist() == [source[r]["label"] for r in range(4)]
     assert (batch["tokens"][:, 0] == 5).all()  # [CLS]
+    packed = next(make_iterator(SYNTHETIC, "classification", 128, 4, process_index=0, process_count=1))
+    assert packed["labels"].shape == (4, 16)  # seq_len // 8 example slots per row
+    assert packed["labels"][:, 0].tolist() == [source[r]["label"] for r in range(4)]  # row r starts with record r
 
 
 def test_string_label_outside_label_names_is_a_clear_error():

@@ -82,6 +82,8 @@ def shrink(argv: list[str]) -> list[str]:
     """The smallest version of an `llmjax ...` argv (without the program name)."""
     argv = list(argv)
     command = argv[_command_index(argv):][:2]
+    if command[:1] == ["eval"] and "--data" in argv:  # a classifier run scored on files
+        return argv
     if command[:1] in (["train"], ["finetune"], ["eval"]):
         return argv + TRAIN_SHRINK
     if command[:1] == ["demo"]:

@@ -196,7 +196,9 @@ class GPT2(Family):
             norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre",
             activation=_activation(hf.get("activation_function", "gelu_new"), GELU_NAMES,
                                    "activation_function", "gpt2"),
-            position="learned", use_bias=True, tie_embeddings=not untied, scan_layers=False)
+            position="learned", use_bias=True, tie_embeddings=not untied, scan_layers=False,
+            # GPT-2 drops embeddings (embd_pdrop) and residual branches (resid_pdrop) alike here.
+            dropout=_hf_get(hf, "resid_pdrop", 0.1), attention_dropout=_hf_get(hf, "attn_pdrop", 0.1))
 
     def specs(self, cfg, prefix):
         d, heads, hd, ff = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
@@ -242,7 +244,8 @@ class GPT2(Family):
                 "n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_inner": cfg.d_ff,
                 "activation_function": GELU_EXPORT[cfg.activation],
                 "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+                "attn_pdrop": cfg.attention_dropout}
 
 
 class Bert(Family):
@@ -278,7 +281,9 @@ class Bert(Family):
             tie_embeddings=True, num_token_types=hf.get("type_vocab_size", 2),
             pooler=f"{prefix}pooler.dense.weight" in tensors, mlm_head=mlm,
             nsp_head="cls.seq_relationship.weight" in tensors,
-            num_labels=0 if classifier is None else int(classifier.shape[0]), scan_layers=False)
+            num_labels=0 if classifier is None else int(classifier.shape[0]), scan_layers=False,
+            dropout=_hf_get(hf, "hidden_dropout_prob", 0.1),
+            attention_dropout=_hf_get(hf, "attention_probs_dropout_prob", 0.1))
 
     def specs(self, cfg, prefix):
         d, heads, hd, ff = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
@@ -354,7 +359,8 @@ class Bert(Family):
                "intermediate_size": cfg.d_ff, "hidden_act": GELU_EXPORT[cfg.activation],
                "max_position_embeddings": cfg.max_len,
                "type_vocab_size": max(cfg.num_token_types, 1), "layer_norm_eps": cfg.norm_eps,
-               "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+               "hidden_dropout_prob": cfg.dropout,
+               "attention_probs_dropout_prob": cfg.attention_dropout,
                "position_embedding_type": "absolute", "tie_word_embeddings": True}
         if cfg.num_labels:
             out["num_labels"] = cfg.num_labels
@@ -402,7 +408,8 @@ class T5(Family):
             relative_buckets=hf.get("relative_attention_num_buckets", 32),
             relative_max_distance=hf.get("relative_attention_max_distance", 128),
             scale_attention=False, use_bias=False, tie_embeddings=tied,
-            logits_scale=d ** -0.5 if scale else 1.0, scan_layers=False)
+            logits_scale=d ** -0.5 if scale else 1.0, scan_layers=False,
+            dropout=_hf_get(hf, "dropout_rate", 0.1), attention_dropout=_hf_get(hf, "dropout_rate", 0.1))
 
     def specs(self, cfg, prefix):
         d, heads, hd, ff = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
@@ -476,7 +483,7 @@ class T5(Family):
                 "relative_attention_num_buckets": cfg.relative_buckets,
                 "relative_attention_max_distance": cfg.relative_max_distance,
                 "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": ff,
-                "dropout_rate": 0.0, "n_positions": cfg.max_len, "is_encoder_decoder": True,
+                "dropout_rate": cfg.dropout, "n_positions": cfg.max_len, "is_encoder_decoder": True,
                 "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
                 # Both readings of this flag (tying, decoder-output scaling) agree with
                 # the lm_head.weight written beside it.
@@ -529,7 +536,7 @@ class Llama(Family):
             max_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True,
             position="rope", rope_theta=float(theta), use_bias=False, tie_embeddings=tied,
-            scan_layers=False)
+            scan_layers=False, attention_dropout=_hf_get(hf, "attention_dropout", 0.0))
 
     def specs(self, cfg, prefix):
         d, heads, kv, hd, ff = (cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head,
@@ -573,6 +580,7 @@ class Llama(Family):
                 "rope_theta": cfg.rope_theta,
                 "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
                 "attention_bias": False, "mlp_bias": False,
+                "attention_dropout": cfg.attention_dropout,
                 "tie_word_embeddings": cfg.tie_embeddings}
 
 

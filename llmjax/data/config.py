@@ -6,7 +6,7 @@ and train sections and are passed to `make_iterator` as arguments.
 from __future__ import annotations
 
 import dataclasses
-SOURCES = ("synthetic", "text", "tfds")
+SOURCES = ("synthetic", "text", "tfds", "labelled")
 DOCUMENT_UNITS = ("file", "paragraph")
 
 
@@ -14,7 +14,11 @@ DOCUMENT_UNITS = ("file", "paragraph")
 class DataConfig:
     """Where the text comes from and how it becomes batches."""
 
-    source: str = "synthetic"  # "synthetic" (random token ids), "text" (local files) or "tfds" (catalogue dataset)
+    # "synthetic" (random token ids), "text" (local files), "tfds" (catalogue dataset) or
+    # "labelled" (local CSV / TSV / JSONL files of text + label columns, for classification)
+    source: str = "synthetic"
+    train_files: list[str] = dataclasses.field(default_factory=list)  # globs of labelled files (source=labelled)
+    validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled files (source=labelled)
     paths: list[str] = dataclasses.field(default_factory=list)  # globs of local UTF-8 text files (source=text)
     validation_paths: list[str] = dataclasses.field(default_factory=list)  # globs held out as validation (source=text)
     validation_fraction: float = 0.0  # fraction of documents held out when validation_paths is empty (source=text)
@@ -26,10 +30,14 @@ class DataConfig:
     text_field: str = "text"  # feature holding the document text (lm, nsp)
     input_field: str = ""  # feature holding the input / prompt text (seq2seq, sft) or the text to classify
     target_field: str = ""  # feature holding the target / response text (seq2seq, sft)
-    label_field: str = ""  # feature holding the class label (classification)
-    label_names: list[str] = dataclasses.field(default_factory=list)  # maps string labels to ids 0..n-1 (classification)
+    label_field: str = ""  # feature / column holding the class label (classification; labelled default "label")
+    pair_field: str = ""  # optional second text of a pair: [CLS] text [SEP] pair [SEP] (classification)
+    # Maps string labels to ids 0..n-1 (classification). Empty with source=labelled: the sorted
+    # labels of data.train_files, filled in when the config is validated (so the run stores them).
+    label_names: list[str] = dataclasses.field(default_factory=list)
+    max_segments: int = 0  # classification rows packed with pack=true: at most this many examples per row (0: seq_len // 8)
     tokenizer: str = ""  # directory of a tokenizer written by `llmjax tokenizer train`
-    pack: bool = True  # pack several documents per row (lm, sft); False: one document chunk per row, padded
+    pack: bool = True  # pack several documents / examples per row (lm, sft, classification); False: one per row, padded
     shuffle: bool = True  # shuffle documents each epoch (training split only)
     seed: int = 0  # seed of the document shuffle
     num_workers: int = 0  # 0: tokenize in the calling thread; N > 0: N threads tokenize rows in parallel
@@ -66,6 +74,18 @@ class DataConfig:
                 raise ValueError("data.data_dir is empty but data.source='tfds'; set the TFDS data_dir where the dataset is prepared.")
             if not self.tokenizer:
                 raise ValueError("data.tokenizer is empty but data.source='tfds'; train one with `llmjax tokenizer train` and set its directory.")
+        if self.max_segments < 0:
+            raise ValueError(f"data.max_segments={self.max_segments} must be >= 0 (0: seq_len // 8).")
+        if self.source == "labelled":
+            if not self.train_files:
+                raise ValueError("data.train_files is empty but data.source='labelled'; set it to CSV / TSV / JSONL "
+                                 "files with a text and a label column, e.g. data.train_files=[train.csv].")
+            if not self.tokenizer:
+                raise ValueError("data.tokenizer is empty but data.source='labelled'; set the model's tokenizer "
+                                 "directory (or train one with `llmjax tokenizer train`).")
+            from llmjax.data.labelled import check_labelled
+
+            check_labelled(self)  # reads the files once (cached): label names, columns, rows
         if self.synthetic_vocab_size < 16:
             raise ValueError(f"data.synthetic_vocab_size={self.synthetic_vocab_size} must be >= 16.")
         if self.synthetic_num_documents < 1:
@@ -85,8 +105,12 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
             )
         return {"input": config.input_field, "target": config.target_field}
     if kind == "classification":
-        if not config.label_field:
+        label = config.label_field or ("label" if config.source == "labelled" else "")
+        if not label:
             raise ValueError("batch kind 'classification' needs data.label_field; set it to the record field holding the label.")
-        return {"input": config.input_field or config.text_field, "label": config.label_field}
+        fields = {"input": config.input_field or config.text_field, "label": label}
+        if config.pair_field:
+            fields["pair"] = config.pair_field
+        return fields
     raise ValueError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification.")
 

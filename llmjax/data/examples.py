@@ -103,11 +103,11 @@ class ExampleBuilder:
                  "targets": np.asarray(targets[: self.target_len], np.int32)}]
 
     def _classification(self, record: dict[str, Any]) -> list[Piece]:
-        ids = self._ids(record, "input")
-        if len(ids) > self.seq_len - 2:
+        second = self._ids(record, "pair") if "pair" in self.fields else None
+        tokens, types, cut = frame_classification(self._ids(record, "input"), second, self.special, self.seq_len)
+        if cut:
             self.counters.truncated_examples += 1
-        tokens = [self.special.cls] + ids[: self.seq_len - 2] + [self.special.sep]
-        return [{"tokens": np.asarray(tokens, np.int32), "labels": np.asarray([self._label(record)], np.int32)}]
+        return [{"tokens": tokens, "token_types": types, "labels": np.asarray([self._label(record)], np.int32)}]
 
     def _label(self, record: dict[str, Any]) -> int:
         value = record[self.fields["label"]]
@@ -160,6 +160,35 @@ class ExampleBuilder:
             pieces.append(_pair(a, b, first_len, second_len))
             i = k
         return pieces
+
+
+def frame_classification(first: list[int], second: list[int] | None, special: Any,
+                         seq_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """[CLS] first [SEP] (second [SEP]) in at most seq_len tokens, and its token types (0 on
+    the first part, 1 on the pair): (tokens, token_types, whether the texts were cut)."""
+    first, second, cut = truncate_pair(list(first), None if second is None else list(second), seq_len)
+    tokens = [special["cls"]] + first + [special["sep"]]
+    types = [0] * len(tokens)
+    if second is not None:
+        tokens += second + [special["sep"]]
+        types += [1] * (len(second) + 1)
+    return np.asarray(tokens, np.int32), np.asarray(types, np.int32), cut
+
+
+def truncate_pair(first: list[int], second: list[int] | None, seq_len: int) -> tuple[list[int], list[int] | None, bool]:
+    """Fit [CLS] first [SEP] (second [SEP]) into seq_len, trimming the longer text first (as HF's
+    longest_first): returns (first, second, whether anything was cut)."""
+    budget = seq_len - (2 if second is None else 3)
+    if second is None:
+        return first[:budget], None, len(first) > budget
+    a, b = len(first), len(second)
+    cut = a + b > budget
+    while a + b > budget:
+        if a >= b:
+            a -= 1
+        else:
+            b -= 1
+    return first[:a], second[:b], cut
 
 
 def _pair(a: list[int], b: list[int], first_len: int, second_len: int) -> Piece:

@@ -26,9 +26,10 @@ from llmjax.data.sources import DocumentSource, open_source
 from llmjax.data.tokenizer import SpecialTokens, Tokenizer, load_tokenizer
 
 KINDS = ("lm", "nsp", "seq2seq", "sft", "classification")
-PACKABLE = ("lm", "sft")
+PACKABLE = ("lm", "sft", "classification")
 _ROLES = {"lm": ("text",), "nsp": ("text",), "seq2seq": ("input", "target"), "sft": ("input", "target"),
           "classification": ("input", "label")}
+NO_LABEL = -1  # label of an unused example slot of a packed classification row
 STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
 
@@ -79,9 +80,11 @@ class _Stream:
     """Row stream `index` of `num_streams`: documents index, index+num_streams, ... of the epoch orders."""
 
     def __init__(self, index: int, num_streams: int, num_documents: int, order: Callable[[int, int], int],
-                 pieces_of: Callable[[int], list[Piece]], seq_len: int, packed: bool, num_epochs: int | None):
+                 pieces_of: Callable[[int], list[Piece]], seq_len: int, packed: bool, num_epochs: int | None,
+                 max_pieces: int = 0):
         self.index, self.num_streams, self.num_documents = index, num_streams, num_documents
         self.order, self.pieces_of, self.seq_len, self.packed = order, pieces_of, seq_len, packed
+        self.max_pieces = max_pieces  # 0: as many as fit (lm, sft); classification: the label slots
         self.num_epochs = num_epochs
         self.document = 0  # k: the stream's k-th document
         self.piece = 0  # next piece of that document
@@ -114,7 +117,8 @@ class _Stream:
                 continue
             piece = pieces[self.piece]
             size = _piece_length(piece)
-            if row and (not self.packed or used + size > self.seq_len):
+            if row and (not self.packed or used + size > self.seq_len
+                        or (self.max_pieces and len(row) >= self.max_pieces)):
                 break
             row.append(piece)
             used += size
@@ -131,8 +135,12 @@ def _piece_length(piece: Piece) -> int:
 # ---------------------------------------------------------------- batches
 
 
-def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int) -> dict[str, np.ndarray]:
-    """Fixed-shape int32 arrays from rows of pieces; pad id 0 everywhere, segment id 0 = padding."""
+def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int,
+              max_segments: int = 0) -> dict[str, np.ndarray]:
+    """Fixed-shape int32 arrays from rows of pieces; pad id 0 everywhere, segment id 0 = padding.
+
+    Classification: labels [B] (one example per row), or [B, max_segments] when packed (the
+    label of segment k+1 at k, NO_LABEL in unused slots)."""
     size = len(rows)
     if kind in ("nsp", "seq2seq"):  # one piece per row: left-aligned fields, zero padded
         if kind == "nsp":
@@ -149,7 +157,9 @@ def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int)
     if kind == "sft":
         batch["loss_mask"] = np.zeros((size, seq_len), np.int32)
     if kind == "classification":
-        batch["labels"] = np.zeros((size,), np.int32)
+        batch["token_types"] = np.zeros((size, seq_len), np.int32)
+        batch["labels"] = (np.full((size, max_segments), NO_LABEL, np.int32) if max_segments
+                           else np.zeros((size,), np.int32))
     for r, row in enumerate(rows):
         start = 0
         for segment, piece in enumerate(row, start=1):
@@ -159,8 +169,13 @@ def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int)
             batch["positions"][r, start:end] = np.arange(end - start, dtype=np.int32)
             if "loss_mask" in piece:
                 batch["loss_mask"][r, start:end] = piece["loss_mask"]
+            if "token_types" in piece:
+                batch["token_types"][r, start:end] = piece["token_types"]
             if "labels" in piece:
-                batch["labels"][r] = piece["labels"][0]
+                if max_segments:
+                    batch["labels"][r, segment - 1] = piece["labels"][0]
+                else:
+                    batch["labels"][r] = piece["labels"][0]
             start = end
     return batch
 
@@ -178,7 +193,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
     def __init__(self, source: DocumentSource, make_builder: Callable[[], ExampleBuilder], kind: str, seq_len: int,
                  target_len: int, global_batch_size: int, process_index: int, process_count: int, shuffle: bool,
-                 seed: int, num_epochs: int | None, num_workers: int, pack: bool = True):
+                 seed: int, num_epochs: int | None, num_workers: int, pack: bool = True, max_segments: int = 0):
         if kind not in KINDS:
             raise ValueError(f"unknown batch kind {kind!r}; use one of {KINDS}.")
         if global_batch_size % process_count:
@@ -193,11 +208,13 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self.shuffle, self.seed, self.num_epochs = shuffle, seed, num_epochs
         self.source = source
         self.num_documents = len(source)
+        # Packed classification rows hold up to max_segments examples (static label shape).
+        self.max_segments = max_segments if kind == "classification" and pack else 0
         local = global_batch_size // process_count
         self._builders = [make_builder() for _ in range(local)]
         self._streams = [
             _Stream(process_index * local + i, global_batch_size, self.num_documents, self._order,
-                    self._pieces_with(builder), seq_len, kind in PACKABLE and pack, num_epochs)
+                    self._pieces_with(builder), seq_len, kind in PACKABLE and pack, num_epochs, self.max_segments)
             for i, builder in enumerate(self._builders)
         ]
         self._pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0 else None
@@ -221,7 +238,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             rows = [stream.next_row() for stream in self._streams]
         else:
             rows = list(self._pool.map(_Stream.next_row, self._streams))
-        batch = _assemble(self.kind, rows, self.seq_len, self.target_len)
+        batch = _assemble(self.kind, rows, self.seq_len, self.target_len, self.max_segments)
         tokens, slots = _real_tokens(self.kind, batch)
         self.batches += 1
         self._tokens += tokens
@@ -231,7 +248,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of this host's batch arrays (all int32)."""
         return {k: v.shape for k, v in _assemble(self.kind, [[]] * (self.global_batch_size // self.process_count),
-                                                    self.seq_len, self.target_len).items()}
+                                                    self.seq_len, self.target_len, self.max_segments).items()}
 
     def stats(self) -> dict[str, Any]:
         """Counters so far: documents, skips, splits, truncations, tokens, packing efficiency."""
@@ -243,10 +260,13 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                 "token_slots": self._slots, "packing_efficiency": self._tokens / self._slots if self._slots else 0.0}
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "kind": self.kind, "seq_len": self.seq_len, "target_len": self.target_len,
-                "global_batch_size": self.global_batch_size, "process_index": self.process_index,
-                "process_count": self.process_count, "num_documents": self.num_documents, "shuffle": self.shuffle,
-                "seed": self.seed}
+        out = {"version": STATE_VERSION, "kind": self.kind, "seq_len": self.seq_len, "target_len": self.target_len,
+               "global_batch_size": self.global_batch_size, "process_index": self.process_index,
+               "process_count": self.process_count, "num_documents": self.num_documents, "shuffle": self.shuffle,
+               "seed": self.seed}
+        if self.max_segments:  # packed classification; absent otherwise, as in states saved before packing
+            out["max_segments"] = self.max_segments
+        return out
 
     def get_state(self) -> dict[str, Any]:
         """Small JSON-serialisable state of this host's iterator (one per process, like grain's)."""
@@ -326,7 +346,8 @@ def make_iterator(
 
     return BatchIterator(source, make_builder, kind, seq_len, target, global_batch_size, process_index,
                          process_count, shuffle=config.shuffle and split == "train", seed=config.seed,
-                         num_epochs=num_epochs, num_workers=config.num_workers, pack=config.pack)
+                         num_epochs=num_epochs, num_workers=config.num_workers, pack=config.pack,
+                         max_segments=config.max_segments or max(1, seq_len // 8))
 
 
 def epoch_statistics(config: DataConfig, seq_len: int, split: str = "train", *,

@@ -1,5 +1,7 @@
 """Document sources: random-access sequences of records (dicts of fields).
 
+Labelled CSV / TSV / JSONL files (`source: labelled`) are read directly: llmjax/data/labelled.py.
+
 Three kinds, all read without TensorFlow:
 - local text files, built once by a TFDS builder (`LlmjaxText`) into a
   data_dir as array_record and read back through `tfds.data_source`;
@@ -367,4 +369,8 @@ def open_source(config: DataConfig, split: str, fields: Sequence[str] = (), firs
     if config.source == "tfds":
         tfds_split = config.train_split if split == "train" else config.validation_split
         return open_tfds(config.name, config.data_dir, tfds_split, fields)
-    raise ValueError(f"data.source={config.source!r} is not one of synthetic, text, tfds.")
+    if config.source == "labelled":
+        from llmjax.data.labelled import open_labelled
+
+        return open_labelled(config, split)
+    raise ValueError(f"data.source={config.source!r} is not one of synthetic, text, tfds, labelled.")

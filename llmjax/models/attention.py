@@ -7,7 +7,7 @@ query heads; MQA is the case of one key/value head.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -67,11 +67,13 @@ def resolve_impl(cfg: ModelConfig) -> str:
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
-                          bias: Optional[Array], scale: float, impl: str = "xla") -> Array:
+                          bias: Optional[Array], scale: float, impl: str = "xla",
+                          probs_dropout: Optional[Callable[[Array], Array]] = None) -> Array:
     """softmax(q k^T * scale + bias, masked) v, for any number of key/value heads.
 
     q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; mask: [b, 1, t, s] bool;
-    bias: [b, heads, t, s] or None. Returns [b, t, heads, d].
+    bias: [b, heads, t, s] or None. Returns [b, t, heads, d]. `probs_dropout` (training
+    with model.attention_dropout) drops attention probabilities, as BERT / GPT-2 / T5 do.
     """
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
@@ -87,7 +89,10 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
         scores = scores + bias.reshape(b, kv_heads, group, t, -1).astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if probs_dropout is not None:
+        probs = probs_dropout(probs)
+    probs = probs.astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, heads, d).astype(v.dtype)
 
@@ -107,7 +112,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, kv_input: Array, mask: Optional[Array], bias: Optional[Array],
                  q_positions: Array, k_positions: Array,
-                 q_segments: Optional[Array] = None, prefix: Optional[Array] = None) -> Array:
+                 q_segments: Optional[Array] = None, prefix: Optional[Array] = None,
+                 deterministic: bool = True) -> Array:
         """`mask` is the dense form of the masking; the splash kernel rebuilds it from
         `q_segments` and `causal`. `prefix` (a prefix-LM's bidirectional prefix, already in
         `mask`) is a mask splash cannot express."""
@@ -147,12 +153,18 @@ class Attention(nn.Module):
             # KV-cache decoding steps, cross-attention (T5 only, bias elsewhere) and auto's
             # prefix-LM calls run XLA's math.
             impl = "xla"
-        if impl == "xla" and cpu_kernels.use_custom(cfg.kernels):
+        probs_dropout = None
+        if cfg.attention_dropout and not deterministic:
+            # Only XLA's math exposes the probabilities: the fused kernels cannot drop them.
+            drop = nn.Dropout(cfg.attention_dropout, name="probs_dropout")
+            probs_dropout = lambda p: drop(p, deterministic=False)  # noqa: E731
+            impl = "xla"
+        elif impl == "xla" and cpu_kernels.use_custom(cfg.kernels):
             impl = "cpu_custom_vjp"
         if impl == "splash":
             out = splash.attention(q, k, v, q_segments, q_segments, self.causal, scale)
         else:
-            out = dot_product_attention(q, k, v, mask, bias, scale, impl)
+            out = dot_product_attention(q, k, v, mask, bias, scale, impl, probs_dropout)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return Dense((cfg.d_model,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.use_bias,
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels,

@@ -11,6 +11,18 @@ from llmjax.models.layers import ACTIVATIONS, Dense, constrain, make_norm, param
 Array = jax.Array
 
 
+def pool_positions(segments: Array, max_segments: int, first: bool) -> Array:
+    """[b, max_segments] index of the first (encoder [CLS]) or last (decoder) token of packed
+    segment k+1 in each row; 0 for segments absent from the row (their labels are unused)."""
+    onehot = segments[:, :, None].astype(jnp.int32) == jnp.arange(1, max_segments + 1, dtype=jnp.int32)
+    length = segments.shape[1]
+    if first:
+        index = jnp.argmax(onehot, axis=1)
+    else:
+        index = length - 1 - jnp.argmax(onehot[:, ::-1], axis=1)
+    return jnp.where(jnp.any(onehot, axis=1), index, 0).astype(jnp.int32)
+
+
 def last_token(hidden: Array, segments: Array) -> Array:
     """Hidden state of the last token of the first document in each row (decoder pooling)."""
     length = jnp.sum(segments == segments[:, :1], axis=1)
@@ -24,7 +36,11 @@ class Heads(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, hidden: Array, segments: Array, embedder, deterministic: bool = True):
+    def __call__(self, hidden: Array, segments: Array, embedder, deterministic: bool = True,
+                 pool_index: Array | None = None):
+        """`pool_index` [b, s] (packed classification rows): pool the hidden state at each
+        index, giving pooled [b, s, d] and class_logits [b, s, labels]; otherwise one pooled
+        vector per row ([CLS] for encoders, the first document's last token for decoders)."""
         cfg = self.cfg
         dense = lambda n, axes, name, bias=True: Dense(  # noqa: E731
             (n,), axes, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -38,11 +54,15 @@ class Heads(nn.Module):
                          jnp.dtype(cfg.param_dtype))
             logits = embedder.attend(h) + bias.astype(jnp.float32)
             out["logits"] = constrain(logits, ("batch", "length", "vocab"))
+        if pool_index is not None:
+            picked = jnp.take_along_axis(hidden, pool_index[:, :, None], axis=1)
+        else:
+            picked = hidden[:, 0] if cfg.pooler else last_token(hidden, segments)
         if cfg.pooler:
-            pooled = jnp.tanh(dense(cfg.d_model, ("embed", "mlp"), "pooler")(hidden[:, 0])
+            pooled = jnp.tanh(dense(cfg.d_model, ("embed", "mlp"), "pooler")(picked)
                               .astype(jnp.float32)).astype(hidden.dtype)
         else:
-            pooled = last_token(hidden, segments)
+            pooled = picked
         out["pooled"] = pooled
         if cfg.nsp_head:
             out["nsp_logits"] = (

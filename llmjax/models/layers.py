@@ -183,7 +183,8 @@ class Mlp(nn.Module):
             h = act(a.astype(jnp.float32))
             h = (h if b is None else h * b.astype(jnp.float32)).astype(dtype_of(cfg.dtype))
         h = constrain(h, ("batch", "length", "mlp"))
-        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        if cfg.family == "t5":  # T5's DenseReluDense drops out between wi and wo; BERT, GPT-2, LLaMA do not
+            h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         return dense((cfg.d_model,), ("mlp", "embed"), "wo",
                      cfg.initializer_range / math.sqrt(2 * max(cfg.num_layers, 1)))(h)
 

@@ -57,7 +57,8 @@ class Block(nn.Module):
 
         def self_attention(h):
             h = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")(
-                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments, ctx.prefix)
+                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments, ctx.prefix,
+                deterministic)
             return adapt(h, "attention_adapter")
 
         def mlp(h):
@@ -71,7 +72,8 @@ class Block(nn.Module):
             if self.cross:
                 h = make_norm(cfg, "cross_attention_norm")(x)
                 x = x + drop(Attention(cfg, cross=True, name="cross_attention")(
-                    h, ctx.encoded, ctx.cross_mask, None, ctx.positions, ctx.encoded_positions))
+                    h, ctx.encoded, ctx.cross_mask, None, ctx.positions, ctx.encoded_positions,
+                    deterministic=deterministic))
             x = x + drop(mlp(make_norm(cfg, "mlp_norm")(x)))
         else:  # post-norm (BERT)
             x = make_norm(cfg, "attention_norm")(x + drop(self_attention(x)))
@@ -79,7 +81,7 @@ class Block(nn.Module):
                 x = make_norm(cfg, "cross_attention_norm")(x + drop(Attention(
                     cfg, cross=True, name="cross_attention")(
                         x, ctx.encoded, ctx.cross_mask, None, ctx.positions,
-                        ctx.encoded_positions)))
+                        ctx.encoded_positions, deterministic=deterministic)))
             x = make_norm(cfg, "mlp_norm")(x + drop(mlp(x)))
         x = constrain(x, ("batch", "length", "embed"))
         return x, None
@@ -113,6 +115,8 @@ class Stack(nn.Module):
                 x, _ = block(**kwargs, name=f"layers_{i}")(x, ctx, deterministic)
         if cfg.final_norm:
             x = make_norm(cfg, "final_norm")(x)
+        if cfg.family == "t5":  # T5Stack drops out after its final norm
+            x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         return x
 
 
@@ -202,9 +206,11 @@ class Transformer(nn.Module):
                  prefix_mask: Optional[Array] = None, decoder_tokens: Optional[Array] = None,
                  decoder_segment_ids: Optional[Array] = None,
                  decoder_positions: Optional[Array] = None,
-                 deterministic: bool = True, logits: bool = True) -> dict[str, Array]:
+                 deterministic: bool = True, logits: bool = True,
+                 pool_index: Optional[Array] = None) -> dict[str, Array]:
         """Outputs by name: `hidden`, `logits` (decoders; `logits=False` leaves them to the
-        loss, which applies `lm_logits` chunk by chunk: train.logits_chunk), head outputs."""
+        loss, which applies `lm_logits` chunk by chunk: train.logits_chunk), head outputs.
+        `pool_index` [b, s]: positions the pooler / classifier read (packed classification)."""
         cfg = self.cfg
         if cfg.architecture == "encoder_decoder":
             encoded, enc_segments, enc_positions = self.encode(
@@ -234,7 +240,7 @@ class Transformer(nn.Module):
         out = {"hidden": hidden}
         if causal and logits:
             out["logits"] = self.lm_logits(hidden)
-        out.update(self.heads(hidden, segments, self.embed, deterministic))
+        out.update(self.heads(hidden, segments, self.embed, deterministic, pool_index))
         return out
 
     def encode(self, tokens: Array, segment_ids: Optional[Array] = None,

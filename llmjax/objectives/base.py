@@ -22,7 +22,7 @@ Array = jax.Array
 Batch = dict[str, Array]
 
 MODEL_INPUTS = ("tokens", "segment_ids", "positions", "token_types", "prefix_mask",
-                "decoder_tokens", "decoder_segment_ids", "decoder_positions")
+                "decoder_tokens", "decoder_segment_ids", "decoder_positions", "pool_index")
 
 _REGISTRY: dict[str, type["Objective"]] = {}
 

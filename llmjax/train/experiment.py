@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from llmjax import objectives, parallel, peft
 from llmjax.config import Config, ConfigError
+from llmjax.data.labelled import check_num_labels
 from llmjax.data.tokenizer import SpecialTokens
 from llmjax.models import Transformer, dummy_inputs
 from llmjax.models.api import abstract_params
@@ -108,6 +109,7 @@ def build(config: Config, devices=None, special: Optional[SpecialTokens] = None)
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} leaves no room beside "
                           f"{special.num_special} special tokens")
     objective = objectives.build(config.objective, model_cfg, special)
+    check_num_labels(config.data, model_cfg)  # the classifier head fits the data's label names
     if config.train.logits_chunk and model_cfg.architecture == "encoder":
         raise ConfigError("train.logits_chunk chunks the LM head of decoders and encoder-"
                           "decoders; an encoder's MLM head computes its logits whole: set "

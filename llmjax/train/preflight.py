@@ -20,6 +20,7 @@ from typing import Optional
 
 from llmjax.checkpoint import describe_os_error
 from llmjax.config import Config, ConfigError
+from llmjax.errors import MissingInputError
 
 _STEP = re.compile(r"^#\s*((?:llmjax|python -m llmjax|tpu/)\S*\s.*?)\s*(?:#.*)?$")
 
@@ -38,7 +39,7 @@ def setup_steps(config_path: Optional[str | os.PathLike]) -> list[str]:
     return steps
 
 
-def _setup_hint(config_path: Optional[str | os.PathLike]) -> str:
+def setup_hint(config_path: Optional[str | os.PathLike]) -> str:
     """'; this config's setup steps: ...' (the steps before the one that runs this config)."""
     steps = setup_steps(config_path)
     own = Path(config_path).name if config_path else None
@@ -49,7 +50,7 @@ def _setup_hint(config_path: Optional[str | os.PathLike]) -> str:
 def check_inputs(cfg: Config, config_path: Optional[str | os.PathLike] = None) -> None:
     """Tokenizer vs model vocabulary, the data files and init_from (ConfigError naming the key
     and the fix)."""
-    hint = _setup_hint(config_path)
+    hint = setup_hint(config_path)
     _check_tokenizer(cfg, hint)
     data = cfg.data
     if data.source == "text":
@@ -58,7 +59,7 @@ def check_inputs(cfg: Config, config_path: Optional[str | os.PathLike] = None) -
                 files = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                          if os.path.isfile(p)]
                 if not files:
-                    raise ConfigError(f"data.{key}: {pattern!r} matches no file: fix the glob "
+                    raise MissingInputError(f"data.{key}: {pattern!r} matches no file: fix the glob "
                                       f"or create the files{hint}")
                 if key == "paths" and not any(os.path.getsize(p) for p in files):
                     raise ConfigError(f"data.{key}: every file {pattern!r} matches is empty: "
@@ -66,7 +67,7 @@ def check_inputs(cfg: Config, config_path: Optional[str | os.PathLike] = None) -
     elif data.source == "tfds" and _local(data.data_dir):
         path = Path(data.data_dir).expanduser()
         if not path.is_dir():
-            raise ConfigError(f"data.data_dir={data.data_dir!r} does not exist"
+            raise MissingInputError(f"data.data_dir={data.data_dir!r} does not exist"
                               + (hint or ": set it to the directory holding the prepared "
                                          "dataset (`llmjax data prepare`, docs/data.md)"))
         if not any(path.iterdir()):
@@ -74,7 +75,7 @@ def check_inputs(cfg: Config, config_path: Optional[str | os.PathLike] = None) -
                               f"there first (`llmjax data prepare` or `tfds build`){hint}")
     init_from = cfg.train.init_from
     if init_from and _local(init_from) and not Path(init_from).expanduser().exists():
-        raise ConfigError(f"train.init_from={init_from!r} does not exist" + (
+        raise MissingInputError(f"train.init_from={init_from!r} does not exist" + (
             hint or "; train the base model first, or point init_from at a run directory, "
                     "checkpoint or parameter export"))
 
@@ -84,7 +85,7 @@ def _check_tokenizer(cfg: Config, hint: str) -> None:
     if not tok_dir:
         return
     if _local(tok_dir) and not Path(tok_dir).expanduser().exists():
-        raise ConfigError(f"data.tokenizer={tok_dir!r} does not exist" + (
+        raise MissingInputError(f"data.tokenizer={tok_dir!r} does not exist" + (
             hint or f": create it with `llmjax tokenizer train --input FILES --vocab-size N "
                     f"--out {tok_dir}` or point data.tokenizer at its directory"))
     from llmjax.data.tokenizer import load_tokenizer
