@@ -74,7 +74,9 @@ def check_inputs(cfg: Config, config_path: Optional[str | os.PathLike] = None) -
             raise ConfigError(f"data.data_dir={data.data_dir!r} is empty: prepare the dataset "
                               f"there first (`llmjax data prepare` or `tfds build`){hint}")
     init_from = cfg.train.init_from
-    if init_from and _local(init_from) and not Path(init_from).expanduser().exists():
+    # A run that resumes reads init_from only to find a moved PEFT base (checked there).
+    if init_from and _local(init_from) and not Path(init_from).expanduser().exists() and \
+            not _has_checkpoints(cfg.train.run_dir):
         raise MissingInputError(f"train.init_from={init_from!r} does not exist" + (
             hint or "; train the base model first, or point init_from at a run directory, "
                     "checkpoint or parameter export"))
@@ -104,6 +106,11 @@ def _check_tokenizer(cfg: Config, hint: str) -> None:
             f"model.vocab_size={model_vocab}: ids >= {model_vocab} have no embedding row "
             f"(they would be clamped and train to NaN); set model.vocab_size={vocab} or "
             f"more, or use a tokenizer with at most {model_vocab} tokens")
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    directory = Path(run_dir).expanduser() / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _local(path: str) -> bool:
