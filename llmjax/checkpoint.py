@@ -49,7 +49,17 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.exists():
         raise ConfigError(f"{str(directory)!r} has no config.yaml: not an llmjax checkpoint "
                           f"(convert HF/GGUF models with `llmjax convert`)")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{path}: not valid YAML: "
+                              f"{' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):  # a list or scalar: not a config llmjax wrote
+        raise CheckpointError(f"{path}: expected a YAML mapping of config sections, got "
+                              f"{type(data).__name__}")
+    return data
 
 
 def load_params(directory: str | os.PathLike, target: Any = None) -> tuple[Any, dict]:

@@ -305,3 +305,14 @@ def test_evaluate_run_restores_latest(straight):
     metrics = evaluate_run(make_config(result.run_dir))
     assert metrics["step"] == STEPS
     assert metrics["loss"] == pytest.approx(result.eval_metrics["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("text, match", [("- model\n- train\n", "got list"),
+                                         ("just words\n", "got str"),
+                                         ("model: [unclosed\n", "not valid YAML")])
+def test_config_yaml_that_is_not_a_mapping_is_one_line_naming_the_file(tmp_path, text, match):
+    from llmjax.checkpoint import read_config
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match=match) as info:
+        read_config(tmp_path)
+    assert str(tmp_path / "config.yaml") in str(info.value) and "\n" not in str(info.value)
