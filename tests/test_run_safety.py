@@ -331,6 +331,29 @@ def test_log_lines_compile_report_and_summary(straight):
     summary = next(line for line in lines if line.startswith("run complete"))
     assert f"{STEPS} steps" in summary and "eval loss: final" in summary
     assert f"checkpoints/{STEPS}" in summary and "llmjax export" in summary
+    curves = straight[0].run_dir / "curves.png"  # train.plot (default on)
+    assert f"curves: {curves}" in summary
+    assert curves.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_plotting_failure_does_not_fail_a_finished_run(tmp_path, straight, monkeypatch,
+                                                         caplog):
+    import llmjax.plot
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0].run_dir, run_dir)
+    (run_dir / "curves.png").unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "curves.png"))
+
+    monkeypatch.setattr(llmjax.plot, "plot_runs", full)
+    with caplog.at_level(logging.INFO, logger="llmjax"):
+        result = train(make_config(run_dir, f"train.steps={STEPS + 1}"))
+    assert result.exit_code == 0 and result.checkpoint_step == STEPS + 1
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert warning == (f"could not write the training curves (train.plot=false turns them "
+                       f"off): {run_dir / 'curves.png'}: No space left on device")
+    assert "curves:" not in caplog.text and not (run_dir / "curves.png").exists()
 
 
 def test_finished_run_does_nothing(straight, caplog):
