@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
@@ -60,8 +61,18 @@ CHILD = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGTERM)
             return original(*args, **kwargs)
         trainer.build = build
+    if spec.get("enospc_at"):  # the disk fills up under the checkpoint of that step
+        import errno
+        import llmjax.checkpoint as ck
+        write = ck._write_json
+        def full(path, data):
+            if f"/{spec['enospc_at']}.orbax-checkpoint-tmp" in str(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            write(path, data)
+        ck._write_json = full
+    if spec.get("cli"):  # through `llmjax train` (its logging setup, its error lines)
         from llmjax.cli import main
-        sys.exit(main(["train", spec["config"], *spec["overrides"]]))
+        sys.exit(main([*spec.get("flags", []), "train", spec["config"], *spec["overrides"]]))
     logging.basicConfig(level=logging.INFO)
     from llmjax import config
     from llmjax.train.trainer import train
@@ -272,7 +283,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path, cache_dir, child_script):
 
 
 def test_sigterm_during_startup_exits_75_with_a_message(tmp_path, cache_dir, child_script):
-    code, out = spawn(child_script, cache_dir, tmp_path, sigterm_in_build=True)
+    code, out = spawn(child_script, cache_dir, tmp_path, sigterm_in_build=True, cli=True)
     assert "BUILDING" in out
     assert code == EXIT_PREEMPTED, out
     assert "SIGTERM during start-up" in out and "Traceback" not in out
@@ -317,6 +328,23 @@ def test_disk_full_during_save_is_one_line_and_resume_is_clean(tmp_path, straigh
     assert steps == list(range(1, STEPS + 1))  # no step twice
     assert rows(tmp_path) == rows(straight[0].run_dir)
     assert kept and digest(tmp_path / "checkpoints" / "2") == kept  # read, never rewritten
+
+
+def test_disk_full_through_the_cli_shows_our_lines_not_orbax_tracebacks(tmp_path, cache_dir,
+                                                                         child_script):
+    """orbax logs a failed background save as ERROR tracebacks through absl; the terminal
+    gets llmjax's lines only, the error as one line with exit code 2; -v shows orbax's."""
+    extra = ("checkpoint.every=2", f"train.compilation_cache={cache_dir}")
+    code, out = spawn(child_script, cache_dir, tmp_path / "quiet", *extra, enospc_at=4, cli=True)
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("llmjax: error: cannot write a checkpoint in ") and \
+        "No space left on device [ENOSPC]" in lines[-1]
+    # llmjax's log lines (the child imports orbax first, whose handler sets the format)
+    assert all(re.match(r"(INFO|WARNING)[ :]llmjax", line) for line in lines[:-1]), out
+    code, out = spawn(child_script, cache_dir, tmp_path / "verbose", *extra, enospc_at=4,
+                      cli=True, flags=["-v"])
+    assert code == 2 and "Traceback" in out and "absl" in out, out
 
 
 # ---------------------------------------------------------------- reporting, schedule
