@@ -246,6 +246,24 @@ def test_nan_stops_keeps_last_good_checkpoint_and_records_nan(tmp_path, straight
     assert nan_rows and nan_rows[-1]["nonfinite_steps"] >= 1
 
 
+def test_nan_through_the_cli_is_one_line_naming_step_checkpoint_and_fix(tmp_path, straight,
+                                                                         capsys):
+    from llmjax.cli import main
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0].run_dir, run_dir)
+    code = main(["train", str(GPT), *overrides(run_dir, "train.steps=14",
+                                               "optimizer.learning_rate=1e6",
+                                               "optimizer.warmup_steps=0")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("llmjax: error: loss or gradient norm became NaN/inf "
+                                        "at step "), err
+    assert re.search(r"at step (\d+)", err).group(1) in map(str, range(STEPS + 1, 15))
+    assert f"the last checkpoint (step {STEPS}, {run_dir / 'checkpoints' / str(STEPS)}) holds " \
+           f"finite weights" in err
+    assert "lower optimizer.learning_rate" in err and "train.nonfinite=skip" in err
+    assert "resumes from it" in err
+
+
 def test_skip_mode_keeps_training_finite_and_time_based_checkpoints(tmp_path, cache_dir):
     # checkpoint.every_minutes is checked at log intervals: a tiny one saves at each of them.
     result = train(make_config(tmp_path, "optimizer.learning_rate=1e6",
