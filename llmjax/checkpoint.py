@@ -28,9 +28,21 @@ def _config_dict(config: Config | ModelConfig | dict) -> dict:
 
 
 def save_params(directory: str | os.PathLike, params: Any,
-                config: Config | ModelConfig | dict, extra: Optional[dict] = None) -> Path:
-    """Write params (sharded or not) and the config; returns the directory."""
+                config: Config | ModelConfig | dict, extra: Optional[dict] = None,
+                force: bool = False) -> Path:
+    """Write params (sharded or not) and the config; returns the directory.
+
+    `directory` must be new or empty; `force=True` replaces an earlier parameter export there
+    (its files are removed first). A training run directory or a directory of other files
+    is refused: its config.yaml or files are never overwritten."""
+    from llmjax.convert.outdir import check_output_dir, remove_export
+
     directory = Path(directory).absolute()
+    check_output_dir(directory, "llmjax", force, action="save", force_name="force=True")
+    if jax.process_count() > 1:  # every process checked before any writes
+        multihost_utils.sync_global_devices("llmjax save_params: output checked")
+    if jax.process_index() == 0:
+        remove_export(directory, "llmjax")  # no stale tokenizer/ or params/ beside the new
     directory.mkdir(parents=True, exist_ok=True)
     data = _config_dict(config)
     if extra:

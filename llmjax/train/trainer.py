@@ -231,7 +231,8 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
             if cfg.peft.method != "full":  # small adapter-only export beside the checkpoints
                 peft.save_adapter(run_dir / "adapter", state.params, cfg.peft,
                                   exp.model_config, base=ckpt.base or cfg.train.init_from,
-                                  frozen=state.frozen)
+                                  frozen=state.frozen,
+                                  force=True)  # a run trained further replaces its adapter
     finally:
         if bar is not None:
             bar.close()
