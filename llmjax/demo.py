@@ -99,6 +99,8 @@ def run_demo(cache: str = DEFAULT_CACHE, steps: int | None = None,
                    temperature=0.8, top_k=40, seed=0)[0]
     text = tokenizer.decode(ids)
     print("    " + (prompt + text).replace("\n", "\n    "))
-    print(f"done in {time.perf_counter() - t0:.0f} s; metrics in {result.run_dir}/metrics.jsonl")
+    curves = result.run_dir / "curves.png"
+    print(f"done in {time.perf_counter() - t0:.0f} s; metrics in {result.run_dir}/metrics.jsonl"
+          + (f", curves in {curves}" if curves.exists() else ""))
     print(f"the settings: configs/experiments/{DEMO_CONFIG} (`llmjax train` on it is the same run)")
     return 0
