@@ -28,9 +28,21 @@ def _config_dict(config: Config | ModelConfig | dict) -> dict:
 
 
 def save_params(directory: str | os.PathLike, params: Any,
-                config: Config | ModelConfig | dict, extra: Optional[dict] = None) -> Path:
-    """Write params (sharded or not) and the config; returns the directory."""
+                config: Config | ModelConfig | dict, extra: Optional[dict] = None,
+                force: bool = False) -> Path:
+    """Write params (sharded or not) and the config; returns the directory.
+
+    `directory` must be new or empty; `force=True` replaces an earlier parameter export there
+    (its files are removed first). A training run directory or a directory of other files
+    is refused: its config.yaml or files are never overwritten."""
+    from llmjax.convert.outdir import check_output_dir, remove_export
+
     directory = Path(directory).absolute()
+    check_output_dir(directory, "llmjax", force, action="save", force_name="force=True")
+    if jax.process_count() > 1:  # every process checked before any writes
+        multihost_utils.sync_global_devices("llmjax save_params: output checked")
+    if jax.process_index() == 0:
+        remove_export(directory, "llmjax")  # no stale tokenizer/ or params/ beside the new
     directory.mkdir(parents=True, exist_ok=True)
     data = _config_dict(config)
     if extra:
@@ -49,7 +61,17 @@ def read_config(directory: str | os.PathLike) -> dict:
     if not path.exists():
         raise ConfigError(f"{str(directory)!r} has no config.yaml: not an llmjax checkpoint "
                           f"(convert HF/GGUF models with `llmjax convert`)")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{path}: not valid YAML: "
+                              f"{' '.join(str(err).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):  # a list or scalar: not a config llmjax wrote
+        raise CheckpointError(f"{path}: expected a YAML mapping of config sections, got "
+                              f"{type(data).__name__}")
+    return data
 
 
 def load_params(directory: str | os.PathLike, target: Any = None) -> tuple[Any, dict]:

@@ -362,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        f" --xla_force_host_platform_device_count={args.cpu_devices}")
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        console.quiet_logging(verbose=args.verbose)
+        console.quiet_logging(verbose=args.verbose, debug=debug)
         return int(args.handler(args) or 0)
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):

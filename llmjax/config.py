@@ -245,6 +245,7 @@ class TrainConfig:
     compilation_cache: str = "~/.cache/llmjax/jax"  # "" = off
     progress: bool = True  # a progress bar on a terminal; log lines per interval otherwise
     tensorboard: bool = True
+    plot: bool = True  # write run_dir/curves.png (llmjax plot) when the run ends
     # A step whose loss or gradient norm is NaN/inf: "stop" (error naming the step; the last
     # good checkpoint is kept) or "skip" (that update is not applied; training goes on).
     nonfinite: str = "stop"

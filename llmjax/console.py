@@ -2,7 +2,10 @@
 
 absl, TFDS, orbax and jax log INFO notices a user cannot act on; TFDS also prints "Downloading
 and preparing dataset ..." / "Dataset ... downloaded and prepared" with `print` and draws tqdm
-bars while it builds a dataset. `llmjax -v` shows all of it.
+bars while it builds a dataset. Their ERROR records are hidden too: a failure that matters
+reaches llmjax as an exception and becomes its one `llmjax: error:` line, while the library's
+own record of it is a traceback (orbax logs one through absl for a failed background save).
+`llmjax -v` shows all of it; `--debug` shows their errors with tracebacks.
 """
 from __future__ import annotations
 
@@ -15,15 +18,17 @@ _THIRD_PARTY = ("absl", "tensorflow_datasets", "tensorflow", "orbax", "etils", "
 _verbose = False
 
 
-def quiet_logging(verbose: bool = False) -> None:
-    """llmjax's INFO lines on stderr; third-party loggers only from ERROR up (unless verbose)."""
+def quiet_logging(verbose: bool = False, debug: bool = False) -> None:
+    """llmjax's INFO lines on stderr; third-party loggers only CRITICAL (ERROR with debug,
+    INFO with verbose)."""
     global _verbose
     _verbose = verbose
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO lines
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in _THIRD_PARTY:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else
+                                         logging.ERROR if debug else logging.CRITICAL)
 
 
 def quiet_tfds() -> None:

@@ -83,6 +83,11 @@ def run_demo(cache: str = DEFAULT_CACHE, steps: int | None = None,
           f"{config.train.seq_len} tokens")
     shutil.rmtree(config.train.run_dir, ignore_errors=True)  # the demo always trains afresh
     result = train(config)
+    if result.exit_code:  # Ctrl-C / SIGTERM: no final evaluation, no sample
+        where = (f"checkpoint of step {result.checkpoint_step} in {result.run_dir}"
+                 if result.checkpoint_step else "nothing saved")
+        print(f"    stopped at step {result.step} ({where}); `llmjax demo` starts afresh")
+        return result.exit_code
     ev = result.eval_metrics
     print(f"    validation loss {ev['loss']:.3f} (perplexity {ev['perplexity']:.1f}) "
           f"on held-out plays; train loss {result.train_metrics.get('loss', float('nan')):.3f}")
@@ -94,6 +99,8 @@ def run_demo(cache: str = DEFAULT_CACHE, steps: int | None = None,
                    temperature=0.8, top_k=40, seed=0)[0]
     text = tokenizer.decode(ids)
     print("    " + (prompt + text).replace("\n", "\n    "))
-    print(f"done in {time.perf_counter() - t0:.0f} s; metrics in {result.run_dir}/metrics.jsonl")
+    curves = result.run_dir / "curves.png"
+    print(f"done in {time.perf_counter() - t0:.0f} s; metrics in {result.run_dir}/metrics.jsonl"
+          + (f", curves in {curves}" if curves.exists() else ""))
     print(f"the settings: configs/experiments/{DEMO_CONFIG} (`llmjax train` on it is the same run)")
     return 0

@@ -135,13 +135,14 @@ class PretrainedModel:
         return out
 
     # -- saving ----------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, force: bool = False) -> Path:
         """An llmjax parameter export (config.yaml + params/, tokenizer/ when known):
-        what `train.init_from` and from_pretrained read."""
+        what `train.init_from` and from_pretrained read. `directory` must be new or empty;
+        force=True replaces an earlier export; a training run directory is never written."""
         from llmjax.checkpoint import save_params
         from llmjax.convert.hf import LLMJAX_TOKENIZER_FILES, TOKENIZER_FILES, copy_tokenizer_files
 
-        directory = save_params(directory, self.params, self.config)
+        directory = save_params(directory, self.params, self.config, force=force)
         if self.label_names:
             import json
 
@@ -167,7 +168,8 @@ class PretrainedModel:
 
         run_dir = Path(run_dir).expanduser()
         # An unchanged llmjax export is referenced where it is, not copied into the run.
-        base = _unchanged_export(self) or self.save(run_dir / "base")
+        # force: a resumed finetune rewrites the base export it wrote before.
+        base = _unchanged_export(self) or self.save(run_dir / "base", force=True)
         data = {section: dict(values) for section, values in config.items()}
         if "model" in data:
             raise ValueError("finetune takes the model from this object: set ModelConfig "

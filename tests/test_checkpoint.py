@@ -305,3 +305,55 @@ def test_evaluate_run_restores_latest(straight):
     metrics = evaluate_run(make_config(result.run_dir))
     assert metrics["step"] == STEPS
     assert metrics["loss"] == pytest.approx(result.eval_metrics["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("text, match", [("- model\n- train\n", "got list"),
+                                         ("just words\n", "got str"),
+                                         ("model: [unclosed\n", "not valid YAML")])
+def test_config_yaml_that_is_not_a_mapping_is_one_line_naming_the_file(tmp_path, text, match):
+    from llmjax.checkpoint import read_config
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match=match) as info:
+        read_config(tmp_path)
+    assert str(tmp_path / "config.yaml") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_python_save_refuses_runs_and_other_files_and_force_replaces_an_export(tmp_path):
+    """PretrainedModel.save / save_params guard their output as `llmjax convert` does."""
+    from llmjax.checkpoint import load_params, save_params
+    from llmjax.config import ConfigError, model_config
+    from llmjax.models import init_params
+    from llmjax.pretrained import PretrainedModel
+
+    cfg = model_config("gpt-tiny", vocab_size=64, d_model=16, num_layers=1, num_heads=2,
+                       d_ff=32, max_len=16)
+    params = init_params(cfg, jax.random.key(0))
+    model = PretrainedModel(cfg, params)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {steps: 5}\n")
+    for force in (False, True):
+        with pytest.raises(ConfigError, match="training run directory.*not even with force=True"):
+            model.save(run, force=force)
+        with pytest.raises(ConfigError, match="training run directory"):
+            save_params(run, params, cfg, force=force)
+    assert (run / "config.yaml").read_text() == "train: {steps: 5}\n"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="non-empty directory of other files; save into a new"):
+        model.save(other, force=True)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+    export = model.save(tmp_path / "export")
+    (export / "tokenizer").mkdir()  # an earlier export's tokenizer: must not survive a replace
+    (export / "tokenizer" / "llmjax_tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds an llmjax export.*pass force=True"):
+        model.save(export)
+    doubled = jax.tree.map(lambda x: x * 2, params)
+    assert PretrainedModel(cfg, doubled).save(export, force=True) == export
+    assert not (export / "tokenizer").exists()
+    loaded, _ = load_params(export)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(doubled)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

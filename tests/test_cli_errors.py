@@ -264,3 +264,28 @@ def test_third_party_notices_stay_out_of_the_terminal(inputs, tmp_path):
     for noise in ("Downloading and preparing", "downloaded and prepared", "Generating ",
                   "absl", "tensorflow_datasets", "Traceback"):
         assert noise not in both, both
+
+
+@pytest.mark.parametrize("code", [75, 130])
+def test_demo_stopped_by_a_signal_returns_the_run_exit_code(tmp_path, monkeypatch, capsys, code):
+    """A demo run stopped by SIGTERM / Ctrl-C has no final evaluation: the demo reports where
+    it stopped and exits with the run's code (no crash on missing eval metrics, no sample).
+    Corpus, tokenizer and training are stand-ins: this is demo.py's own control flow."""
+    import llmjax.compile_cache
+    import llmjax.console
+    import llmjax.data.corpus
+    import llmjax.data.tokenizer
+    import llmjax.train.trainer as trainer
+
+    text = tmp_path / "play.txt"
+    text.write_text("ROMEO.\nWherefore art thou.\n")
+    monkeypatch.setattr(llmjax.data.corpus, "shakespeare", lambda cache: ([text], [text]))
+    monkeypatch.setattr(llmjax.data.tokenizer, "train_sentencepiece", lambda *a, **k: object())
+    monkeypatch.setattr(llmjax.compile_cache, "enable", lambda path: None)
+    monkeypatch.setattr(llmjax.console, "quiet_tfds", lambda: None)
+    monkeypatch.setattr(trainer, "train", lambda cfg: trainer.RunResult(
+        None, 3, {"loss": 5.0}, {}, Path(cfg.train.run_dir), exit_code=code, checkpoint_step=3))
+    assert cli.main(["demo", "--cache", str(tmp_path / "cache"), "--steps", "10"]) == code
+    out = capsys.readouterr().out
+    assert f"stopped at step 3 (checkpoint of step 3 in {tmp_path / 'cache'}" in out
+    assert "validation loss" not in out and "sample" not in out

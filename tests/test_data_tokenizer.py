@@ -73,3 +73,34 @@ def test_vocab_too_small_names_the_minimum(tmp_path):
 def test_missing_tokenizer_dir_says_how_to_train(tmp_path):
     with pytest.raises(FileNotFoundError, match="llmjax tokenizer train"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("model_file", ["../outside.model", "/etc/passwd", "sub/spm.model", "..",
+                                        "", 7])
+def test_model_file_outside_the_tokenizer_dir_is_refused(trained, tmp_path, model_file):
+    import shutil
+
+    from llmjax.config import ConfigError
+    tok = tmp_path / "tok"
+    shutil.copytree(trained, tok)
+    metadata = json.loads((tok / METADATA_FILE).read_text(encoding="utf-8"))
+    (tmp_path / "outside.model").write_bytes((trained / metadata["model_file"]).read_bytes())
+    metadata["model_file"] = model_file
+    (tok / METADATA_FILE).write_text(json.dumps(metadata), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"llmjax_tokenizer.json: model_file must be a plain "
+                                          r"file name"):
+        load_tokenizer(tok)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('{"kind": "sentencepiece", "model_file": "spm.model", "special_ids": {"pad": "0"}}',
+     "special_ids must map token roles to non-negative integer ids"),
+    ('{"kind": "sentencepiece", "model_file": "spm.model", "special_ids": {"evil": 1}}',
+     r"unknown special_ids \['evil'\]"),
+])
+def test_malformed_metadata_is_one_error_naming_the_file(tmp_path, content, match):
+    from llmjax.config import ConfigError
+    (tmp_path / METADATA_FILE).write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"{METADATA_FILE}: {match}"):
+        load_tokenizer(tmp_path)

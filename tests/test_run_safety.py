@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
@@ -60,8 +61,18 @@ CHILD = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGTERM)
             return original(*args, **kwargs)
         trainer.build = build
+    if spec.get("enospc_at"):  # the disk fills up under the checkpoint of that step
+        import errno
+        import llmjax.checkpoint as ck
+        write = ck._write_json
+        def full(path, data):
+            if f"/{spec['enospc_at']}.orbax-checkpoint-tmp" in str(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            write(path, data)
+        ck._write_json = full
+    if spec.get("cli"):  # through `llmjax train` (its logging setup, its error lines)
         from llmjax.cli import main
-        sys.exit(main(["train", spec["config"], *spec["overrides"]]))
+        sys.exit(main([*spec.get("flags", []), "train", spec["config"], *spec["overrides"]]))
     logging.basicConfig(level=logging.INFO)
     from llmjax import config
     from llmjax.train.trainer import train
@@ -235,6 +246,24 @@ def test_nan_stops_keeps_last_good_checkpoint_and_records_nan(tmp_path, straight
     assert nan_rows and nan_rows[-1]["nonfinite_steps"] >= 1
 
 
+def test_nan_through_the_cli_is_one_line_naming_step_checkpoint_and_fix(tmp_path, straight,
+                                                                         capsys):
+    from llmjax.cli import main
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0].run_dir, run_dir)
+    code = main(["train", str(GPT), *overrides(run_dir, "train.steps=14",
+                                               "optimizer.learning_rate=1e6",
+                                               "optimizer.warmup_steps=0")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("llmjax: error: loss or gradient norm became NaN/inf "
+                                        "at step "), err
+    assert re.search(r"at step (\d+)", err).group(1) in map(str, range(STEPS + 1, 15))
+    assert f"the last checkpoint (step {STEPS}, {run_dir / 'checkpoints' / str(STEPS)}) holds " \
+           f"finite weights" in err
+    assert "lower optimizer.learning_rate" in err and "train.nonfinite=skip" in err
+    assert "resumes from it" in err
+
+
 def test_skip_mode_keeps_training_finite_and_time_based_checkpoints(tmp_path, cache_dir):
     # checkpoint.every_minutes is checked at log intervals: a tiny one saves at each of them.
     result = train(make_config(tmp_path, "optimizer.learning_rate=1e6",
@@ -272,7 +301,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path, cache_dir, child_script):
 
 
 def test_sigterm_during_startup_exits_75_with_a_message(tmp_path, cache_dir, child_script):
-    code, out = spawn(child_script, cache_dir, tmp_path, sigterm_in_build=True)
+    code, out = spawn(child_script, cache_dir, tmp_path, sigterm_in_build=True, cli=True)
     assert "BUILDING" in out
     assert code == EXIT_PREEMPTED, out
     assert "SIGTERM during start-up" in out and "Traceback" not in out
@@ -319,6 +348,23 @@ def test_disk_full_during_save_is_one_line_and_resume_is_clean(tmp_path, straigh
     assert kept and digest(tmp_path / "checkpoints" / "2") == kept  # read, never rewritten
 
 
+def test_disk_full_through_the_cli_shows_our_lines_not_orbax_tracebacks(tmp_path, cache_dir,
+                                                                         child_script):
+    """orbax logs a failed background save as ERROR tracebacks through absl; the terminal
+    gets llmjax's lines only, the error as one line with exit code 2; --debug shows orbax's."""
+    extra = ("checkpoint.every=2", f"train.compilation_cache={cache_dir}")
+    code, out = spawn(child_script, cache_dir, tmp_path / "quiet", *extra, enospc_at=4, cli=True)
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("llmjax: error: cannot write a checkpoint in ") and \
+        "No space left on device [ENOSPC]" in lines[-1]
+    # llmjax's log lines (the child imports orbax first, whose handler sets the format)
+    assert all(re.match(r"(INFO|WARNING)[ :]llmjax", line) for line in lines[:-1]), out
+    code, out = spawn(child_script, cache_dir, tmp_path / "verbose", *extra, enospc_at=4,
+                      cli=True, flags=["--debug"])
+    assert "Traceback" in out and "ERROR" in out and "absl" in out, out
+
+
 # ---------------------------------------------------------------- reporting, schedule
 
 def test_log_lines_compile_report_and_summary(straight):
@@ -331,6 +377,29 @@ def test_log_lines_compile_report_and_summary(straight):
     summary = next(line for line in lines if line.startswith("run complete"))
     assert f"{STEPS} steps" in summary and "eval loss: final" in summary
     assert f"checkpoints/{STEPS}" in summary and "llmjax export" in summary
+    curves = straight[0].run_dir / "curves.png"  # train.plot (default on)
+    assert f"curves: {curves}" in summary
+    assert curves.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_plotting_failure_does_not_fail_a_finished_run(tmp_path, straight, monkeypatch,
+                                                         caplog):
+    import llmjax.plot
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0].run_dir, run_dir)
+    (run_dir / "curves.png").unlink()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "curves.png"))
+
+    monkeypatch.setattr(llmjax.plot, "plot_runs", full)
+    with caplog.at_level(logging.INFO, logger="llmjax"):
+        result = train(make_config(run_dir, f"train.steps={STEPS + 1}"))
+    assert result.exit_code == 0 and result.checkpoint_step == STEPS + 1
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert warning == (f"could not write the training curves (train.plot=false turns them "
+                       f"off): {run_dir / 'curves.png'}: No space left on device")
+    assert "curves:" not in caplog.text and not (run_dir / "curves.png").exists()
 
 
 def test_finished_run_does_nothing(straight, caplog):

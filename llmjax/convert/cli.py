@@ -49,17 +49,17 @@ def _report(model, out: Path) -> int:
 
 def _import(args: argparse.Namespace):
     """Load SRC for an llmjax export into OUT, after checking OUT may be written."""
-    from llmjax.convert.outdir import check_output_dir, remove_export
+    from llmjax.convert.outdir import check_output_dir
     from llmjax.pretrained import from_pretrained
 
-    check_output_dir(args.out, "llmjax", args.force)  # before a possibly long load
+    # Before a possibly long load; model.save checks again and removes an earlier export.
+    check_output_dir(args.out, "llmjax", args.force)
     if Path(args.src).suffix == ".gguf":  # converting is explicit: no second copy in the cache
         from llmjax.convert.gguf_cache import load_gguf
 
         model = load_gguf(args.src, cache=False, dtype=args.dtype)
     else:
         model = from_pretrained(args.src, dtype=args.dtype)
-    remove_export(args.out, "llmjax")
     return model
 
 
@@ -67,14 +67,14 @@ def hf_to_llmjax(args: argparse.Namespace) -> int:
     if not (Path(args.src) / "config.json").exists():
         raise ConfigError(f"{args.src}: no config.json (not a Hugging Face model directory)")
     model = _import(args)
-    return _report(model, model.save(args.out))
+    return _report(model, model.save(args.out, force=args.force))
 
 
 def gguf_to_llmjax(args: argparse.Namespace) -> int:
     if Path(args.src).suffix != ".gguf":
         raise ConfigError(f"{args.src}: expected a .gguf file")
     model = _import(args)
-    return _report(model, model.save(args.out))
+    return _report(model, model.save(args.out, force=args.force))
 
 
 def llmjax_to_hf(args: argparse.Namespace) -> int:

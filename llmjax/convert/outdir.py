@@ -1,6 +1,7 @@
-"""Where `llmjax convert` may write: a new or empty directory, or (with --force) an earlier
-export of the same kind. A training run's directory is never written into: its
-config.yaml describes its checkpoints, and replacing it would orphan them."""
+"""Where `llmjax convert`, PretrainedModel.save and save_params may write: a new or empty
+directory, or (with --force / force=True) an earlier export of the same kind. A training
+run's directory is never written into: its config.yaml describes its checkpoints, and
+replacing it would orphan them."""
 from __future__ import annotations
 
 import shutil
@@ -33,8 +34,10 @@ def kind_of(directory: Path) -> str | None:
     return None
 
 
-def check_output_dir(out: str | Path, kind: str, force: bool) -> None:
-    """ConfigError unless `out` may receive an export of `kind` ('llmjax' or 'hf')."""
+def check_output_dir(out: str | Path, kind: str, force: bool, action: str = "convert",
+                     force_name: str = "--force") -> None:
+    """ConfigError unless `out` may receive an export of `kind` ('llmjax' or 'hf'); the
+    messages name the `action` and how to force it (the CLI's flag or the API's argument)."""
     out = Path(out)
     if not out.exists():
         return
@@ -45,14 +48,14 @@ def check_output_dir(out: str | Path, kind: str, force: bool) -> None:
     found = kind_of(out)
     if found == "run":
         raise ConfigError(f"output {out} is a training run directory (it has checkpoints or "
-                          f"metrics); convert into a new directory: a run's files are never "
-                          f"overwritten, not even with --force")
+                          f"metrics); {action} into a new directory: a run's files are never "
+                          f"overwritten, not even with {force_name}")
     if found != kind:
         what = KIND_NAMES.get(found, "a non-empty directory of other files")
-        raise ConfigError(f"output {out} is {what}; convert into a new or empty directory")
+        raise ConfigError(f"output {out} is {what}; {action} into a new or empty directory")
     if not force:
-        raise ConfigError(f"output {out} already holds {KIND_NAMES[kind]}; pass --force to "
-                          f"replace it, or choose a new directory")
+        raise ConfigError(f"output {out} already holds {KIND_NAMES[kind]}; pass {force_name} "
+                          f"to replace it, or choose a new directory")
 
 
 def remove_export(out: str | Path, kind: str) -> None:

@@ -290,12 +290,38 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer directory {str(directory)!r} {what}; train one with "
                           f"`llmjax tokenizer train --input FILES --vocab-size N --out {directory}`.")
     metadata = json.loads(meta_file.read_text(encoding="utf-8"))
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"{meta_file}: expected a JSON object, got {type(metadata).__name__}")
     kind = metadata.get("kind")
     if kind != "sentencepiece":
         raise ValueError(f"{meta_file}: tokenizer kind {kind!r} is not supported; supported: 'sentencepiece'.")
-    ids = metadata["special_ids"]
-    special = SpecialTokens(**{k: int(v) for k, v in ids.items() if k != "num_special"})
-    return SentencePieceTokenizer(path / metadata["model_file"], special)
+    return SentencePieceTokenizer(_model_file(path, metadata, meta_file),
+                                  _special_ids(metadata, meta_file))
+
+
+def _model_file(path: pathlib.Path, metadata: dict, meta_file: pathlib.Path) -> pathlib.Path:
+    """metadata["model_file"], which must name a file beside the metadata: a path (`..`,
+    absolute, a subdirectory) would let a downloaded tokenizer read any file on the machine."""
+    name = metadata.get("model_file")
+    if not isinstance(name, str) or not name or name in (".", "..") or \
+            pathlib.PurePath(name).name != name or "\\" in name:
+        raise ConfigError(f"{meta_file}: model_file must be a plain file name in {path}, "
+                          f"got {name!r}")
+    return path / name
+
+
+def _special_ids(metadata: dict, meta_file: pathlib.Path) -> SpecialTokens:
+    ids = metadata.get("special_ids")
+    fields = {f.name for f in dataclasses.fields(SpecialTokens)}
+    if not isinstance(ids, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids.values()):
+        raise ConfigError(f"{meta_file}: special_ids must map token roles to non-negative "
+                          f"integer ids, got {ids!r}")
+    unknown = set(ids) - fields - {"num_special"}
+    if unknown:
+        raise ConfigError(f"{meta_file}: unknown special_ids {sorted(unknown)}; known: "
+                          f"{sorted(fields)}")
+    return SpecialTokens(**{k: v for k, v in ids.items() if k != "num_special"})
 
 
 class _ImportedTokenizer(Tokenizer):

@@ -18,7 +18,7 @@ KIND = "peft_adapter"
 
 def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftConfig,
                  model_cfg: Optional[ModelConfig] = None, base: Any = "",
-                 frozen: Any = None) -> Path:
+                 frozen: Any = None, force: bool = False) -> Path:
     """Write the trainable subtree (LoRA A/B, IA3 vectors, prompts, adapters, heads) with
     the peft section, the hooked model section and the base checkpoint's path.
 
@@ -39,7 +39,7 @@ def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftCon
         config["base"] = str(base or "")
     if model_cfg is not None:
         config["model"] = dataclasses.asdict(model_cfg)
-    return save_params(directory, tree, config)
+    return save_params(directory, tree, config, force=force)
 
 
 def load_adapter(directory: str | os.PathLike, target: Any = None

@@ -62,8 +62,10 @@ class NonFiniteGuard:
     def error(self, bad: list[int], last_checkpoint: Optional[int], where) -> NonFiniteError:
         kept = (f"the last checkpoint (step {last_checkpoint}, {where}) holds finite weights and "
                 f"is untouched" if last_checkpoint is not None else "no checkpoint was written")
+        rerun = "resumes from it" if last_checkpoint is not None else "starts afresh"
         steps = f"step {bad[0]}" + (f" (and {len(bad) - 1} later steps)" if len(bad) > 1 else "")
         return NonFiniteError(
             f"loss or gradient norm became NaN/inf at {steps}; training stopped and {kept}; "
             f"lower optimizer.learning_rate or raise optimizer.warmup_steps, keep "
-            f"optimizer.grad_clip on, or set train.nonfinite=skip to skip such steps")
+            f"optimizer.grad_clip on, or set train.nonfinite=skip to skip such steps (the same "
+            f"command with the change {rerun})")

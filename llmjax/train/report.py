@@ -100,7 +100,8 @@ def _lr_at(optimizer: dict, steps: int, step: int) -> Optional[float]:
 
 def summary(*, wall: float, steps: int, tokens: int, loop_seconds: float,
             final_eval: Optional[float], best_eval: Optional[float], checkpoint: Optional[Path],
-            adapter: Optional[Path], run_dir: Path, finished: bool, stopped_by: str = "") -> str:
+            adapter: Optional[Path], run_dir: Path, finished: bool, stopped_by: str = "",
+            plot: Optional[Path] = None) -> str:
     tps = tokens / loop_seconds if loop_seconds > 0 else math.nan
     status = "complete" if finished else "stopped" + (f" by {stopped_by}" if stopped_by else "")
     lines = [f"run {status}: {steps} steps in {duration(wall)}, {tokens:,} tokens at "
@@ -112,6 +113,8 @@ def summary(*, wall: float, steps: int, tokens: int, loop_seconds: float,
         lines.append(f"  checkpoint: {checkpoint}")
     if adapter is not None:
         lines.append(f"  adapter: {adapter}")
+    if plot is not None:
+        lines.append(f"  curves: {plot}")
     if finished:
         lines.append(f"  export: llmjax export {run_dir} OUT; train further: the same command "
                      f"with a larger train.steps")

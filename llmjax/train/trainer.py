@@ -231,7 +231,8 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
             if cfg.peft.method != "full":  # small adapter-only export beside the checkpoints
                 peft.save_adapter(run_dir / "adapter", state.params, cfg.peft,
                                   exp.model_config, base=ckpt.base or cfg.train.init_from,
-                                  frozen=state.frozen)
+                                  frozen=state.frozen,
+                                  force=True)  # a run trained further replaces its adapter
     finally:
         if bar is not None:
             bar.close()
@@ -239,6 +240,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
         writer.close()
     step_now = int(jax.device_get(state.step))
     if jax.process_index() == 0:
+        curves = _plot(run_dir) if cfg.train.plot else None
         evals = [r["loss"] for r in read_metrics(writer.path)
                  if r.get("split") == "eval" and math.isfinite(r.get("loss", math.nan))]
         log.info("%s", report.summary(
@@ -248,11 +250,26 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
             best_eval=min(evals) if evals else None,
             checkpoint=ckpt.step_dir(saved_step) if saved_step is not None else None,
             adapter=run_dir / "adapter" if cfg.peft.method != "full" and exit_code == 0 else None,
+            plot=curves,
             run_dir=run_dir, finished=exit_code == 0,
             stopped_by=signals.name if exit_code else ""))
     return RunResult(state, step_now, train_metrics, eval_metrics, run_dir,
                      exit_code=exit_code, resumed_from=resumed, checkpoint_step=saved_step,
                      init_report=init_report)
+
+
+def _plot(run_dir: Path) -> Optional[Path]:
+    """run_dir/curves.png, or None with a one-line warning: the run itself is done and saved,
+    so a plotting problem (no matplotlib, a full disk) must not fail it."""
+    from llmjax.plot import plot_runs
+    try:
+        return plot_runs([run_dir])
+    except Exception as err:  # noqa: BLE001
+        from llmjax.errors import user_message
+        why = " ".join((user_message(err) or f"{type(err).__name__}: {err}").split())
+        log.warning("could not write the training curves (train.plot=false turns them off): "
+                    "%s", why)
+        return None
 
 
 def _read(metrics: dict) -> dict:
