@@ -670,7 +670,7 @@ def init_from(exp, path: str | os.PathLike):
         source = {key: (key, leaf) for key, leaf in saved.items()}
 
     rng = jax.random.key(exp.config.train.seed)
-    abstract = nn.unbox(abstract_params(exp.model_config))
+    abstract = abstract_params(exp.model_config, boxed=False)
     shardings = parallel.logical_shardings(tree_names(abstract, exp.names), abstract,
                                            exp.mesh, exp.rules)
     wanted = flatten(abstract)

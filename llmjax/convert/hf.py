@@ -624,12 +624,10 @@ def family_of_config(cfg: ModelConfig) -> Family:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """Flat path -> shape of the llmjax parameters of `cfg` (unscanned), without allocating."""
-    import flax.linen as nn
-
     from llmjax.models import abstract_params
 
     cfg = dataclasses.replace(cfg, scan_layers=False)
-    return {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract_params(cfg))).items()}
+    return {k: tuple(v.shape) for k, v in flatten(abstract_params(cfg, boxed=False)).items()}
 
 
 def tensors_to_params(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarray],

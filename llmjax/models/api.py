@@ -30,9 +30,11 @@ def _init_variables(cfg: ModelConfig, rng: jax.Array) -> Any:
     return tree.init_variables(Transformer(cfg), rng, **dummy_inputs(cfg))
 
 
-def abstract_params(cfg: ModelConfig) -> Params:
-    """Shapes and dtypes of the (boxed) parameter tree, without allocating it."""
-    return tree.abstract_variables(Transformer(cfg), **dummy_inputs(cfg))["params"]
+def abstract_params(cfg: ModelConfig, boxed: bool = True) -> Params:
+    """Shapes and dtypes of the parameter tree, without allocating it: boxed (nn.Partitioned,
+    with logical names) or, with boxed=False, plain ShapeDtypeStructs."""
+    params = tree.abstract_variables(Transformer(cfg), **dummy_inputs(cfg))["params"]
+    return params if boxed else nn.unbox(params)
 
 
 def logical_axes(cfg: ModelConfig) -> Params:

@@ -161,9 +161,8 @@ def restore_frozen_single(ref: BaseRef, model_cfg, stored: dict, where: str,
                           init_from: str = "") -> dict:
     """restore_frozen onto the default device, shapes from the run's (hooked) model config:
     for readers of a run (from_pretrained, export) that have no Experiment."""
-    import flax.linen as nn
     from llmjax.models.api import abstract_params
-    abstract = flatten(nn.unbox(abstract_params(model_cfg)))
+    abstract = flatten(abstract_params(model_cfg, boxed=False))
     wanted = {k: abstract[k] for k in ref.leaves if k in abstract}
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return restore_frozen(ref, unflatten(wanted), unflatten({k: single for k in wanted}), stored,

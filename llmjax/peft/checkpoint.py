@@ -102,8 +102,6 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
     """Base leaves shaped as the fine-tuned model has them (as init_from loads them: learned
     position tables cut to max_len, dtypes cast); leaves the adapter holds win. With a
     BaseRef, the fingerprint of the leaves the run took from its base must match."""
-    import flax.linen as nn
-
     from llmjax.checkpoint import CheckpointError, _is_position_table
     from llmjax.models.api import abstract_params
     from llmjax.peft import base_ref
@@ -111,7 +109,7 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
     base = flatten(base_params)
     have = set(flatten(adapter))
     out, missing = {}, []
-    for key, leaf in flatten(nn.unbox(abstract_params(model_cfg))).items():
+    for key, leaf in flatten(abstract_params(model_cfg, boxed=False)).items():
         if key in have:
             continue
         if key not in base:

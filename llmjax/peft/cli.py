@@ -40,7 +40,6 @@ def peft_summary(args: argparse.Namespace) -> int:
 
 def abstract_summary(config) -> str:
     """The summary of a config's PEFT split, from shapes only (nothing is allocated)."""
-    import flax.linen as nn
     import jax
     import optax  # noqa: F401  (optimizer state shapes)
 
@@ -58,6 +57,6 @@ def abstract_summary(config) -> str:
         trainable, frozen = plan.split(params, rng)
         return trainable, frozen, tx.init(trainable)
 
-    trainable, frozen, opt_state = jax.eval_shape(split, nn.unbox(abstract_params(cfg)),
+    trainable, frozen, opt_state = jax.eval_shape(split, abstract_params(cfg, boxed=False),
                                                   jax.random.key(0))
     return summary(trainable, frozen, opt_state, method=config.peft.method)
