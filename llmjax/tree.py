@@ -16,10 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 SEP = "/"
@@ -70,6 +68,7 @@ def unflatten(flat: dict[str, Any]) -> Params:
 def flatten_parts(tree: Any) -> dict[tuple, Any]:
     """{('decoder', 'layers', 'mlp', 'wo', 'kernel'): leaf} of nested dicts, in the tree's
     own (insertion) order; empty subtrees vanish."""
+    from flax import traverse_util
     if not tree:
         return {}
     return traverse_util.flatten_dict(dict(tree))
@@ -77,6 +76,7 @@ def flatten_parts(tree: Any) -> dict[tuple, Any]:
 
 def unflatten_parts(flat: dict[tuple, Any]) -> Params:
     """Inverse of flatten_parts: nested plain dicts."""
+    from flax import traverse_util
     if not flat:
         return {}
     return _plain(traverse_util.unflatten_dict(flat))
@@ -140,6 +140,7 @@ def is_stacked(params: Params) -> bool:
 def logical_names(boxed: Any) -> dict[tuple, tuple]:
     """{path parts: logical axis names} of a boxed (nn.Partitioned) parameter tree, as the
     model declares them (a scanned stack's leading axis included)."""
+    import flax.linen as nn
     specs = nn.get_partition_spec(boxed)
     return {tuple(k.key for k in path): tuple(spec) for path, spec in
             jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]}
@@ -162,12 +163,12 @@ def tree_names(tree: Params, names: dict[tuple, tuple],
 
 # ---------------------------------------------------------------- init
 
-def init_variables(module: nn.Module, rng: jax.Array, *args, method=None, **kwargs) -> Any:
+def init_variables(module: Any, rng: jax.Array, *args, method=None, **kwargs) -> Any:
     """`module.init` with `rng` as its params and dropout streams (boxed variables)."""
     return module.init({"params": rng, "dropout": rng}, *args, method=method, **kwargs)
 
 
-def abstract_variables(module: nn.Module, *args, method=None, **kwargs) -> Any:
+def abstract_variables(module: Any, *args, method=None, **kwargs) -> Any:
     """Shapes and dtypes (boxed) of every variable collection of `module.init(*args)`,
     without allocating anything: the one abstract init."""
     return jax.eval_shape(lambda rng: init_variables(module, rng, *args, method=method, **kwargs),
