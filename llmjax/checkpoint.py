@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from llmjax.config import Config, ConfigError, ModelConfig
+from llmjax.tree import flatten, path_str, unflatten
 
 
 def _config_dict(config: Config | ModelConfig | dict) -> dict:
@@ -134,24 +135,6 @@ class CheckpointError(ConfigError):
     """A checkpoint is missing, corrupted or incompatible with the run config.
 
     A ConfigError subclass, so the CLI reports it as a one-line error (exit code 2)."""
-
-
-def path_str(path) -> str:
-    """'a/b/0/c' for a jax key path (dict keys, sequence indices, attribute names)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def flatten(tree) -> dict[str, Any]:
-    """{path string: leaf}."""
-    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # ---------------------------------------------------------------- the data item
@@ -297,8 +280,7 @@ def _tree_metadata(directory: Path) -> dict[str, Any]:
                               f"{type(err).__name__}: {err}") from None
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))[0]}
+    return flatten(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 # ---------------------------------------------------------------- the manager
@@ -511,7 +493,7 @@ def _diagnose(state_dir: Path, target: dict, err: Exception, partial: bool = Fal
             for i, (path, leaf) in enumerate(flat):
                 key = path_str(path)
                 if partial:
-                    sub = _nest({key: leaf})
+                    sub = unflatten({key: leaf})
                 else:
                     leaves = [ocp.PLACEHOLDER] * len(flat)
                     leaves[i] = leaf
@@ -537,18 +519,6 @@ def _root_cause(err: BaseException) -> str:
         err = err.__cause__
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:400]}"
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    """{'a/b': x} -> {'a': {'b': x}} (numeric parts stay string keys: used for dict trees)."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
 
 
 def _check_tokenizer(saved: Optional[dict], config: Config, where: str) -> None:
@@ -705,8 +675,8 @@ def init_from(exp, path: str | os.PathLike):
     """
     import flax.linen as nn
     from llmjax import parallel
-    from llmjax.models import dummy_inputs
-    from llmjax.train.state import tree_names
+    from llmjax.models import abstract_params
+    from llmjax.tree import tree_names
 
     tree_dir, prefixes, source_config = resolve_source(path)
     where = str(tree_dir.parent)
@@ -721,10 +691,8 @@ def init_from(exp, path: str | os.PathLike):
     else:
         source = {key: (key, leaf) for key, leaf in saved.items()}
 
-    cfg = exp.model_config
     rng = jax.random.key(exp.config.train.seed)
-    abstract = jax.eval_shape(lambda r: nn.unbox(exp.model.init(
-        {"params": r, "dropout": r}, **dummy_inputs(cfg))["params"]), rng)
+    abstract = abstract_params(exp.model_config, boxed=False)
     shardings = parallel.logical_shardings(tree_names(abstract, exp.names), abstract,
                                            exp.mesh, exp.rules)
     wanted = flatten(abstract)
@@ -782,7 +750,7 @@ def init_from(exp, path: str | os.PathLike):
 def _restore_leaves(tree_dir: Path, target: dict[str, Any]) -> dict:
     """Restore only the leaves named in `target` ({'a/b/c': ShapeDtypeStruct with sharding})
     from an orbax PyTree checkpoint; returns them nested."""
-    nested = _nest(target)
+    nested = unflatten(target)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             return checkpointer.restore(tree_dir, args=ocp.args.PyTreeRestore(

@@ -152,6 +152,7 @@ def cmd_plan(args) -> int:
     import numpy as np
     from llmjax.train.experiment import build
     from llmjax.data.tokenizer import SpecialTokens
+    from llmjax.tree import flatten
     cfg = _load(args)
     # Shapes only: the attention kernel changes no parameter, and cuDNN's cannot trace off a GPU.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl="xla"))
@@ -160,9 +161,9 @@ def cmd_plan(args) -> int:
     sh = exp.state_shardings(abstract)
     print(f"mesh {dict(exp.mesh.shape)} over {len(exp.mesh.devices.flat)} devices")
     total = 0
-    for (path, leaf), (_, s) in zip(jax.tree_util.tree_flatten_with_path(abstract.params)[0],
-                                    jax.tree_util.tree_flatten_with_path(sh.params)[0]):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+    shardings = flatten(sh.params)
+    for name, leaf in flatten(abstract.params).items():
+        s = shardings[name]
         shard = s.shard_shape(leaf.shape)
         total += int(np.prod(shard)) * leaf.dtype.itemsize
         print(f"  {name:60s} {str(leaf.shape):22s} {str(s.spec):40s}")

@@ -19,6 +19,7 @@ import numpy as np
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.transformer import Transformer
+from llmjax.tree import abstract_variables
 
 Params = dict
 _COMPILED: dict[tuple, Any] = {}
@@ -119,8 +120,8 @@ def check_length(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None
 
 
 def _zeros_cache(model: Transformer, *args, method=None) -> Any:
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+    shapes = abstract_variables(model, *args, method=method)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _functions(cfg: ModelConfig, temperature: float, top_k: int, top_p: float):

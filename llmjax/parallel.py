@@ -18,6 +18,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.config import ConfigError, MeshConfig
+from llmjax.tree import path_str
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def param_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
     shapes = nn.unbox(abstract_boxed)
 
     def one(path, spec, leaf):
-        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        where = path_str(path)
         spec = tuple(spec) if spec is not None else (None,) * len(leaf.shape)
         return NamedSharding(mesh, _spec_for(spec, leaf.shape, mesh, rules, where))
 
@@ -155,7 +156,7 @@ def param_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
 def logical_shardings(tree_of_names: Any, tree_of_shapes: Any, mesh: Mesh, rules) -> Any:
     """Like param_shardings, for an unboxed tree plus a matching tree of logical names."""
     def one(path, spec, leaf):
-        where = "/".join(str(getattr(k, "key", k)) for k in path)
+        where = path_str(path)
         return NamedSharding(mesh, _spec_for(tuple(spec), leaf.shape, mesh, rules, where))
     return jax.tree_util.tree_map_with_path(
         one, tree_of_names, tree_of_shapes, is_leaf=lambda x: isinstance(x, P))

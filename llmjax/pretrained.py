@@ -213,8 +213,9 @@ def _unchanged_export(model: PretrainedModel) -> Optional[Path]:
     path = Path(model.source) if model.source else None
     if path is None or not (path / "config.yaml").is_file() or not (path / "params").is_dir():
         return None
-    from llmjax.checkpoint import flatten, load_params
+    from llmjax.checkpoint import load_params
     from llmjax.peft.base_ref import fingerprint
+    from llmjax.tree import flatten
     try:
         on_disk, config = load_params(path)
     except Exception:  # noqa: BLE001 (unreadable: fall back to a copy)
@@ -271,7 +272,7 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
         if cfg.scan_layers != scan_layers:
-            from llmjax.models import stack_layers, unstack_layers
+            from llmjax.tree import stack_layers, unstack_layers
 
             params = stack_layers(params) if scan_layers else unstack_layers(params)
             cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
@@ -288,7 +289,7 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
         cfg = _build(ModelConfig, model, "model")
         cfg.validate()
         if cfg.scan_layers != scan_layers:
-            from llmjax.models import stack_layers, unstack_layers
+            from llmjax.tree import stack_layers, unstack_layers
 
             params = stack_layers(params) if scan_layers else unstack_layers(params)
             cfg = dataclasses.replace(cfg, scan_layers=scan_layers)

@@ -25,6 +25,7 @@ from llmjax import compile_cache, config
 from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, TrainCheckpoints
 from llmjax.train.experiment import build
 from llmjax.train.trainer import evaluate_run, train
+from llmjax.tree import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 8, 4
@@ -108,8 +109,8 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def flat_params(state) -> dict:
-    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in
-            jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]}
+    return {k: np.asarray(jax.device_get(v))
+            for k, v in flatten((state.params, state.opt_state)).items()}
 
 
 def assert_same_params(a, b):

@@ -16,7 +16,7 @@ from llmjax.models import Transformer
 from llmjax.models.api import init_params
 from llmjax.peft import PeftConfig
 from llmjax.peft.lora import merge_lora, unmerge_lora
-from llmjax.peft.tree import flatten, unflatten
+from llmjax.tree import flatten_parts, unflatten_parts
 
 HOOK_LEAVES = ("prompt", "prefix_key", "prefix_value")
 
@@ -44,7 +44,7 @@ def _apply_fn(cfg):
 
 def _base_params(params):
     """Drop the hook leaves (adapters, prompt, prefixes): the base model's tree."""
-    return unflatten({p: v for p, v in flatten(params).items()
+    return unflatten_parts({p: v for p, v in flatten_parts(params).items()
                       if not (p[-1] in HOOK_LEAVES or any(k.endswith("_adapter") for k in p))})
 
 
@@ -85,7 +85,7 @@ def test_zero_init_methods_leave_outputs_unchanged(family, method):
 def test_prompt_tuning_adds_positions_only(family):
     plan, base_cfg, cfg, params, trainable, frozen = _setup(family, "prompt_tuning",
                                                             num_virtual_tokens=4)
-    assert set(flatten(trainable)) == {("prompt",)}
+    assert set(flatten_parts(trainable)) == {("prompt",)}
     table = np.asarray(params["embed"]["token"]["embedding"])
     for row in np.asarray(trainable["prompt"]):  # vocab init: every row is a vocabulary row
         assert np.any(np.all(table == row, axis=1))
@@ -153,8 +153,8 @@ def test_lora_layout_axes_and_merge_unmerge():
     np.testing.assert_allclose(np.asarray(merged_logits), np.asarray(unmerged_logits),
                                rtol=1e-5, atol=1e-5)
     restored = unmerge_lora(merged, trainable, plan.cfg)
-    for p, v in flatten(frozen).items():
-        np.testing.assert_allclose(np.asarray(flatten(restored)[p]), np.asarray(v),
+    for p, v in flatten_parts(frozen).items():
+        np.testing.assert_allclose(np.asarray(flatten_parts(restored)[p]), np.asarray(v),
                                    atol=1e-6, err_msg=str(p))
 
 
@@ -202,16 +202,16 @@ def test_ia3_equals_scaling_keys_values_and_mlp_activations():
 def test_trainable_masks(method, expect):
     kw = {"targets": "embed/|attention/"} if method == "freeze" else {}
     plan, _, cfg, params, trainable, frozen = _setup("gpt-tiny", method, **kw)
-    for path in flatten(params):
+    for path in flatten_parts(params):
         text = "/".join(path)
-        assert (path in flatten(trainable)) == expect(text), text
-        assert (path in flatten(trainable)) != (path in flatten(frozen)), text
+        assert (path in flatten_parts(trainable)) == expect(text), text
+        assert (path in flatten_parts(trainable)) != (path in flatten_parts(frozen)), text
 
 
 def test_composition_and_extra_trainable():
     plan, _, cfg, params, trainable, frozen = _setup("bert-tiny", "lora+head",
                                                      trainable="embed/norm/")
-    paths = {"/".join(p) for p in flatten(trainable)}
+    paths = {"/".join(p) for p in flatten_parts(trainable)}
     assert any(p.endswith("lora_a") for p in paths)
     assert "heads/nsp/kernel" in paths and "embed/norm/scale" in paths
     assert "embed/token/embedding" not in paths

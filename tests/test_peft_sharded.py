@@ -12,7 +12,7 @@ import pytest
 from llmjax.config import from_dict
 from llmjax.data.device import to_global
 from llmjax.data.pipeline import make_iterator
-from llmjax.peft.tree import flatten
+from llmjax.tree import flatten_parts
 from llmjax.train.experiment import build
 
 ALL = "lora+ia3+adapters+prompt_tuning+prefix_tuning+ffn_only"
@@ -54,7 +54,7 @@ def _run(family, mesh, state=None):
 def test_every_method_sharded_matches_one_device(family):
     exp, initial, state, losses = _run(family, {"data": 2, "fsdp": 2, "tensor": 2})
     # PEFT leaves shard like their base weights (e.g. lora_b over heads -> tensor)
-    specs = {"/".join(p): s.spec for p, s in flatten(jax.tree.map(
+    specs = {"/".join(p): s.spec for p, s in flatten_parts(jax.tree.map(
         lambda x: x.sharding, state.params)).items()}
     assert specs["decoder/layers/attention/query/kernel/lora_b" if family != "bert-tiny" else
                  "encoder/layers/attention/query/kernel/lora_b"][2] == "tensor"
@@ -65,10 +65,10 @@ def test_every_method_sharded_matches_one_device(family):
     # Frozen leaves are bit-identical; every trainable leaf moved; the optimizer holds
     # moments for trainable leaves only.
     final = jax.device_get(state)
-    for path, value in flatten(initial.frozen).items():
-        np.testing.assert_array_equal(value, flatten(final.frozen)[path], err_msg=str(path))
-    for path, value in flatten(initial.params).items():
-        assert np.any(value != flatten(final.params)[path]), path
+    for path, value in flatten_parts(initial.frozen).items():
+        np.testing.assert_array_equal(value, flatten_parts(final.frozen)[path], err_msg=str(path))
+    for path, value in flatten_parts(initial.params).items():
+        assert np.any(value != flatten_parts(final.params)[path]), path
     moments = [x for x in jax.tree.leaves(final.opt_state) if np.ndim(x)]
     n_trainable = sum(np.size(x) for x in jax.tree.leaves(final.params))
     assert sum(np.size(x) for x in moments) == 2 * n_trainable

@@ -19,6 +19,7 @@ from llmjax.checkpoint import CheckpointError, _tree_metadata, load_source, save
 from llmjax.export import export_run
 from llmjax.models import Transformer
 from llmjax.train.trainer import train
+from llmjax.tree import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = np.array([[11, 200, 301, 42, 150, 7, 99, 500]], np.int32)
@@ -51,8 +52,7 @@ def dir_bytes(path) -> int:
 
 
 def flat(tree) -> dict:
-    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v))
-            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {k: np.asarray(jax.device_get(v)) for k, v in flatten(tree).items()}
 
 
 def assert_trees_equal(a, b):

@@ -29,6 +29,7 @@ from llmjax.config import ConfigError
 from llmjax.train.guard import NonFiniteError
 from llmjax.train.signals import EXIT_INTERRUPTED
 from llmjax.train.trainer import train
+from llmjax.tree import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 GPT = REPO / "configs/experiments/gpt-tiny.yaml"
@@ -147,8 +148,8 @@ def digest(directory) -> dict:
 
 
 def params_of(state) -> dict:
-    return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in
-            jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]}
+    return {k: np.asarray(jax.device_get(v))
+            for k, v in flatten((state.params, state.opt_state)).items()}
 
 
 class _Lines(logging.Handler):

@@ -26,6 +26,7 @@ from llmjax.data.pipeline import make_iterator
 from llmjax.models import abstract_params
 from llmjax.train import optim
 from llmjax.train.experiment import build
+from llmjax.tree import flatten_parts
 
 BATCH, SEQ = 8, 32
 # LLVM -O0 for these tiny programs: half the compile time.
@@ -182,8 +183,7 @@ def toy_params():
 
 
 def flat(tree) -> dict:
-    return {tuple(k.key for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path: np.asarray(v) for path, v in flatten_parts(tree).items()}
 
 
 def test_decay_mask_excludes_norms_and_biases_of_every_family():

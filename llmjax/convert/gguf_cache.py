@@ -69,8 +69,8 @@ def _valid(entry: Path, print_: dict[str, Any]) -> bool:
 def cached_entry(path: str | os.PathLike) -> Path:
     """The cache entry of GGUF file `path`, converting the file on a miss."""
     from llmjax.convert.gguf import import_gguf, write_gguf_tokenizer
-    from llmjax.convert.hf import flatten
     from llmjax.convert.safetensors_io import _umask, write_safetensors
+    from llmjax.tree import flatten
 
     path = Path(path).resolve()
     print_ = fingerprint(path)
@@ -108,11 +108,10 @@ def load_entry(entry: Path, scan_layers: bool = True, **overrides: Any):
     import jax
 
     from llmjax.config import ModelConfig, _build
-    from llmjax.convert.hf import unflatten
     from llmjax.convert.safetensors_io import read_safetensors
     from llmjax.convert.tokenizers import HFTokenizer
-    from llmjax.models import unstack_layers
     from llmjax.pretrained import PretrainedModel
+    from llmjax.tree import unflatten, unstack_layers
 
     data = json.loads((entry / "model.json").read_text(encoding="utf-8"))
     data.update(overrides)

@@ -27,6 +27,7 @@ import numpy as np
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.convert.errors import ConversionError
 from llmjax.convert.safetensors_io import parse_size, read_hf_tensors, write_hf_tensors
+from llmjax.tree import flatten, stack_layers, unflatten, unstack_layers
 
 Params = dict
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -618,39 +619,15 @@ def family_of_config(cfg: ModelConfig) -> Family:
 
 
 # ----------------------------------------------------------------------------
-# Trees
-
-
-def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict) or hasattr(value, "items"):
-            out.update(flatten(dict(value), path))
-        else:
-            out[path] = value
-    return out
-
-
-def unflatten(flat: dict[str, Any]) -> Params:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        parts = path.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
+# Trees ({'a/b/c': leaf} <-> nested dicts, layer (un)stacking: llmjax/tree.py)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """Flat path -> shape of the llmjax parameters of `cfg` (unscanned), without allocating."""
-    import flax.linen as nn
-
     from llmjax.models import abstract_params
 
     cfg = dataclasses.replace(cfg, scan_layers=False)
-    return {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract_params(cfg))).items()}
+    return {k: tuple(v.shape) for k, v in flatten(abstract_params(cfg, boxed=False)).items()}
 
 
 def tensors_to_params(family: Family, cfg: ModelConfig, tensors: dict[str, np.ndarray],
@@ -692,8 +669,6 @@ def tensors_to_params(family: Family, cfg: ModelConfig, tensors: dict[str, np.nd
 
 def finish(cfg: ModelConfig, params: Params, scan_layers: bool) -> tuple[ModelConfig, Params]:
     """Validate, device-put and (optionally) stack layers for nn.scan."""
-    from llmjax.models import stack_layers
-
     try:
         cfg.validate()
     except ConfigError as err:
@@ -743,8 +718,6 @@ def import_hf(directory: str | os.PathLike, scan_layers: bool = True,
 def params_to_tensors(cfg: ModelConfig, params: Params,
                       dtype: Any = np.float32) -> tuple[Family, dict[str, np.ndarray]]:
     """HF-named tensors (in `dtype`) of an llmjax tree (scanned or not)."""
-    from llmjax.models import unstack_layers
-
     family = family_of_config(cfg)
     family.check_export(cfg)
     ucfg = dataclasses.replace(cfg, scan_layers=False)

@@ -22,8 +22,9 @@ import numpy as np
 
 from llmjax.config import ModelConfig
 from llmjax.convert.errors import ConversionError
-from llmjax.convert.hf import family_of_config, flatten
+from llmjax.convert.hf import family_of_config
 from llmjax.convert.safetensors_io import write_safetensors
+from llmjax.tree import flatten, stack_layers, unflatten, unstack_layers
 
 TASK_TYPES = {"decoder": "CAUSAL_LM", "encoder_decoder": "SEQ_2_SEQ_LM", "encoder": None}
 
@@ -44,8 +45,6 @@ def _hf_linear_names(cfg: ModelConfig) -> dict[str, str]:
 
 def lora_to_peft_tensors(cfg: ModelConfig, lora: dict, adapter_name: str = "") -> dict:
     """HF-PEFT tensor dict (base_model.model.<module>.lora_A.weight ...) of an llmjax LoRA tree."""
-    from llmjax.models import unstack_layers
-
     flat = flatten(unstack_layers(jax.tree.map(np.asarray, dict(lora))))
     names = _hf_linear_names(cfg)
     out = {}
@@ -102,9 +101,6 @@ def export_lora(out_dir: str | os.PathLike, cfg: ModelConfig, lora: dict, alpha:
 
 def merge_lora(params: dict, lora: dict, alpha: float, rslora: bool = False) -> dict:
     """params with every LoRA delta added to its kernel (a reference merge, for checks)."""
-    from llmjax.convert.hf import unflatten
-    from llmjax.models import stack_layers, unstack_layers
-
     scanned = any(k.endswith("/layers") or "/layers/" in k for k in flatten(dict(params)))
     flat = flatten(unstack_layers(jax.tree.map(np.asarray, dict(params))))
     flat_lora = flatten(unstack_layers(jax.tree.map(np.asarray, dict(lora))))

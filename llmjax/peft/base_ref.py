@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.tree import flatten, unflatten
+
 META_KEY = "base"  # key of the reference in a checkpoint's meta item
 
 
@@ -92,7 +94,7 @@ def fingerprint(flat: dict[str, Any]) -> str:
 def reference(source: str, frozen: dict, report) -> Optional[BaseRef]:
     """The BaseRef of a run just initialised from `source` (train.init_from), or None when
     no frozen leaf came from it (full fine-tuning: nothing to reference)."""
-    from llmjax.checkpoint import flatten, resolve_source
+    from llmjax.checkpoint import resolve_source
     flat = flatten(frozen)
     leaves = sorted(k for k in set(report.loaded) if k in flat)
     if not leaves:
@@ -111,7 +113,7 @@ def restore_frozen(ref: BaseRef, abstract_frozen: dict, frozen_shardings: dict,
 
     abstract_frozen / frozen_shardings: the run's frozen tree of ShapeDtypeStructs and its
     shardings (the same layout a fresh start gives)."""
-    from llmjax.checkpoint import CheckpointError, _nest, flatten
+    from llmjax.checkpoint import CheckpointError
     wanted = flatten(abstract_frozen)
     shardings = flatten(frozen_shardings)
     missing = [k for k in ref.leaves if k not in wanted]
@@ -145,7 +147,7 @@ def restore_frozen(ref: BaseRef, abstract_frozen: dict, frozen_shardings: dict,
         if got == ref.fingerprint:
             flat = flatten(stored)
             flat.update(leaves)
-            return _nest(flat)
+            return unflatten(flat)
         tried.append(f"{tree_dir.parent} has fingerprint {got[:12]}")
         del leaves
     raise CheckpointError(
@@ -159,13 +161,11 @@ def restore_frozen_single(ref: BaseRef, model_cfg, stored: dict, where: str,
                           init_from: str = "") -> dict:
     """restore_frozen onto the default device, shapes from the run's (hooked) model config:
     for readers of a run (from_pretrained, export) that have no Experiment."""
-    import flax.linen as nn
-    from llmjax.checkpoint import _nest, flatten
     from llmjax.models.api import abstract_params
-    abstract = flatten(nn.unbox(abstract_params(model_cfg)))
+    abstract = flatten(abstract_params(model_cfg, boxed=False))
     wanted = {k: abstract[k] for k in ref.leaves if k in abstract}
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return restore_frozen(ref, _nest(wanted), _nest({k: single for k in wanted}), stored,
+    return restore_frozen(ref, unflatten(wanted), unflatten({k: single for k in wanted}), stored,
                           where, init_from)
 
 
@@ -208,7 +208,7 @@ def load_leaves(tree_dir: Path, wanted: dict[str, Any], shardings: dict[str, Any
         if shape != saved_shape or np.dtype(meta.dtype) != np.dtype(leaf.dtype):
             fix[key] = leaf
         target[tree_key] = jax.ShapeDtypeStruct(saved_shape, meta.dtype, sharding=sharding)
-    restored = ck.flatten(ck._restore_leaves(tree_dir, target))
+    restored = flatten(ck._restore_leaves(tree_dir, target))
     out = {key: restored[source[key][0]] for key in wanted}
     if fix:  # the init_from path: cut to max_len, then cast (one jit, placed like the run)
         def adjust(arrays):
@@ -231,5 +231,4 @@ def read_ref(step_dir: str | Path) -> Optional[BaseRef]:
 
 
 def _without(tree: dict, keys: set) -> dict:
-    from llmjax.checkpoint import _nest, flatten
-    return _nest({k: v for k, v in flatten(tree).items() if k not in keys})
+    return unflatten({k: v for k, v in flatten(tree).items() if k not in keys})

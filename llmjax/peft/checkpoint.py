@@ -27,7 +27,7 @@ def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftCon
     frozen) are stored too, so adapter + base is the whole model."""
     from llmjax.checkpoint import save_params
     from llmjax.peft.base_ref import BaseRef
-    from llmjax.peft.tree import flatten, unflatten
+    from llmjax.tree import flatten, unflatten
     config = {"kind": KIND, "peft": dataclasses.asdict(peft_cfg)}
     tree = trainable
     if isinstance(base, BaseRef):
@@ -102,17 +102,14 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
     """Base leaves shaped as the fine-tuned model has them (as init_from loads them: learned
     position tables cut to max_len, dtypes cast); leaves the adapter holds win. With a
     BaseRef, the fingerprint of the leaves the run took from its base must match."""
-    import flax.linen as nn
-
     from llmjax.checkpoint import CheckpointError, _is_position_table
     from llmjax.models.api import abstract_params
     from llmjax.peft import base_ref
-    from llmjax.peft.tree import flatten, path_str, unflatten
-    base = {path_str(k): v for k, v in flatten(base_params).items()}
-    have = {path_str(k) for k in flatten(adapter)}
+    from llmjax.tree import flatten, unflatten
+    base = flatten(base_params)
+    have = set(flatten(adapter))
     out, missing = {}, []
-    for path, leaf in flatten(nn.unbox(abstract_params(model_cfg))).items():
-        key = path_str(path)
+    for key, leaf in flatten(abstract_params(model_cfg, boxed=False)).items():
         if key in have:
             continue
         if key not in base:
@@ -137,4 +134,4 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
             raise CheckpointError(f"{where} is not the base the adapter was trained on "
                                   f"({ref.path}, fingerprint {ref.fingerprint[:12]}; this one "
                                   f"{got[:12]}): pass --base with that base")
-    return unflatten({tuple(k.split("/")): v for k, v in out.items()})
+    return unflatten(out)

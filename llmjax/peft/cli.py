@@ -40,11 +40,10 @@ def peft_summary(args: argparse.Namespace) -> int:
 
 def abstract_summary(config) -> str:
     """The summary of a config's PEFT split, from shapes only (nothing is allocated)."""
-    import flax.linen as nn
     import jax
     import optax  # noqa: F401  (optimizer state shapes)
 
-    from llmjax.models import Transformer, dummy_inputs
+    from llmjax.models import abstract_params
     from llmjax.peft.plan import build
     from llmjax.peft.report import summary
     from llmjax.train import optim
@@ -54,11 +53,10 @@ def abstract_summary(config) -> str:
     cfg.validate()
     tx, _ = optim.make_optimizer(config.optimizer, config.train.steps)
 
-    def init(rng):
-        params = nn.unbox(Transformer(cfg).init({"params": rng, "dropout": rng},
-                                                **dummy_inputs(cfg))["params"])
+    def split(params, rng):
         trainable, frozen = plan.split(params, rng)
         return trainable, frozen, tx.init(trainable)
 
-    trainable, frozen, opt_state = jax.eval_shape(init, jax.random.key(0))
+    trainable, frozen, opt_state = jax.eval_shape(split, abstract_params(cfg, boxed=False),
+                                                  jax.random.key(0))
     return summary(trainable, frozen, opt_state, method=config.peft.method)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from llmjax.config import ConfigError
 from llmjax.peft.config import PeftConfig
 from llmjax.peft.plan import Method, register
-from llmjax.peft.tree import is_scanned, path_str
+from llmjax.tree import is_scanned, path_str
 
 DEFAULT_TARGETS = r"attention/(key|value)$|mlp/wo$"
 INPUT_SIDE = ("wo", "out")  # modules whose *input* is the scaled activation

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from llmjax.config import ConfigError
 from llmjax.peft.config import PeftConfig
 from llmjax.peft.plan import Method, register
-from llmjax.peft.tree import flatten, is_scanned, path_str, unflatten
+from llmjax.tree import flatten_parts, is_scanned, path_str, unflatten_parts
 
 DEFAULT_TARGETS = r"attention/(query|value)/"
 A, B = "lora_a", "lora_b"
@@ -117,15 +117,15 @@ def _add_deltas(flat: dict, peft: dict, cfg: PeftConfig, sign: float) -> dict:
 
 def lora_leaves(tree: Any) -> dict:
     """The LoRA leaves of a tree (flat), e.g. of TrainState.params or an adapter checkpoint."""
-    return {p: v for p, v in flatten(tree).items()
+    return {p: v for p, v in flatten_parts(tree).items()
             if len(p) > 1 and p[-1] in (A, B) and p[-2] == "kernel"}
 
 
 def merge_lora(params: Any, peft_params: Any, cfg: PeftConfig) -> dict:
     """Base params with W += scale * A B for every LoRA pair in `peft_params`."""
-    return unflatten(_add_deltas(flatten(params), lora_leaves(peft_params), cfg, 1.0))
+    return unflatten_parts(_add_deltas(flatten_parts(params), lora_leaves(peft_params), cfg, 1.0))
 
 
 def unmerge_lora(params: Any, peft_params: Any, cfg: PeftConfig) -> dict:
     """Inverse of merge_lora: W -= scale * A B (restores the base up to float rounding)."""
-    return unflatten(_add_deltas(flatten(params), lora_leaves(peft_params), cfg, -1.0))
+    return unflatten_parts(_add_deltas(flatten_parts(params), lora_leaves(peft_params), cfg, -1.0))

@@ -20,7 +20,7 @@ import jax
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.peft.config import PeftConfig
-from llmjax.peft.tree import flatten, path_str, unflatten
+from llmjax.tree import flatten_parts, path_str, unflatten_parts
 
 Params = dict
 METHODS: dict[str, Callable[[PeftConfig], "Method"]] = {}
@@ -94,7 +94,7 @@ class ComposedPlan:
     def split(self, params: Params, rng: jax.Array) -> tuple[Params, Params]:
         """(trainable, frozen): PEFT leaves are created here and live in `trainable`."""
         cfg = self._model_cfg
-        flat = flatten(params)
+        flat = flatten_parts(params)
         rngs = jax.random.split(rng, 2 * len(self.methods))
         for i, method in enumerate(self.methods):
             flat = method.prepare(flat, rngs[2 * i])
@@ -114,20 +114,20 @@ class ComposedPlan:
             raise ConfigError(f"peft.method={self.cfg.method!r} leaves nothing to train in this "
                               f"model; check peft.targets / peft.trainable")
         trainable.update(peft)
-        return unflatten(trainable), unflatten(frozen)
+        return unflatten_parts(trainable), unflatten_parts(frozen)
 
     def merge(self, trainable: Params, frozen: Params) -> Params:
         """The parameters the model applies: base leaves (trainable win) + PEFT transforms.
 
         Also turns an adapter-only tree plus a full base tree into merged parameters.
         """
-        flat_t = flatten(trainable)
+        flat_t = flatten_parts(trainable)
         peft = {p: v for p, v in flat_t.items() if self.owns(p)}
-        flat = dict(flatten(frozen))
+        flat = dict(flatten_parts(frozen))
         flat.update({p: v for p, v in flat_t.items() if p not in peft})
         for method in self.methods:
             flat = method.apply(flat, peft)
-        return unflatten(flat)
+        return unflatten_parts(flat)
 
     def axes(self, path: tuple, shape: tuple) -> Optional[tuple]:
         for method in self.methods:
@@ -152,8 +152,8 @@ class ComposedPlan:
             if self._model_cfg is None:
                 return {}
             from llmjax.models.api import abstract_params
-            from llmjax.train.state import flat_names
-            self._names = flat_names(abstract_params(self._model_cfg))
+            from llmjax.tree import logical_names
+            self._names = logical_names(abstract_params(self._model_cfg))
         return self._names
 
     def describe(self) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from llmjax.peft.tree import flatten, path_str
+from llmjax.tree import flatten_parts, path_str
 
 GROUPS = ("lora", "ia3", "adapters", "prompt", "prefix", "base")
 
@@ -41,7 +41,7 @@ def summary(trainable: Any, frozen: Any, opt_state: Optional[Any] = None,
             method: str = "") -> str:
     """A few lines for the start of fine-tuning: trainable count and % per group, frozen
     count, optimizer-state bytes (measured from `opt_state`, else Adam's 2 moments)."""
-    flat = flatten(trainable)
+    flat = flatten_parts(trainable)
     groups: dict[str, int] = {}
     examples: dict[str, str] = {}
     for path, leaf in flat.items():

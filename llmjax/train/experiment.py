@@ -17,7 +17,8 @@ from llmjax.data.tokenizer import SpecialTokens
 from llmjax.models import Transformer, dummy_inputs
 from llmjax.models.api import abstract_params
 from llmjax.train import optim
-from llmjax.train.state import TrainState, flat_names, new_state, state_shardings
+from llmjax.train.state import TrainState, new_state, state_shardings
+from llmjax.tree import init_variables, logical_names
 from llmjax.train.step import jit_step, make_eval_step, make_train_step
 
 
@@ -43,8 +44,7 @@ class Experiment:
     def _init_fn(self, rng, loaded: Optional[dict] = None) -> TrainState:
         cfg = self.model.cfg
         init_rng, peft_rng, state_rng = jax.random.split(rng, 3)
-        params = nn.unbox(self.model.init({"params": init_rng, "dropout": init_rng},
-                                          **dummy_inputs(cfg))["params"])
+        params = nn.unbox(init_variables(self.model, init_rng, **dummy_inputs(cfg))["params"])
         if loaded is not None:
             params = loaded(params)
         trainable, frozen = self.plan.split(params, peft_rng)
@@ -115,7 +115,7 @@ def build(config: Config, devices=None, special: Optional[SpecialTokens] = None)
                           "decoders; an encoder's MLM head computes its logits whole: set "
                           "train.logits_chunk=0")
     tx, schedule = optim.make_optimizer(config.optimizer, config.train.steps)
-    names = flat_names(abstract_params(model_cfg))
+    names = logical_names(abstract_params(model_cfg))
     return Experiment(config, mesh, rules, Transformer(model_cfg), objective, plan, tx, schedule,
                       special, names)
 

@@ -1,15 +1,15 @@
 """The train state pytree and its sharded creation."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from llmjax import parallel
+from llmjax.tree import tree_names
 
 Params = dict
 
@@ -23,31 +23,6 @@ class TrainState:
     frozen: Params  # leaves that are not trained: no gradients, no optimizer state
     opt_state: Any
     rng: jax.Array
-
-
-def flat_names(boxed_abstract: Params) -> dict[tuple, tuple]:
-    """{dict path: logical axis names} of a boxed abstract parameter tree."""
-    specs = nn.get_partition_spec(boxed_abstract)
-    out = {}
-    for path, spec in jax.tree_util.tree_flatten_with_path(
-            specs, is_leaf=lambda x: isinstance(x, P))[0]:
-        out[tuple(k.key for k in path)] = tuple(spec)
-    return out
-
-
-def tree_names(tree: Params, names: dict[tuple, tuple],
-               extra: Optional[Callable[[tuple, tuple], tuple]] = None) -> Any:
-    """Logical names for every leaf of `tree`: by path, else `extra(path, shape)`, else none."""
-    def one(path, leaf):
-        key = tuple(k.key for k in path)
-        if key in names and len(names[key]) == len(leaf.shape):
-            return P(*names[key])
-        if extra is not None:
-            found = extra(key, leaf.shape)
-            if found is not None:
-                return P(*found)
-        return P(*([None] * len(leaf.shape)))
-    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def state_shardings(abstract: TrainState, names: dict[tuple, tuple], mesh: Mesh, rules,
