@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from llmjax.config import Config, ConfigError, ModelConfig
+from llmjax.errors import CheckpointError  # noqa: F401 - re-exported: llmjax.checkpoint.CheckpointError
 
 
 def _config_dict(config: Config | ModelConfig | dict) -> dict:
@@ -106,12 +107,6 @@ FORMAT_VERSION = 1
 # "temporary failure, retry"): rerunning the same command resumes from that checkpoint.
 # Signal handling lives in llmjax/train/signals.py.
 EXIT_PREEMPTED = 75
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint is missing, corrupted or incompatible with the run config.
-
-    A ConfigError subclass, so the CLI reports it as a one-line error (exit code 2)."""
 
 
 def path_str(path) -> str:

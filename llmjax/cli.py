@@ -43,6 +43,8 @@ def _load(args) -> "Config":  # noqa: F821
     except MissingInputError as err:  # found while validating: say how the config makes it
         from llmjax.train.preflight import setup_hint
         raise MissingInputError(f"{err}{setup_hint(args.config)}") from None
+    from llmjax.peft.plan import check as check_peft
+    check_peft(cfg.peft)  # method names against the registry (the config layer has none)
     if getattr(args, "require_init", False) and not cfg.train.init_from:
         raise ConfigError("finetune needs init_from=PATH (a checkpoint or parameter export)")
     if getattr(args, "check_inputs", True):

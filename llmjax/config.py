@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,7 +19,6 @@ import yaml
 
 from llmjax.data.config import DataConfig
 from llmjax.errors import ConfigError  # defined there: modules that config imports raise it too
-from llmjax.peft.config import PeftConfig
 
 
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
@@ -139,9 +139,23 @@ class ModelConfig:
             raise ConfigError(f"model.attention_impl=cudnn runs in bfloat16 or float16, not "
                               f"model.dtype={self.dtype}: set model.dtype=bfloat16, or "
                               f"attention_impl=auto (cuDNN where it applies, XLA elsewhere)")
-        if self.attention_impl == "splash":
-            from llmjax.models import splash  # the kernel's own list of limits
-            splash.check(self)
+        if self.attention_impl == "splash" and (reason := splash_unsupported(self)):
+            raise ConfigError(f"model.attention_impl=splash cannot run this model: {reason}; "
+                              f"use model.attention_impl=auto or xla")
+
+
+def splash_unsupported(cfg: ModelConfig) -> Optional[str]:
+    """Why this model's attention cannot run on the Pallas splash kernel (None: it can).
+
+    The kernel's limits stated as config arithmetic, so validation needs no kernel import;
+    llmjax.models.splash (unsupported, check) uses this list."""
+    if cfg.position == "relative" or cfg.architecture == "encoder_decoder":
+        return "it adds a relative position bias to the scores (T5)"
+    if cfg.prompt_tokens:
+        return "prompt tuning's soft prompt is visible to every token (not a segment mask)"
+    if cfg.prefix_tokens:
+        return "prefix tuning prepends learned keys/values every query sees"
+    return None
 
 
 @dataclasses.dataclass
@@ -292,6 +306,62 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning; method 'full' trains every parameter.
+
+    `method` is one registered name or several joined by '+' (`lora+head`): the
+    trainable set is the union of the methods' sets, their transforms apply in
+    order. See llmjax/peft/methods.py for the registry and docs/peft.md for a table.
+    """
+
+    method: str = "full"
+    # Regex (re.search) over '/'-joined parameter paths. lora: kernels to adapt (default
+    # attention query/value); ia3: modules to scale (default attention key/value, mlp/wo);
+    # freeze: leaves to freeze (required). "" = the method's default.
+    targets: str = ""
+    trainable: str = ""  # regex of extra leaves kept trainable (e.g. 'heads/|lm_head')
+    rank: int = 8  # lora
+    alpha: float = 16.0  # lora: scale = alpha / rank (or alpha / sqrt(rank) with rslora)
+    rslora: bool = False
+    # LoRA dropout acts on the LoRA branch's input activations, which a weight-space
+    # transform never sees: only 0.0 is accepted (use model.dropout instead).
+    lora_dropout: float = 0.0
+    num_virtual_tokens: int = 20  # prompt_tuning / prefix_tuning
+    prompt_init: str = "vocab"  # prompt_tuning: vocab (random rows of the embedding) | random
+    adapter_dim: int = 64  # adapters: bottleneck width
+
+    def methods(self) -> list[str]:
+        return [m.strip() for m in self.method.split("+") if m.strip()]
+
+    def validate(self) -> None:
+        if not self.methods():
+            raise ConfigError("peft.method is empty: use 'full' or a method name such as 'lora'")
+        if self.rank <= 0:
+            raise ConfigError(f"peft.rank={self.rank} must be positive")
+        if self.alpha <= 0:
+            raise ConfigError(f"peft.alpha={self.alpha} must be positive")
+        if self.num_virtual_tokens <= 0:
+            raise ConfigError(f"peft.num_virtual_tokens={self.num_virtual_tokens} must be positive")
+        if self.adapter_dim <= 0:
+            raise ConfigError(f"peft.adapter_dim={self.adapter_dim} must be positive")
+        if self.prompt_init not in ("vocab", "random"):
+            raise ConfigError(f"peft.prompt_init={self.prompt_init!r} must be 'vocab' or 'random'")
+        if self.lora_dropout != 0.0:
+            raise ConfigError(
+                f"peft.lora_dropout={self.lora_dropout}: llmjax applies LoRA as a weight-space "
+                f"transform (W + scale * A B), which never sees the activations dropout would act "
+                f"on; set peft.lora_dropout=0 and use model.dropout for regularisation")
+        for key in ("targets", "trainable"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as err:
+                raise ConfigError(f"peft.{key}={getattr(self, key)!r} is not a valid regex: "
+                                  f"{err}") from None
+        # Method names are checked against the registry where the plan is built
+        # (llmjax.peft.plan.build): this section imports nothing of llmjax but errors.
+
+
+@dataclasses.dataclass
 class Config:
     """A whole run: one field per section."""
 
@@ -308,12 +378,7 @@ class Config:
         for field in dataclasses.fields(self):
             section = getattr(self, field.name)
             if hasattr(section, "validate"):
-                try:
-                    section.validate()
-                except ConfigError:
-                    raise
-                except ValueError as err:  # sections owned by other packages
-                    raise ConfigError(str(err)) from None
+                section.validate()  # every section raises ConfigError
         if self.train.seq_len > self.model.max_len and self.model.position == "learned":
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len="
                               f"{self.model.max_len} (learned positions): raise model.max_len "

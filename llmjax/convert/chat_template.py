@@ -16,7 +16,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 
 MAX_REPEAT = 1_000_000  # longest string/list a template may build by repetition
 MAX_POWER_BITS = 100_000  # largest integer power a template may compute

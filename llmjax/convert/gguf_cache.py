@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llmjax.config import ConfigError
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the conversion's output changes

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 from llmjax.convert.safetensors_io import parse_size, read_hf_tensors, write_hf_tensors
 
 Params = dict

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from llmjax.config import ModelConfig
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 from llmjax.convert.hf import family_of_config, flatten
 from llmjax.convert.safetensors_io import write_safetensors
 

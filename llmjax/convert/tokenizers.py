@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from llmjax.convert.chat_template import render_chat_template
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 from llmjax.data.tokenizer import Tokenizer
 
 ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")

@@ -6,6 +6,9 @@ and train sections and are passed to `make_iterator` as arguments.
 from __future__ import annotations
 
 import dataclasses
+
+from llmjax.errors import ConfigError
+
 SOURCES = ("synthetic", "text", "tfds", "labelled")
 DOCUMENT_UNITS = ("file", "paragraph")
 
@@ -46,60 +49,60 @@ class DataConfig:
     synthetic_num_documents: int = 10000  # number of random documents per epoch when source=synthetic
 
     def validate(self) -> None:
-        """Raise ValueError naming the key, its value and the fix for the first bad setting."""
+        """Raise ConfigError (a ValueError) naming the key, its value and the fix for the first bad setting."""
         if self.source not in SOURCES:
-            raise ValueError(f"data.source={self.source!r} is not one of {SOURCES}; set data.source to one of them.")
+            raise ConfigError(f"data.source={self.source!r} is not one of {SOURCES}; set data.source to one of them.")
         if self.document_unit not in DOCUMENT_UNITS:
-            raise ValueError(
+            raise ConfigError(
                 f"data.document_unit={self.document_unit!r} is not one of {DOCUMENT_UNITS}; "
                 "use 'file' for one document per file or 'paragraph' for blank-line-separated blocks."
             )
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.validation_fraction={self.validation_fraction} must be in [0, 1); e.g. 0.05 holds out 5% of documents."
             )
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 (0 tokenizes in the calling thread).")
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0 (0 tokenizes in the calling thread).")
         if self.source == "text":
             if not self.paths:
-                raise ValueError("data.paths is empty but data.source='text'; set data.paths to globs of text files, e.g. ['corpus/*.txt'].")
+                raise ConfigError("data.paths is empty but data.source='text'; set data.paths to globs of text files, e.g. ['corpus/*.txt'].")
             if not self.data_dir:
-                raise ValueError("data.data_dir is empty but data.source='text'; set it to a directory where the prepared dataset is written.")
+                raise ConfigError("data.data_dir is empty but data.source='text'; set it to a directory where the prepared dataset is written.")
             if not self.tokenizer:
-                raise ValueError("data.tokenizer is empty but data.source='text'; train one with `llmjax tokenizer train` and set its directory.")
+                raise ConfigError("data.tokenizer is empty but data.source='text'; train one with `llmjax tokenizer train` and set its directory.")
         if self.source == "tfds":
             if not self.name:
-                raise ValueError("data.name is empty but data.source='tfds'; set a TFDS catalogue name such as 'lm1b' or 'c4/en'.")
+                raise ConfigError("data.name is empty but data.source='tfds'; set a TFDS catalogue name such as 'lm1b' or 'c4/en'.")
             if not self.data_dir:
-                raise ValueError("data.data_dir is empty but data.source='tfds'; set the TFDS data_dir where the dataset is prepared.")
+                raise ConfigError("data.data_dir is empty but data.source='tfds'; set the TFDS data_dir where the dataset is prepared.")
             if not self.tokenizer:
-                raise ValueError("data.tokenizer is empty but data.source='tfds'; train one with `llmjax tokenizer train` and set its directory.")
+                raise ConfigError("data.tokenizer is empty but data.source='tfds'; train one with `llmjax tokenizer train` and set its directory.")
         if self.max_segments < 0:
-            raise ValueError(f"data.max_segments={self.max_segments} must be >= 0 (0: seq_len // 8).")
+            raise ConfigError(f"data.max_segments={self.max_segments} must be >= 0 (0: seq_len // 8).")
         if self.source == "labelled":
             if not self.train_files:
-                raise ValueError("data.train_files is empty but data.source='labelled'; set it to CSV / TSV / JSONL "
+                raise ConfigError("data.train_files is empty but data.source='labelled'; set it to CSV / TSV / JSONL "
                                  "files with a text and a label column, e.g. data.train_files=[train.csv].")
             if not self.tokenizer:
-                raise ValueError("data.tokenizer is empty but data.source='labelled'; set the model's tokenizer "
+                raise ConfigError("data.tokenizer is empty but data.source='labelled'; set the model's tokenizer "
                                  "directory (or train one with `llmjax tokenizer train`).")
             from llmjax.data.labelled import check_labelled
 
             check_labelled(self)  # reads the files once (cached): label names, columns, rows
         if self.synthetic_vocab_size < 16:
-            raise ValueError(f"data.synthetic_vocab_size={self.synthetic_vocab_size} must be >= 16.")
+            raise ConfigError(f"data.synthetic_vocab_size={self.synthetic_vocab_size} must be >= 16.")
         if self.synthetic_num_documents < 1:
-            raise ValueError(f"data.synthetic_num_documents={self.synthetic_num_documents} must be >= 1.")
+            raise ConfigError(f"data.synthetic_num_documents={self.synthetic_num_documents} must be >= 1.")
 
 
 def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
-    """The record fields a batch kind reads, checked to be set; raises ValueError naming the missing key."""
+    """The record fields a batch kind reads, checked to be set; raises ConfigError naming the missing key."""
     if kind in ("lm", "nsp"):
         return {"text": config.text_field}
     if kind in ("seq2seq", "sft"):
         missing = [k for k in ("input_field", "target_field") if not getattr(config, k)]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"batch kind {kind!r} needs data.{' and data.'.join(missing)}; set them to the record fields holding "
                 "the input (prompt) and target (response) text."
             )
@@ -107,10 +110,10 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
     if kind == "classification":
         label = config.label_field or ("label" if config.source == "labelled" else "")
         if not label:
-            raise ValueError("batch kind 'classification' needs data.label_field; set it to the record field holding the label.")
+            raise ConfigError("batch kind 'classification' needs data.label_field; set it to the record field holding the label.")
         fields = {"input": config.input_field or config.text_field, "label": label}
         if config.pair_field:
             fields["pair"] = config.pair_field
         return fields
-    raise ValueError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification.")
+    raise ConfigError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification.")
 

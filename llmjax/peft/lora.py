@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from llmjax.config import ConfigError
 from llmjax.peft.config import PeftConfig
-from llmjax.peft.plan import Method, register
+from llmjax.peft.methods import Method, register
 from llmjax.peft.tree import flatten, is_scanned, path_str, unflatten
 
 DEFAULT_TARGETS = r"attention/(query|value)/"
