@@ -106,7 +106,7 @@ def _eval_classifier(run_dir, files, data) -> int:
     """Classify every row of labelled `files` (default: data.validation_files) with the run."""
     import yaml
     from llmjax.classify import evaluate_files
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     from llmjax.data.config import DataConfig
     from llmjax.pretrained import from_pretrained
     if not (run_dir / "checkpoints").is_dir():
@@ -114,7 +114,7 @@ def _eval_classifier(run_dir, files, data) -> int:
                                 f"at a run directory")
     if data is None:  # the columns the run was trained with
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        data = _build(DataConfig, saved.get("data", {}), "data")
+        data = section_from_dict(DataConfig, saved.get("data", {}), "data")
     key = "--data" if files else "data.validation_files"
     files = files or data.validation_files
     if not files:

@@ -4,7 +4,7 @@ from llmjax.errors import ConversionError
 from llmjax.convert.gguf import import_gguf
 from llmjax.convert.hf import export_hf, import_hf, supported_architectures
 from llmjax.convert.peft_export import export_lora, merge_lora
-from llmjax.convert.tokenizers import HFTokenizer, SentencePieceModelTokenizer, load_any_tokenizer
+from llmjax.data.tokenizer import HFTokenizer, SentencePieceModelTokenizer, load_any_tokenizer
 
 __all__ = ["ConversionError", "HFTokenizer", "SentencePieceModelTokenizer", "export_hf",
            "export_lora", "import_gguf", "import_hf", "load_any_tokenizer", "merge_lora",

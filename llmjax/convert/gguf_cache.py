@@ -107,16 +107,16 @@ def load_entry(entry: Path, scan_layers: bool = True, **overrides: Any):
     """The PretrainedModel of a cache entry (parameters memory-mapped, then on device)."""
     import jax
 
-    from llmjax.config import ModelConfig, _build
+    from llmjax.config import ModelConfig, section_from_dict
     from llmjax.convert.hf import unflatten
     from llmjax.convert.safetensors_io import read_safetensors
-    from llmjax.convert.tokenizers import HFTokenizer
+    from llmjax.data.tokenizer import HFTokenizer
     from llmjax.models import unstack_layers
     from llmjax.pretrained import PretrainedModel
 
     data = json.loads((entry / "model.json").read_text(encoding="utf-8"))
     data.update(overrides)
-    cfg = _build(ModelConfig, data, "model")
+    cfg = section_from_dict(ModelConfig, data, "model")
     cfg.validate()
     params = jax.tree.map(jax.numpy.asarray, unflatten(read_safetensors(entry / PARAMS)))
     if not scan_layers:
@@ -167,7 +167,7 @@ def load_gguf(path: str | os.PathLike, scan_layers: bool = True, cache: bool = T
 
 def _load_uncached(path: Path, scan_layers: bool, **overrides: Any):
     from llmjax.convert.gguf import import_gguf, write_gguf_tokenizer
-    from llmjax.convert.tokenizers import HFTokenizer
+    from llmjax.data.tokenizer import HFTokenizer
     from llmjax.pretrained import PretrainedModel
 
     cfg, params = import_gguf(path, scan_layers=scan_layers, **overrides)

@@ -808,7 +808,7 @@ def special_token_ids(tokenizer: Any, directory: Path) -> dict[str, int]:
     """bos/eos/pad ids for config.json: from the tokenizer object, else the written files."""
     special: Any = getattr(tokenizer, "special_ids", None)
     if special is None and (directory / "tokenizer.json").exists():
-        from llmjax.convert.tokenizers import HFTokenizer
+        from llmjax.data.tokenizer import HFTokenizer
 
         special = HFTokenizer(directory).special_ids
     if special is None:

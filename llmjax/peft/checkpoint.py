@@ -46,12 +46,12 @@ def load_adapter(directory: str | os.PathLike, target: Any = None
                  ) -> tuple[Any, PeftConfig, dict]:
     """(trainable tree, PeftConfig, stored config dict) of an adapter checkpoint."""
     from llmjax.checkpoint import load_params
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     tree, config = load_params(directory, target)
     if config.get("kind") != KIND:
         raise ConfigError(f"{str(directory)!r} is not an adapter checkpoint (no "
                           f"'kind: {KIND}' in its config.yaml)")
-    return tree, _build(PeftConfig, config.get("peft", {}), "peft"), config
+    return tree, section_from_dict(PeftConfig, config.get("peft", {}), "peft"), config
 
 
 def apply_adapter(base_params: Any, adapter: Any, peft_cfg: PeftConfig) -> dict:
@@ -69,7 +69,7 @@ def merge_checkpoint(adapter_dir: str | os.PathLike, out: str | os.PathLike,
     read by llmjax.checkpoint.load_source; an adapter written by a run checks the base's
     fingerprint, so merging onto another base fails instead of exporting other weights."""
     from llmjax.checkpoint import CheckpointError, load_source
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     from llmjax.export import write_params_export
     from llmjax.peft.base_ref import BaseRef
     from llmjax.peft.plan import build
@@ -84,7 +84,7 @@ def merge_checkpoint(adapter_dir: str | os.PathLike, out: str | os.PathLike,
     base = load_source(base_dir)
     plan = build(peft_cfg)
     if config.get("model"):
-        model_cfg = _build(ModelConfig, config["model"], "model")
+        model_cfg = section_from_dict(ModelConfig, config["model"], "model")
         plan.model_config(model_cfg)  # the plan remembers the model for its leaves' axes
     else:
         model_cfg = plan.model_config(base.model)
