@@ -10,8 +10,16 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from llmjax.config import ConfigError, ModelConfig
-from llmjax.peft.config import PeftConfig
+from llmjax.config import ConfigError, ModelConfig, PeftConfig, section_from_dict
+from llmjax.errors import CheckpointError
+from llmjax.models.api import abstract_params
+from llmjax.peft import base_ref
+from llmjax.peft.base_ref import BaseRef
+from llmjax.peft.plan import build
+from llmjax.peft.tree import flatten, path_str, unflatten
+
+# llmjax.checkpoint and llmjax.export (the train layer) are imported where they are used:
+# upward imports, listed in tests/test_layers.py.
 
 KIND = "peft_adapter"
 
@@ -26,8 +34,6 @@ def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftCon
     (merge checks it) and the `frozen` leaves that are not from the base (a new head left
     frozen) are stored too, so adapter + base is the whole model."""
     from llmjax.checkpoint import save_params
-    from llmjax.peft.base_ref import BaseRef
-    from llmjax.peft.tree import flatten, unflatten
     config = {"kind": KIND, "peft": dataclasses.asdict(peft_cfg)}
     tree = trainable
     if isinstance(base, BaseRef):
@@ -46,7 +52,6 @@ def load_adapter(directory: str | os.PathLike, target: Any = None
                  ) -> tuple[Any, PeftConfig, dict]:
     """(trainable tree, PeftConfig, stored config dict) of an adapter checkpoint."""
     from llmjax.checkpoint import load_params
-    from llmjax.config import section_from_dict
     tree, config = load_params(directory, target)
     if config.get("kind") != KIND:
         raise ConfigError(f"{str(directory)!r} is not an adapter checkpoint (no "
@@ -57,7 +62,6 @@ def load_adapter(directory: str | os.PathLike, target: Any = None
 def apply_adapter(base_params: Any, adapter: Any, peft_cfg: PeftConfig) -> dict:
     """Full parameters with the adapter applied: LoRA folded into W, IA3 into the kernels,
     prompts / prefixes / adapter layers / trained heads taken from the adapter."""
-    from llmjax.peft.plan import build
     return build(peft_cfg).merge(adapter, base_params)
 
 
@@ -68,11 +72,8 @@ def merge_checkpoint(adapter_dir: str | os.PathLike, out: str | os.PathLike,
     The base is anything init_from accepts (run dir, checkpoint step dir, parameter export),
     read by llmjax.checkpoint.load_source; an adapter written by a run checks the base's
     fingerprint, so merging onto another base fails instead of exporting other weights."""
-    from llmjax.checkpoint import CheckpointError, load_source
-    from llmjax.config import section_from_dict
+    from llmjax.checkpoint import load_source
     from llmjax.export import write_params_export
-    from llmjax.peft.base_ref import BaseRef
-    from llmjax.peft.plan import build
     adapter, peft_cfg, config = load_adapter(adapter_dir)
     base_dir = base_dir or config.get("base")
     if not base_dir:
@@ -104,10 +105,7 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
     BaseRef, the fingerprint of the leaves the run took from its base must match."""
     import flax.linen as nn
 
-    from llmjax.checkpoint import CheckpointError, _is_position_table
-    from llmjax.models.api import abstract_params
-    from llmjax.peft import base_ref
-    from llmjax.peft.tree import flatten, path_str, unflatten
+    from llmjax.checkpoint import _is_position_table
     base = {path_str(k): v for k, v in flatten(base_params).items()}
     have = {path_str(k) for k in flatten(adapter)}
     out, missing = {}, []
