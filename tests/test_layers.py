@@ -197,3 +197,14 @@ def test_importing_config_imports_no_model_peft_or_training(module, absent):
     loaded = ast.literal_eval(out.strip())
     bad = [m for m in loaded if any(m == a or m.startswith(a + ".") for a in absent)]
     assert not bad, f"import {module} loads {bad}"
+
+
+def test_every_module_imports():
+    """Each module imports (in one fresh interpreter, in sorted order): no ImportError from a
+    partly initialised module, no missing name after a move."""
+    names = [m for m in MODULES if not m.endswith("__main__")]
+    code = ("import importlib, sys\n"
+            f"for name in {names!r}:\n"
+            "    importlib.import_module(name)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
