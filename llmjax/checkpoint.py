@@ -18,6 +18,7 @@ import yaml
 
 from llmjax.config import Config, ConfigError, ModelConfig
 from llmjax.tree import flatten, path_str, unflatten
+from llmjax.errors import CheckpointError  # noqa: F401 - re-exported: llmjax.checkpoint.CheckpointError
 
 
 def _config_dict(config: Config | ModelConfig | dict) -> dict:
@@ -36,7 +37,7 @@ def save_params(directory: str | os.PathLike, params: Any,
     `directory` must be new or empty; `force=True` replaces an earlier parameter export there
     (its files are removed first). A training run directory or a directory of other files
     is refused: its config.yaml or files are never overwritten."""
-    from llmjax.convert.outdir import check_output_dir, remove_export
+    from llmjax.outdir import check_output_dir, remove_export
 
     directory = Path(directory).absolute()
     check_output_dir(directory, "llmjax", force, action="save", force_name="force=True")
@@ -131,10 +132,6 @@ FORMAT_VERSION = 1
 EXIT_PREEMPTED = 75
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint is missing, corrupted or incompatible with the run config.
-
-    A ConfigError subclass, so the CLI reports it as a one-line error (exit code 2)."""
 
 
 # ---------------------------------------------------------------- the data item
@@ -594,10 +591,10 @@ def architecture_changes(saved_model: dict, model: ModelConfig, overrides, repor
     """Compare every ModelConfig field of the source with the target: run-time differences
     and train.init_override'd ones go to the report; returns the other differences (errors).
     A learned position table cut to a shorter max_len is allowed (and listed)."""
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        source = _build(ModelConfig, {k: v for k, v in saved_model.items() if k in known},
+        source = section_from_dict(ModelConfig, {k: v for k, v in saved_model.items() if k in known},
                         "model")
     except ConfigError as err:
         raise CheckpointError(f"{where}: its model config cannot be read: {err}") from None
@@ -786,9 +783,9 @@ def load_run_params(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict]:
     checkpoint step directory, on the default device: params and frozen leaves only (no
     optimizer state), with the run's PEFT plan merged in (LoRA, IA3, prompts, ...)."""
     from llmjax import peft
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     model_cfg, trainable, frozen, config = load_run_trees(path)
-    plan = peft.build(_build(peft.PeftConfig, config.get("peft", {}), "peft"))
+    plan = peft.build(section_from_dict(peft.PeftConfig, config.get("peft", {}), "peft"))
     return model_cfg, plan.merge(trainable, frozen), config
 
 
@@ -799,7 +796,7 @@ def load_run_trees(path: str | os.PathLike, with_base: bool = True
     base leaves a PEFT checkpoint references are read from its base (fingerprint-checked)
     unless with_base=False (then frozen holds only the leaves the checkpoint stores)."""
     from llmjax import peft
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     from llmjax.peft import base_ref
     tree_dir, prefixes, config = resolve_source(path, allow_base_ref=True)
     if not prefixes:
@@ -808,8 +805,8 @@ def load_run_trees(path: str | os.PathLike, with_base: bool = True
     target = {key: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=single)
               for key, m in _tree_metadata(tree_dir).items() if key.split("/")[0] in prefixes}
     restored = _restore_leaves(tree_dir, target)
-    plan = peft.build(_build(peft.PeftConfig, config.get("peft", {}), "peft"))
-    model_cfg = plan.model_config(_build(ModelConfig, config.get("model", {}), "model"))
+    plan = peft.build(section_from_dict(peft.PeftConfig, config.get("peft", {}), "peft"))
+    model_cfg = plan.model_config(section_from_dict(ModelConfig, config.get("model", {}), "model"))
     trainable, frozen = restored.get("params", {}), restored.get("frozen", {})
     ref = base_ref.read_ref(tree_dir.parent)
     if ref is not None and with_base:
@@ -831,7 +828,7 @@ class Source:
 def load_source(path: str | os.PathLike) -> Source:
     """One loader for run directories (latest checkpoint), checkpoint step directories and
     parameter exports: what `peft merge --base`, `llmjax export` and sharing read."""
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
@@ -846,6 +843,6 @@ def load_source(path: str | os.PathLike) -> Source:
         raise CheckpointError(f"{path} is a {config['kind']} export, not a model: merge it "
                               f"onto its base first (llmjax peft merge {path} OUT)")
     params, config = load_params(tree_dir.parent)
-    model_cfg = _build(ModelConfig, dict(config.get("model", config)), "model")
+    model_cfg = section_from_dict(ModelConfig, dict(config.get("model", config)), "model")
     tok = tree_dir.parent / "tokenizer"
     return Source(model_cfg, params, config, tok if tok.is_dir() else None)

@@ -43,6 +43,8 @@ def _load(args) -> "Config":  # noqa: F821
     except MissingInputError as err:  # found while validating: say how the config makes it
         from llmjax.train.preflight import setup_hint
         raise MissingInputError(f"{err}{setup_hint(args.config)}") from None
+    from llmjax.peft.plan import check as check_peft
+    check_peft(cfg.peft)  # method names against the registry (the config layer has none)
     if getattr(args, "require_init", False) and not cfg.train.init_from:
         raise ConfigError("finetune needs init_from=PATH (a checkpoint or parameter export)")
     if getattr(args, "check_inputs", True):
@@ -104,7 +106,7 @@ def _eval_classifier(run_dir, files, data) -> int:
     """Classify every row of labelled `files` (default: data.validation_files) with the run."""
     import yaml
     from llmjax.classify import evaluate_files
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     from llmjax.data.config import DataConfig
     from llmjax.pretrained import from_pretrained
     if not (run_dir / "checkpoints").is_dir():
@@ -112,7 +114,7 @@ def _eval_classifier(run_dir, files, data) -> int:
                                 f"at a run directory")
     if data is None:  # the columns the run was trained with
         saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        data = _build(DataConfig, saved.get("data", {}), "data")
+        data = section_from_dict(DataConfig, saved.get("data", {}), "data")
     key = "--data" if files else "data.validation_files"
     files = files or data.validation_files
     if not files:

@@ -1,5 +1,10 @@
 """Typed configuration: one dataclass per section, YAML files, dotted overrides.
 
+Every section is defined here (llmjax.data.config and llmjax.peft.config re-export theirs), and
+this module imports nothing else of llmjax but llmjax.errors: the config layer is a leaf. Checks
+that need a kernel or a registry run where the thing is built (PEFT method names in
+llmjax.peft.plan.check, objective names in llmjax.objectives).
+
 A config is built from (in order) dataclass defaults, a YAML file, and
 `section.key=value` overrides from the command line. Unknown keys, wrong types
 and impossible combinations raise `ConfigError` naming the key and the fix.
@@ -9,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,9 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from llmjax.data.config import DataConfig
-from llmjax.errors import ConfigError  # defined there: modules that config imports raise it too
-from llmjax.peft.config import PeftConfig
+from llmjax.errors import ConfigError  # defined there: llmjax.errors is the one lower module
 
 
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
@@ -26,9 +30,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Every knob of the one Transformer implementation (see models/transformer.py)."""
+    """Every knob of the one Transformer implementation (see models/transformer.py).
+
+    Frozen: derive a changed copy with dataclasses.replace."""
 
     family: str = "gpt"  # label: gpt | bert | t5 | palm | llama (display, conversion)
     architecture: str = "decoder"  # decoder | encoder | encoder_decoder
@@ -139,9 +145,23 @@ class ModelConfig:
             raise ConfigError(f"model.attention_impl=cudnn runs in bfloat16 or float16, not "
                               f"model.dtype={self.dtype}: set model.dtype=bfloat16, or "
                               f"attention_impl=auto (cuDNN where it applies, XLA elsewhere)")
-        if self.attention_impl == "splash":
-            from llmjax.models import splash  # the kernel's own list of limits
-            splash.check(self)
+        if self.attention_impl == "splash" and (reason := splash_unsupported(self)):
+            raise ConfigError(f"model.attention_impl=splash cannot run this model: {reason}; "
+                              f"use model.attention_impl=auto or xla")
+
+
+def splash_unsupported(cfg: ModelConfig) -> Optional[str]:
+    """Why this model's attention cannot run on the Pallas splash kernel (None: it can).
+
+    The kernel's limits stated as config arithmetic, so validation needs no kernel import;
+    llmjax.models.splash (unsupported, check) uses this list."""
+    if cfg.position == "relative" or cfg.architecture == "encoder_decoder":
+        return "it adds a relative position bias to the scores (T5)"
+    if cfg.prompt_tokens:
+        return "prompt tuning's soft prompt is visible to every token (not a segment mask)"
+    if cfg.prefix_tokens:
+        return "prefix tuning prepends learned keys/values every query sees"
+    return None
 
 
 @dataclasses.dataclass
@@ -293,6 +313,176 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning; method 'full' trains every parameter.
+
+    `method` is one registered name or several joined by '+' (`lora+head`): the
+    trainable set is the union of the methods' sets, their transforms apply in
+    order. See llmjax/peft/methods.py for the registry and docs/peft.md for a table.
+    """
+
+    method: str = "full"
+    # Regex (re.search) over '/'-joined parameter paths. lora: kernels to adapt (default
+    # attention query/value); ia3: modules to scale (default attention key/value, mlp/wo);
+    # freeze: leaves to freeze (required). "" = the method's default.
+    targets: str = ""
+    trainable: str = ""  # regex of extra leaves kept trainable (e.g. 'heads/|lm_head')
+    rank: int = 8  # lora
+    alpha: float = 16.0  # lora: scale = alpha / rank (or alpha / sqrt(rank) with rslora)
+    rslora: bool = False
+    # LoRA dropout acts on the LoRA branch's input activations, which a weight-space
+    # transform never sees: only 0.0 is accepted (use model.dropout instead).
+    lora_dropout: float = 0.0
+    num_virtual_tokens: int = 20  # prompt_tuning / prefix_tuning
+    prompt_init: str = "vocab"  # prompt_tuning: vocab (random rows of the embedding) | random
+    adapter_dim: int = 64  # adapters: bottleneck width
+
+    def methods(self) -> list[str]:
+        return [m.strip() for m in self.method.split("+") if m.strip()]
+
+    def validate(self) -> None:
+        if not self.methods():
+            raise ConfigError("peft.method is empty: use 'full' or a method name such as 'lora'")
+        if self.rank <= 0:
+            raise ConfigError(f"peft.rank={self.rank} must be positive")
+        if self.alpha <= 0:
+            raise ConfigError(f"peft.alpha={self.alpha} must be positive")
+        if self.num_virtual_tokens <= 0:
+            raise ConfigError(f"peft.num_virtual_tokens={self.num_virtual_tokens} must be positive")
+        if self.adapter_dim <= 0:
+            raise ConfigError(f"peft.adapter_dim={self.adapter_dim} must be positive")
+        if self.prompt_init not in ("vocab", "random"):
+            raise ConfigError(f"peft.prompt_init={self.prompt_init!r} must be 'vocab' or 'random'")
+        if self.lora_dropout != 0.0:
+            raise ConfigError(
+                f"peft.lora_dropout={self.lora_dropout}: llmjax applies LoRA as a weight-space "
+                f"transform (W + scale * A B), which never sees the activations dropout would act "
+                f"on; set peft.lora_dropout=0 and use model.dropout for regularisation")
+        for key in ("targets", "trainable"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as err:
+                raise ConfigError(f"peft.{key}={getattr(self, key)!r} is not a valid regex: "
+                                  f"{err}") from None
+        # Method names are checked against the registry where the plan is built
+        # (llmjax.peft.plan.build): this section imports nothing of llmjax but errors.
+
+
+# ----------------------------------------------------------------------------
+# The data: section (llmjax.data.config re-exports it). Sequence length and global batch size
+# are not here: they belong to the model and train sections and are passed to
+# `make_iterator` as arguments.
+
+SOURCES = ("synthetic", "text", "tfds", "labelled")
+DOCUMENT_UNITS = ("file", "paragraph")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes batches."""
+
+    # "synthetic" (random token ids), "text" (local files), "tfds" (catalogue dataset) or
+    # "labelled" (local CSV / TSV / JSONL files of text + label columns, for classification)
+    source: str = "synthetic"
+    train_files: list[str] = dataclasses.field(default_factory=list)  # globs of labelled files (source=labelled)
+    validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled files (source=labelled)
+    paths: list[str] = dataclasses.field(default_factory=list)  # globs of local UTF-8 text files (source=text)
+    validation_paths: list[str] = dataclasses.field(default_factory=list)  # globs held out as validation (source=text)
+    validation_fraction: float = 0.0  # fraction of documents held out when validation_paths is empty (source=text)
+    document_unit: str = "file"  # "file": one document per file; "paragraph": per blank-line-separated block
+    name: str = ""  # TFDS catalogue name, e.g. "c4/en", "lm1b", "wikipedia/20230601.en" (source=tfds)
+    data_dir: str = ""  # TFDS data_dir holding prepared datasets (local path or gs://); text source builds into it
+    train_split: str = "train"  # TFDS split used for training (TFDS split syntax, e.g. "train[:90%]")
+    validation_split: str = "validation"  # TFDS split used for evaluation
+    text_field: str = "text"  # feature holding the document text (lm, nsp)
+    input_field: str = ""  # feature holding the input / prompt text (seq2seq, sft) or the text to classify
+    target_field: str = ""  # feature holding the target / response text (seq2seq, sft)
+    label_field: str = ""  # feature / column holding the class label (classification; labelled default "label")
+    pair_field: str = ""  # optional second text of a pair: [CLS] text [SEP] pair [SEP] (classification)
+    # Maps string labels to ids 0..n-1 (classification). Empty with source=labelled: the sorted
+    # labels of data.train_files, filled in when the config is validated (so the run stores them).
+    label_names: list[str] = dataclasses.field(default_factory=list)
+    max_segments: int = 0  # classification rows packed with pack=true: at most this many examples per row (0: seq_len // 8)
+    tokenizer: str = ""  # directory of a tokenizer written by `llmjax tokenizer train`
+    pack: bool = True  # pack several documents / examples per row (lm, sft, classification); False: one per row, padded
+    shuffle: bool = True  # shuffle documents each epoch (training split only)
+    seed: int = 0  # seed of the document shuffle
+    num_workers: int = 0  # 0: tokenize in the calling thread; N > 0: N threads tokenize rows in parallel
+    add_eos: bool = True  # append the tokenizer's eos id to every document / target (lm, seq2seq, sft)
+    synthetic_vocab_size: int = 1024  # vocabulary of random token ids when source=synthetic and no tokenizer is set
+    synthetic_num_documents: int = 10000  # number of random documents per epoch when source=synthetic
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) naming the key, its value and the fix for the first bad setting."""
+        if self.source not in SOURCES:
+            raise ConfigError(f"data.source={self.source!r} is not one of {SOURCES}; set data.source to one of them.")
+        if self.document_unit not in DOCUMENT_UNITS:
+            raise ConfigError(
+                f"data.document_unit={self.document_unit!r} is not one of {DOCUMENT_UNITS}; "
+                "use 'file' for one document per file or 'paragraph' for blank-line-separated blocks."
+            )
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"data.validation_fraction={self.validation_fraction} must be in [0, 1); e.g. 0.05 holds out 5% of documents."
+            )
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0 (0 tokenizes in the calling thread).")
+        if self.source == "text":
+            if not self.paths:
+                raise ConfigError("data.paths is empty but data.source='text'; set data.paths to globs of text files, e.g. ['corpus/*.txt'].")
+            if not self.data_dir:
+                raise ConfigError("data.data_dir is empty but data.source='text'; set it to a directory where the prepared dataset is written.")
+            if not self.tokenizer:
+                raise ConfigError("data.tokenizer is empty but data.source='text'; train one with `llmjax tokenizer train` and set its directory.")
+        if self.source == "tfds":
+            if not self.name:
+                raise ConfigError("data.name is empty but data.source='tfds'; set a TFDS catalogue name such as 'lm1b' or 'c4/en'.")
+            if not self.data_dir:
+                raise ConfigError("data.data_dir is empty but data.source='tfds'; set the TFDS data_dir where the dataset is prepared.")
+            if not self.tokenizer:
+                raise ConfigError("data.tokenizer is empty but data.source='tfds'; train one with `llmjax tokenizer train` and set its directory.")
+        if self.max_segments < 0:
+            raise ConfigError(f"data.max_segments={self.max_segments} must be >= 0 (0: seq_len // 8).")
+        if self.source == "labelled":
+            if not self.train_files:
+                raise ConfigError("data.train_files is empty but data.source='labelled'; set it to CSV / TSV / JSONL "
+                                 "files with a text and a label column, e.g. data.train_files=[train.csv].")
+            if not self.tokenizer:
+                raise ConfigError("data.tokenizer is empty but data.source='labelled'; set the model's tokenizer "
+                                 "directory (or train one with `llmjax tokenizer train`).")
+            from llmjax.data.labelled import check_labelled
+
+            check_labelled(self)  # reads the files once (cached): label names, columns, rows
+        if self.synthetic_vocab_size < 16:
+            raise ConfigError(f"data.synthetic_vocab_size={self.synthetic_vocab_size} must be >= 16.")
+        if self.synthetic_num_documents < 1:
+            raise ConfigError(f"data.synthetic_num_documents={self.synthetic_num_documents} must be >= 1.")
+
+
+def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
+    """The record fields a batch kind reads, checked to be set; raises ConfigError naming the missing key."""
+    if kind in ("lm", "nsp"):
+        return {"text": config.text_field}
+    if kind in ("seq2seq", "sft"):
+        missing = [k for k in ("input_field", "target_field") if not getattr(config, k)]
+        if missing:
+            raise ConfigError(
+                f"batch kind {kind!r} needs data.{' and data.'.join(missing)}; set them to the record fields holding "
+                "the input (prompt) and target (response) text."
+            )
+        return {"input": config.input_field, "target": config.target_field}
+    if kind == "classification":
+        label = config.label_field or ("label" if config.source == "labelled" else "")
+        if not label:
+            raise ConfigError("batch kind 'classification' needs data.label_field; set it to the record field holding the label.")
+        fields = {"input": config.input_field or config.text_field, "label": label}
+        if config.pair_field:
+            fields["pair"] = config.pair_field
+        return fields
+    raise ConfigError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification.")
+
+
+@dataclasses.dataclass
 class Config:
     """A whole run: one field per section."""
 
@@ -309,12 +499,7 @@ class Config:
         for field in dataclasses.fields(self):
             section = getattr(self, field.name)
             if hasattr(section, "validate"):
-                try:
-                    section.validate()
-                except ConfigError:
-                    raise
-                except ValueError as err:  # sections owned by other packages
-                    raise ConfigError(str(err)) from None
+                section.validate()  # every section raises ConfigError
         if self.train.seq_len > self.model.max_len and self.model.position == "learned":
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len="
                               f"{self.model.max_len} (learned positions): raise model.max_len "
@@ -359,7 +544,7 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     """A validated ModelConfig from a preset name plus keyword overrides."""
     data = dict(load_preset(name))
     data.update(overrides)
-    cfg = _build(ModelConfig, data, "model")
+    cfg = section_from_dict(ModelConfig, data, "model")
     cfg.validate()
     return cfg
 
@@ -375,7 +560,7 @@ def from_dict(data: dict) -> Config:
         merged = dict(load_preset(model.pop("preset")))
         merged.update(model)
         data["model"] = merged
-    cfg = _build(Config, data, "")
+    cfg = section_from_dict(Config, data, "")
     for section, key in _HOME_PATHS:
         obj = getattr(cfg, section)
         value = getattr(obj, key)
@@ -492,7 +677,10 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = parse_yaml(raw, f"override {override!r}", positions=False) if raw.strip() else ""
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def section_from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """An instance of config dataclass `cls` (a section such as ModelConfig, or Config) from a
+    mapping: unknown keys and wrong types raise ConfigError naming `prefix.key`. Not validated:
+    call `.validate()` (or use `from_dict` / `model_config`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -509,7 +697,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return section_from_dict(hint, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:

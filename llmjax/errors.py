@@ -1,5 +1,6 @@
-"""The user error type, and which exceptions are the user's to fix with their one-line message
-(used by `llmjax` main).
+"""The user error types (one hierarchy under ConfigError: CheckpointError, ConversionError,
+MissingInputError), and which exceptions are the user's to fix with their one-line message
+(used by `llmjax` main). A leaf module: it imports nothing else of llmjax.
 
 ConfigError (and its subclasses) is the project's user error. Some user errors arrive as other
 types: a missing or unreadable file (OSError with a filename), undecodable text, YAML or JSON
@@ -18,6 +19,21 @@ from typing import Optional
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or inconsistent; more generally any
     input the user can fix. Also importable as llmjax.config.ConfigError."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, corrupted or incompatible with the run config.
+
+    A ConfigError subclass, so the CLI reports it as a one-line error (exit code 2). Also
+    importable as llmjax.checkpoint.CheckpointError."""
+
+
+class ConversionError(ConfigError):
+    """A checkpoint or config cannot be converted (unknown architecture, missing tensor,
+    shape mismatch, unsupported config field).
+
+    A ConfigError (and so a ValueError) subclass: the CLI reports it as a one-line error.
+    Also importable as llmjax.convert.ConversionError and llmjax.convert.errors.ConversionError."""
 
 
 class MissingInputError(ConfigError):

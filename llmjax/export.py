@@ -129,11 +129,11 @@ def _export_adapter(source_dir: Path, out, force: bool, origin: dict) -> Path:
     """The adapter export of a PEFT run: trainable leaves, frozen leaves not from the base,
     and the base reference (path + fingerprint) when the checkpoint has one."""
     from llmjax import peft
-    from llmjax.config import _build
+    from llmjax.config import section_from_dict
     from llmjax.checkpoint import load_run_trees
     from llmjax.peft.base_ref import read_ref
     model_cfg, trainable, stored_frozen, config = load_run_trees(source_dir, with_base=False)
-    peft_cfg = _build(peft.PeftConfig, config.get("peft", {}), "peft")
+    peft_cfg = section_from_dict(peft.PeftConfig, config.get("peft", {}), "peft")
     if peft_cfg.methods() == ["full"] and not peft_cfg.trainable:
         raise CheckpointError(f"{source_dir} is a full fine-tune: it has no adapter to export; "
                               f"export the parameters (without --adapter-only)")

@@ -18,7 +18,7 @@ from typing import Optional
 
 import jax
 
-from llmjax.config import ModelConfig
+from llmjax.config import ConfigError, ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, from vendor datasheets.
 PEAK_FLOPS = {
@@ -102,7 +102,6 @@ class MetricsWriter:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as err:
-            from llmjax.config import ConfigError
             raise ConfigError(f"cannot append to {self.path}: {err.strerror or err}; free space "
                               f"or fix permissions, then rerun to resume from the last "
                               f"checkpoint") from None

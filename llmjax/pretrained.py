@@ -232,7 +232,7 @@ def _tokenizer_dir(tokenizer: Any) -> Optional[Path]:
 
 
 def _load_tokenizer(directory: Path) -> Optional[Tokenizer]:
-    from llmjax.convert.tokenizers import load_any_tokenizer
+    from llmjax.data.tokenizer import load_any_tokenizer
 
     for candidate in (directory / TOKENIZER_SUBDIR, directory):
         if candidate.is_dir():
@@ -281,12 +281,12 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
         return PretrainedModel(cfg, params, tokenizer, str(path), _run_label_names(run, cfg))
     if (path / "config.yaml").exists():
         from llmjax.checkpoint import load_params
-        from llmjax.config import _build
+        from llmjax.config import section_from_dict
 
         params, data = load_params(path)
         model = dict(data.get("model", data))
         model.update(overrides)
-        cfg = _build(ModelConfig, model, "model")
+        cfg = section_from_dict(ModelConfig, model, "model")
         cfg.validate()
         if cfg.scan_layers != scan_layers:
             from llmjax.tree import stack_layers, unstack_layers

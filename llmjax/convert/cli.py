@@ -49,7 +49,7 @@ def _report(model, out: Path) -> int:
 
 def _import(args: argparse.Namespace):
     """Load SRC for an llmjax export into OUT, after checking OUT may be written."""
-    from llmjax.convert.outdir import check_output_dir
+    from llmjax.outdir import check_output_dir
     from llmjax.pretrained import from_pretrained
 
     # Before a possibly long load; model.save checks again and removes an earlier export.
@@ -78,7 +78,7 @@ def gguf_to_llmjax(args: argparse.Namespace) -> int:
 
 
 def llmjax_to_hf(args: argparse.Namespace) -> int:
-    from llmjax.convert.outdir import check_output_dir, remove_export
+    from llmjax.outdir import check_output_dir, remove_export
     from llmjax.pretrained import from_pretrained
 
     if not (Path(args.src) / "config.yaml").exists():

@@ -1,11 +1,6 @@
-"""The one error type of conversion: names the tensor or config field at fault."""
+"""Re-export: ConversionError is defined in llmjax.errors with the other user errors."""
 from __future__ import annotations
 
-from llmjax.config import ConfigError
+from llmjax.errors import ConversionError
 
-
-class ConversionError(ConfigError):
-    """A checkpoint or config cannot be converted (unknown architecture, missing tensor,
-    shape mismatch, unsupported config field).
-
-    A ConfigError (and so a ValueError) subclass: the CLI reports it as a one-line error."""
+__all__ = ["ConversionError"]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from llmjax.config import ModelConfig
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 from llmjax.convert.hf import FAMILIES, finish, tensors_to_params
 
 Params = dict

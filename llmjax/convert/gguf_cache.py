@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llmjax.config import ConfigError
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the conversion's output changes
@@ -107,15 +107,15 @@ def load_entry(entry: Path, scan_layers: bool = True, **overrides: Any):
     """The PretrainedModel of a cache entry (parameters memory-mapped, then on device)."""
     import jax
 
-    from llmjax.config import ModelConfig, _build
+    from llmjax.config import ModelConfig, section_from_dict
     from llmjax.convert.safetensors_io import read_safetensors
-    from llmjax.convert.tokenizers import HFTokenizer
+    from llmjax.data.tokenizer import HFTokenizer
     from llmjax.pretrained import PretrainedModel
     from llmjax.tree import unflatten, unstack_layers
 
     data = json.loads((entry / "model.json").read_text(encoding="utf-8"))
     data.update(overrides)
-    cfg = _build(ModelConfig, data, "model")
+    cfg = section_from_dict(ModelConfig, data, "model")
     cfg.validate()
     params = jax.tree.map(jax.numpy.asarray, unflatten(read_safetensors(entry / PARAMS)))
     if not scan_layers:
@@ -166,7 +166,7 @@ def load_gguf(path: str | os.PathLike, scan_layers: bool = True, cache: bool = T
 
 def _load_uncached(path: Path, scan_layers: bool, **overrides: Any):
     from llmjax.convert.gguf import import_gguf, write_gguf_tokenizer
-    from llmjax.convert.tokenizers import HFTokenizer
+    from llmjax.data.tokenizer import HFTokenizer
     from llmjax.pretrained import PretrainedModel
 
     cfg, params = import_gguf(path, scan_layers=scan_layers, **overrides)

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.convert.errors import ConversionError
+from llmjax.errors import ConversionError
 from llmjax.convert.safetensors_io import parse_size, read_hf_tensors, write_hf_tensors
 from llmjax.tree import flatten, stack_layers, unflatten, unstack_layers
 
@@ -781,7 +781,7 @@ def special_token_ids(tokenizer: Any, directory: Path) -> dict[str, int]:
     """bos/eos/pad ids for config.json: from the tokenizer object, else the written files."""
     special: Any = getattr(tokenizer, "special_ids", None)
     if special is None and (directory / "tokenizer.json").exists():
-        from llmjax.convert.tokenizers import HFTokenizer
+        from llmjax.data.tokenizer import HFTokenizer
 
         special = HFTokenizer(directory).special_ids
     if special is None:

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from llmjax.config import ModelConfig
-from llmjax.convert.errors import ConversionError
 from llmjax.convert.hf import family_of_config
+from llmjax.errors import ConversionError
 from llmjax.convert.safetensors_io import write_safetensors
 from llmjax.tree import flatten, stack_layers, unflatten, unstack_layers
 

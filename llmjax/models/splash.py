@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-from llmjax.config import ConfigError, ModelConfig
+from llmjax.config import ConfigError, ModelConfig, splash_unsupported
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -35,14 +35,9 @@ PAD_SEGMENT = -(2 ** 30)  # segment of the positions added to reach a block mult
 
 
 def unsupported(cfg: ModelConfig) -> Optional[str]:
-    """Why this model's attention cannot run on the splash kernel (None: it can)."""
-    if cfg.position == "relative" or cfg.architecture == "encoder_decoder":
-        return "it adds a relative position bias to the scores (T5)"
-    if cfg.prompt_tokens:
-        return "prompt tuning's soft prompt is visible to every token (not a segment mask)"
-    if cfg.prefix_tokens:
-        return "prefix tuning prepends learned keys/values every query sees"
-    return None
+    """Why this model's attention cannot run on the splash kernel (None: it can). The list
+    lives in llmjax.config (splash_unsupported) so that config validation imports no kernel."""
+    return splash_unsupported(cfg)
 
 
 def check(cfg: ModelConfig) -> None:

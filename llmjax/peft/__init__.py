@@ -8,28 +8,18 @@ model applies, inside the jitted step; `axes(path, shape)` gives logical axis
 names for PEFT leaves so they shard like their base weights.
 
 Methods (compose with '+'): full, freeze, ffn_only, bitfit, head, adapters,
-prompt_tuning, prefix_tuning, lora, ia3. See docs/peft.md.
+prompt_tuning, prefix_tuning, lora, ia3. See docs/peft.md. The `peft:` config
+section (PeftConfig) is defined in llmjax/config.py with the other sections.
 """
 from __future__ import annotations
 
-from llmjax.peft.config import PeftConfig
+from llmjax.config import PeftConfig
+from llmjax.peft.checkpoint import apply_adapter, load_adapter, merge_checkpoint, save_adapter
+from llmjax.peft.lora import merge_lora, unmerge_lora
+from llmjax.peft.methods import METHODS
+from llmjax.peft.plan import ComposedPlan, FullPlan, Plan, build
+from llmjax.peft.report import summary
 
 __all__ = ["FullPlan", "PeftConfig", "Plan", "build", "summary", "save_adapter",
-           "load_adapter", "apply_adapter", "merge_lora", "unmerge_lora", "METHODS"]
-
-_LAZY = {
-    "FullPlan": "plan", "Plan": "plan", "build": "plan", "METHODS": "plan",
-    "ComposedPlan": "plan", "summary": "report", "save_adapter": "checkpoint",
-    "load_adapter": "checkpoint", "apply_adapter": "checkpoint",
-    "merge_checkpoint": "checkpoint", "merge_lora": "lora", "unmerge_lora": "lora",
-}
-
-
-def __getattr__(name):  # lazy: llmjax.config imports PeftConfig from this package
-    if name in _LAZY:
-        import importlib
-        module = importlib.import_module(f"llmjax.peft.{_LAZY[name]}")
-        if name == "METHODS":
-            module._load_methods()
-        return getattr(module, name)
-    raise AttributeError(name)
+           "load_adapter", "apply_adapter", "merge_lora", "unmerge_lora", "METHODS",
+           "ComposedPlan", "merge_checkpoint"]

@@ -12,7 +12,7 @@ import re
 
 from llmjax.config import ModelConfig
 from llmjax.peft.masks import HEAD
-from llmjax.peft.plan import Method, register
+from llmjax.peft.methods import Method, register
 
 ADAPTER = re.compile(r"(^|/)\w+_adapter/")
 NORM = re.compile(r"(^|/)\w*norm/")

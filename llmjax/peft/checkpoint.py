@@ -10,8 +10,16 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from llmjax.config import ConfigError, ModelConfig
-from llmjax.peft.config import PeftConfig
+from llmjax.config import ConfigError, ModelConfig, PeftConfig, section_from_dict
+from llmjax.errors import CheckpointError
+from llmjax.models.api import abstract_params
+from llmjax.peft import base_ref
+from llmjax.peft.base_ref import BaseRef
+from llmjax.peft.plan import build
+from llmjax.tree import flatten, unflatten
+
+# llmjax.checkpoint and llmjax.export (the train layer) are imported where they are used:
+# upward imports, listed in tests/test_layers.py.
 
 KIND = "peft_adapter"
 
@@ -26,8 +34,6 @@ def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftCon
     (merge checks it) and the `frozen` leaves that are not from the base (a new head left
     frozen) are stored too, so adapter + base is the whole model."""
     from llmjax.checkpoint import save_params
-    from llmjax.peft.base_ref import BaseRef
-    from llmjax.tree import flatten, unflatten
     config = {"kind": KIND, "peft": dataclasses.asdict(peft_cfg)}
     tree = trainable
     if isinstance(base, BaseRef):
@@ -46,18 +52,16 @@ def load_adapter(directory: str | os.PathLike, target: Any = None
                  ) -> tuple[Any, PeftConfig, dict]:
     """(trainable tree, PeftConfig, stored config dict) of an adapter checkpoint."""
     from llmjax.checkpoint import load_params
-    from llmjax.config import _build
     tree, config = load_params(directory, target)
     if config.get("kind") != KIND:
         raise ConfigError(f"{str(directory)!r} is not an adapter checkpoint (no "
                           f"'kind: {KIND}' in its config.yaml)")
-    return tree, _build(PeftConfig, config.get("peft", {}), "peft"), config
+    return tree, section_from_dict(PeftConfig, config.get("peft", {}), "peft"), config
 
 
 def apply_adapter(base_params: Any, adapter: Any, peft_cfg: PeftConfig) -> dict:
     """Full parameters with the adapter applied: LoRA folded into W, IA3 into the kernels,
     prompts / prefixes / adapter layers / trained heads taken from the adapter."""
-    from llmjax.peft.plan import build
     return build(peft_cfg).merge(adapter, base_params)
 
 
@@ -68,11 +72,8 @@ def merge_checkpoint(adapter_dir: str | os.PathLike, out: str | os.PathLike,
     The base is anything init_from accepts (run dir, checkpoint step dir, parameter export),
     read by llmjax.checkpoint.load_source; an adapter written by a run checks the base's
     fingerprint, so merging onto another base fails instead of exporting other weights."""
-    from llmjax.checkpoint import CheckpointError, load_source
-    from llmjax.config import _build
+    from llmjax.checkpoint import load_source
     from llmjax.export import write_params_export
-    from llmjax.peft.base_ref import BaseRef
-    from llmjax.peft.plan import build
     adapter, peft_cfg, config = load_adapter(adapter_dir)
     base_dir = base_dir or config.get("base")
     if not base_dir:
@@ -84,7 +85,7 @@ def merge_checkpoint(adapter_dir: str | os.PathLike, out: str | os.PathLike,
     base = load_source(base_dir)
     plan = build(peft_cfg)
     if config.get("model"):
-        model_cfg = _build(ModelConfig, config["model"], "model")
+        model_cfg = section_from_dict(ModelConfig, config["model"], "model")
         plan.model_config(model_cfg)  # the plan remembers the model for its leaves' axes
     else:
         model_cfg = plan.model_config(base.model)
@@ -102,10 +103,7 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
     """Base leaves shaped as the fine-tuned model has them (as init_from loads them: learned
     position tables cut to max_len, dtypes cast); leaves the adapter holds win. With a
     BaseRef, the fingerprint of the leaves the run took from its base must match."""
-    from llmjax.checkpoint import CheckpointError, _is_position_table
-    from llmjax.models.api import abstract_params
-    from llmjax.peft import base_ref
-    from llmjax.tree import flatten, unflatten
+    from llmjax.checkpoint import _is_position_table
     base = flatten(base_params)
     have = set(flatten(adapter))
     out, missing = {}, []

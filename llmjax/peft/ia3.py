@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from llmjax.config import ConfigError
 from llmjax.peft.config import PeftConfig
-from llmjax.peft.plan import Method, register
+from llmjax.peft.methods import Method, register
 from llmjax.tree import is_scanned, path_str
 
 DEFAULT_TARGETS = r"attention/(key|value)$|mlp/wo$"

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from llmjax.config import ConfigError
 from llmjax.peft.config import PeftConfig
-from llmjax.peft.plan import Method, register
+from llmjax.peft.methods import Method, register
 from llmjax.tree import flatten_parts, is_scanned, path_str, unflatten_parts
 
 DEFAULT_TARGETS = r"attention/(query|value)/"

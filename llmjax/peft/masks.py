@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.peft.plan import Method, register
+from llmjax.peft.methods import Method, register
 
 FFN = re.compile(r"(^|/)mlp/")  # the MLP's wi / wi_0 / wi_1 / wo kernels and biases
 HEAD = re.compile(r"^(lm_head|heads)/")  # untied LM head, BERT MLM/NSP/pooler, classifier

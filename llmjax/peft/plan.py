@@ -1,38 +1,26 @@
-"""The plan interface the trainer speaks, the method registry, and composition with '+'.
+"""The plan interface the trainer speaks, and composition of methods with '+'.
 
-A method is a small object with (all optional):
-  `model_config(cfg)`    turn on a declared model hook (soft prompt, prefixes, adapters);
-  `trains(path, cfg)`    base leaves it makes trainable (path: '/'-joined string);
-  `prepare(flat, rng)`   re-initialise leaves it owns (prompt from vocabulary rows);
-  `init(flat, rng)`      new PEFT leaves {path tuple: array} (LoRA A/B, IA3 vectors);
-  `owns(path)`           whether a trainable leaf is one of its PEFT leaves;
-  `apply(flat, peft)`    the parameter-tree transform used inside the jitted step;
-  `axes(path, shape, names)`  logical axis names of its PEFT leaves (they shard like the base).
+Methods and their registry live in llmjax/peft/methods.py (one module per method family).
 Trees are handled flat ({path tuple: leaf}) so methods compose by union and in order.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import jax
 
 from llmjax.config import ConfigError, ModelConfig
+from llmjax.models.api import abstract_params
+# The method modules register themselves in METHODS when imported.
+from llmjax.peft import adapters, ia3, lora, masks, prompt  # noqa: F401
 from llmjax.peft.config import PeftConfig
-from llmjax.tree import flatten_parts, path_str, unflatten_parts
+from llmjax.peft.methods import METHODS, Method, register  # noqa: F401 - re-exported
+from llmjax.tree import flatten_parts, logical_names, path_str, unflatten_parts
 
 Params = dict
-METHODS: dict[str, Callable[[PeftConfig], "Method"]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a method available as `peft.method=name`."""
-    def add(cls):
-        METHODS[name] = cls
-        cls.name = name
-        return cls
-    return add
 
 
 class Plan(Protocol):
@@ -42,41 +30,11 @@ class Plan(Protocol):
     def axes(self, path: tuple, shape: tuple) -> Optional[tuple]: ...
 
 
-class Method:
-    """Base: trains nothing, adds nothing, changes nothing."""
-
-    name = "?"
-
-    def __init__(self, cfg: PeftConfig):
-        self.cfg = cfg
-
-    def model_config(self, cfg: ModelConfig) -> ModelConfig:
-        return cfg
-
-    def trains(self, path: str, cfg: ModelConfig) -> bool:
-        return False
-
-    def prepare(self, flat: dict, rng: jax.Array) -> dict:
-        return flat
-
-    def init(self, flat: dict, rng: jax.Array) -> dict:
-        return {}
-
-    def owns(self, path: tuple) -> bool:
-        return False
-
-    def apply(self, flat: dict, peft: dict) -> dict:
-        return flat
-
-    def axes(self, path: tuple, shape: tuple, names: dict) -> Optional[tuple]:
-        return None
-
-
 class ComposedPlan:
     """One or more methods joined by '+': union of trainable sets, transforms in order."""
 
     def __init__(self, cfg: PeftConfig):
-        cfg.validate()
+        check(cfg)
         self.cfg = cfg
         self.methods: list[Method] = [METHODS[name](cfg) for name in cfg.methods()]
         self.extra = re.compile(cfg.trainable) if cfg.trainable else None
@@ -151,8 +109,6 @@ class ComposedPlan:
         if self._names is None:
             if self._model_cfg is None:
                 return {}
-            from llmjax.models.api import abstract_params
-            from llmjax.tree import logical_names
             self._names = logical_names(abstract_params(self._model_cfg))
         return self._names
 
@@ -178,19 +134,20 @@ class FullPlan(ComposedPlan):
 
 def build(cfg: PeftConfig) -> Plan:
     """The plan for `peft.method` (validated: unknown names and bad values fail here)."""
-    _load_methods()
-    try:
-        cfg.validate()
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    check(cfg)
     if cfg.methods() == ["full"] and not cfg.trainable:
         return FullPlan(cfg)
     return ComposedPlan(cfg)
 
 
-def _load_methods() -> None:
-    """Import the method modules; each registers its methods in METHODS."""
-    from llmjax.peft import adapters, ia3, lora, masks, prompt  # noqa: F401
+def check(cfg: PeftConfig) -> None:
+    """ConfigError for a bad peft section: its values (PeftConfig.validate) and its method
+    names, checked against the registry here where plans are built."""
+    cfg.validate()
+    for name in cfg.methods():
+        if name not in METHODS:
+            close = difflib.get_close_matches(name, list(METHODS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"peft.method: unknown method {name!r}{hint}; "
+                              f"available: {', '.join(sorted(METHODS))}")
 

@@ -10,7 +10,7 @@ import dataclasses
 import jax
 
 from llmjax.config import ModelConfig
-from llmjax.peft.plan import Method, register
+from llmjax.peft.methods import Method, register
 
 PROMPT = ("prompt",)
 TOKEN_EMBEDDING = ("embed", "token", "embedding")

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from llmjax import objectives, parallel, peft
 from llmjax.config import Config, ConfigError
 from llmjax.data.labelled import check_num_labels
-from llmjax.data.tokenizer import SpecialTokens
+from llmjax.data.tokenizer import SpecialTokens, load_tokenizer
 from llmjax.models import Transformer, dummy_inputs
 from llmjax.models.api import abstract_params
 from llmjax.train import optim
@@ -122,6 +122,5 @@ def build(config: Config, devices=None, special: Optional[SpecialTokens] = None)
 
 def _special_tokens(config: Config) -> SpecialTokens:
     if config.data.tokenizer:
-        from llmjax.data.tokenizer import load_tokenizer
         return load_tokenizer(config.data.tokenizer).special_ids
     return SpecialTokens()

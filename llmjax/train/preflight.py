@@ -20,6 +20,7 @@ from typing import Optional
 
 from llmjax.checkpoint import describe_os_error
 from llmjax.config import Config, ConfigError
+from llmjax.data.tokenizer import load_tokenizer
 from llmjax.errors import MissingInputError
 
 _STEP = re.compile(r"^#\s*((?:llmjax|python -m llmjax|tpu/)\S*\s.*?)\s*(?:#.*)?$")
@@ -90,7 +91,6 @@ def _check_tokenizer(cfg: Config, hint: str) -> None:
         raise MissingInputError(f"data.tokenizer={tok_dir!r} does not exist" + (
             hint or f": create it with `llmjax tokenizer train --input FILES --vocab-size N "
                     f"--out {tok_dir}` or point data.tokenizer at its directory"))
-    from llmjax.data.tokenizer import load_tokenizer
     try:
         tok = load_tokenizer(tok_dir)
     except (OSError, ValueError, KeyError) as err:

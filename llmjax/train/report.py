@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from llmjax.config import Config, ConfigError, ModelConfig, OptimizerConfig, _build
+from llmjax.config import Config, ConfigError, ModelConfig, OptimizerConfig, section_from_dict
 
 
 def duration(seconds: float) -> str:
@@ -92,7 +92,8 @@ def resume_changes(saved: dict, cfg: Config, step: int) -> list[str]:
 def _lr_at(optimizer: dict, steps: int, step: int) -> Optional[float]:
     from llmjax.train import optim
     try:
-        _, schedule = optim.make_optimizer(_build(OptimizerConfig, optimizer, "optimizer"), steps)
+        opt_cfg = section_from_dict(OptimizerConfig, optimizer, "optimizer")
+        _, schedule = optim.make_optimizer(opt_cfg, steps)
         return float(schedule(step))
     except (ConfigError, TypeError, ValueError, KeyError):
         return None
