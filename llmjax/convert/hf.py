@@ -27,6 +27,7 @@ import numpy as np
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.errors import ConversionError
 from llmjax.convert.safetensors_io import parse_size, read_hf_tensors, write_hf_tensors
+from llmjax.data.tokenizer import read_json_object
 from llmjax.tree import flatten, stack_layers, unflatten, unstack_layers
 
 Params = dict
@@ -683,13 +684,7 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:
-        raise ConversionError(f"{path}: not valid JSON ({str(err)[:200]})") from None
-    if not isinstance(hf, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-    return hf
+    return read_json_object(path)
 
 
 def import_hf(directory: str | os.PathLike, scan_layers: bool = True,

@@ -415,8 +415,8 @@ def _token_string(value) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def _json_object(path: Path) -> dict:
-    """A JSON object file (tokenizer_config.json, special_tokens_map.json) or ConversionError."""
+def read_json_object(path: Path) -> dict:
+    """A JSON object file (config.json, tokenizer_config.json, ...) or a one-line ConversionError."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as err:
@@ -432,7 +432,7 @@ def _special_ids(lookup, directory: Optional[Path], extra: Optional[Mapping[str,
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = directory / name if directory else None
         if path is not None and path.exists():
-            data = _json_object(path)
+            data = read_json_object(path)
             for role in ROLES:
                 token = _token_string(data.get(f"{role}_token"))
                 if token is not None:
@@ -471,7 +471,7 @@ class HFTokenizer(Tokenizer):
         directory = file.parent
         self._special = _special_ids(self._tok.token_to_id, directory, special_tokens)
         config = directory / "tokenizer_config.json"
-        self.config = _json_object(config) if config.exists() else {}
+        self.config = read_json_object(config) if config.exists() else {}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Ids of `text`; with add_special_tokens, the model's template ([CLS] .. [SEP])."""
