@@ -26,3 +26,33 @@ if "LLMJAX_CACHE" not in os.environ:
     _llmjax_cache = tempfile.mkdtemp(prefix="llmjax-tests-cache-")
     os.environ["LLMJAX_CACHE"] = _llmjax_cache
     atexit.register(shutil.rmtree, _llmjax_cache, ignore_errors=True)
+
+# Markers, by module (seconds are test time on the 2-core machine; CI runs everything):
+# `-m "not slow and not multiprocess and not network"` is the contributors' inner loop.
+MARKERS = {
+    "slow": ("test_kernels", "test_peft_sharded", "test_docs_commands", "test_splash",
+             "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
+             "test_convert_hf", "test_peft_storage"),
+    "multiprocess": ("test_multihost", "test_run_safety", "test_checkpoint"),
+    "network": ("test_convert_gguf", "test_checkpoint_finetune"),
+}
+_HELP = {"slow": "a module of 20-170 s (kernels, sharded-vs-single-device, documented commands, "
+                 "transformers parity)",
+         "multiprocess": "starts jax processes (kill -9, signals, jax.distributed on 127.0.0.1)",
+         "network": "fetches a model or data set from PyPI on first use (cached after)"}
+
+
+def pytest_configure(config):
+    for name, text in _HELP.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        for name, modules in MARKERS.items():
+            if module in modules:
+                item.add_marker(getattr(pytest.mark, name))
+        if "minilm" in item.name:  # the real MiniLM encoder comes from PyPI
+            item.add_marker(pytest.mark.network)
