@@ -65,7 +65,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--zone", required=True, help="zone with the TPU type, e.g. us-east5-a")
     p.add_argument("--project", default=None, help="GCP project (default: gcloud's)")
     p.add_argument("--queued", action="store_true",
-                   help="ask through a queued resource (waits for capacity; implied by --slices)")
+                   help="ask through a queued resource (waits for capacity; implied by --spot "
+                        "and --slices > 1)")
     p.add_argument("--runtime-version", default=None,
                    help="TPU VM software version (default: the generation's)")
     p.add_argument("--existing", action="store_true",

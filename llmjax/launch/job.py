@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 from llmjax.errors import ConfigError
 
@@ -69,6 +70,18 @@ def job_name(config: str, name: str | None) -> str:
     return label
 
 
+def host_config_path(config: str) -> tuple[str, Optional[str]]:
+    """CONFIG as the hosts see it: relative to the checkout they get (TPU VMs: a copy of this
+    one; GKE: the image built from it) when it lies inside this checkout; else as given, with
+    a note."""
+    checkout = Path(__file__).resolve().parents[2]
+    resolved = Path(config).resolve()
+    if resolved.is_relative_to(checkout):
+        return resolved.relative_to(checkout).as_posix(), None
+    return config, (f"{config} is outside this checkout ({checkout}): every host must have it "
+                    f"at that path")
+
+
 def train_job(config: str, overrides: Sequence[str], *, bucket: str | None,
               data_dir: str | None, name: str | None, remote: str | None,
               python: str = "python3") -> TrainJob:
@@ -95,5 +108,9 @@ def train_job(config: str, overrides: Sequence[str], *, bucket: str | None,
                 notes.append(f"data.data_dir={data!r} is local: every host prepares its own "
                              f"copy, again after each relaunch; --data-dir gs://BUCKET/data "
                              f"shares one")
-    return TrainJob(config, tuple(extra), run_dir, data, job_name(config, name), python,
+    host_config = config
+    if remote:
+        host_config, note = host_config_path(config)
+        notes += [note] if note else []
+    return TrainJob(host_config, tuple(extra), run_dir, data, job_name(config, name), python,
                     tuple(notes))

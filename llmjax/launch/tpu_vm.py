@@ -40,12 +40,12 @@ class Slice:
     project: Optional[str] = None
     slices: int = 1
     spot: bool = False
-    queued: bool = False        # through a queued resource (implied by --slices > 1)
+    queued: bool = False        # through a queued resource (implied by --spot, --slices > 1)
     runtime_version: Optional[str] = None
 
     @property
     def uses_queue(self) -> bool:
-        return self.queued or self.slices > 1
+        return self.queued or self.spot or self.slices > 1
 
     @property
     def nodes(self) -> list[str]:
@@ -145,11 +145,11 @@ def outcome(lines: Sequence[str]) -> Optional[int]:
 class Runner:
     """Runs gcloud commands (subprocess), or, dry, prints them and runs nothing."""
 
-    def __init__(self, dry_run: bool, out=sys.stdout):
+    def __init__(self, dry_run: bool, out=None):
         self.dry_run, self.out = dry_run, out
 
     def show(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        print(text, file=self.out or sys.stdout, flush=True)
 
     def __call__(self, argv: list[str], capture: bool = False) -> tuple[int, str]:
         line = " ".join(shlex.quote(a) for a in argv)
