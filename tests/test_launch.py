@@ -8,6 +8,7 @@ import ast
 import copy
 import math
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -432,3 +433,23 @@ def test_slurm_dry_run(capsys):
     out = capsys.readouterr().out
     assert out.startswith("#!/usr/bin/env bash") and "#SBATCH --nodes=4" in out
     assert "#SBATCH --partition=a100" in out and "#SBATCH --gpus-per-node=4" in out
+
+
+# --------------------------------------------------------------------------------------------
+# tpu/*.sh (the manual steps) print, with DRY_RUN=1, the commands `llmjax launch tpu-vm` runs.
+
+def _script_commands(script: str, **env) -> list[list[str]]:
+    base = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "TPU_NAME": "run1", "ZONE": "us-east5-a",
+            "PROJECT": "proj", "ACCELERATOR": "v5p-8", "RUNTIME": "v2-alpha-tpuv5"}
+    out = subprocess.run(["bash", str(ROOT / "tpu" / script)], env={**base, **env},
+                         capture_output=True, text=True, check=True).stdout
+    return [shlex.split(line) for line in out.splitlines()]
+
+
+@pytest.mark.parametrize("spot", [False, True])
+def test_tpu_scripts_match_the_launcher(spot):
+    s = tpu_vm.Slice(lookup("v5p-8"), "run1", "us-east5-a", "proj", spot=spot)
+    env = {"SPOT": "1"} if spot else {}
+    expected = tpu_vm.create_commands(s) + ([tpu_vm.state_command(s)] if spot else [])
+    assert _script_commands("create.sh", **env) == expected
+    assert _script_commands("stop.sh", **env) == tpu_vm.delete_commands(s)
