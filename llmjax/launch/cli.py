@@ -69,6 +69,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                         "and --slices > 1)")
     p.add_argument("--runtime-version", default=None,
                    help="TPU VM software version (default: the generation's)")
+    p.add_argument("--service-account", default=None, metavar="EMAIL",
+                   help="GCP service account of the TPU VMs (one that may use the bucket)")
     p.add_argument("--existing", action="store_true",
                    help="the slice exists and is set up: start the run only")
     p.add_argument("--poll-seconds", type=float, default=60.0,
@@ -82,7 +84,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="Kubernetes service account bound to a GCP one that may use the bucket")
     p.add_argument("--grace-seconds", type=_count("--grace-seconds"), default=300,
                    help="terminationGracePeriodSeconds: time to checkpoint after SIGTERM")
-    p.add_argument("--cluster", default="CLUSTER", help="GKE cluster name (xpk command only)")
+    p.add_argument("--cluster", default="CLUSTER",
+                   help="GKE cluster name (in the node pool and xpk commands shown)")
 
     p = engine("slurm", "an sbatch script for GPU clusters (jax.distributed from SLURM's "
                         "variables, requeue after preemption)", launch_slurm)
@@ -123,7 +126,7 @@ def launch_tpu_vm(args) -> int:
                   "a spot TPU VM's local disk vanishes when it is preempted")
     job = _job(args, remote)
     s = tpu_vm.Slice(tpu, job.name, args.zone, args.project, args.slices, args.spot,
-                     args.queued, args.runtime_version)
+                     args.queued, args.runtime_version, args.service_account)
     run = tpu_vm.Runner(args.dry_run)
     if args.dry_run:
         return tpu_vm.supervise(job, s, archive="/tmp/llmjax.tar.gz",
@@ -148,7 +151,9 @@ def launch_gke(args) -> int:
                           grace_seconds=args.grace_seconds)
     xpk = gke.xpk_command(job, tpu, slices=args.slices, image=args.image,
                           max_restarts=args.max_restarts, cluster=args.cluster)
-    text = gke.render(manifest, xpk, job.notes)
+    pool = gke.node_pool_command(tpu, pool=f"{job.name}-0", cluster=args.cluster,
+                                 spot=args.spot)
+    text = gke.render(manifest, xpk, job.notes, pool)
     if args.dry_run:
         sys.stdout.write(text)
         return 0

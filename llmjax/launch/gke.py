@@ -146,10 +146,22 @@ _Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
     "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
 
 
-def render(manifest: dict, xpk: list[str], notes: tuple[str, ...] = ()) -> str:
-    """The manifest as YAML, headed by comments: how to apply it, the xpk equivalent, notes."""
-    head = ["# llmjax launch gke: apply with `kubectl apply -f FILE` (JobSet controller needed)",
-            "# the same workload through xpk:",
-            "#   " + " ".join(shlex.quote(a) for a in xpk)]
+def node_pool_command(tpu: TpuSlice, *, pool: str, cluster: str, spot: bool) -> list[str]:
+    """The GKE node pool one slice needs (one pool per slice: --slices N needs N pools)."""
+    return (["gcloud", "container", "node-pools", "create", pool, "--cluster", cluster,
+             "--machine-type", tpu.gke_machine_type, "--tpu-topology", tpu.topology,
+             "--num-nodes", str(tpu.hosts)] + (["--spot"] if spot else []))
+
+
+def render(manifest: dict, xpk: list[str], notes: tuple[str, ...] = (),
+           node_pool: list[str] | None = None) -> str:
+    """The manifest as YAML, headed by comments: how to apply it, the node pool each slice
+    needs, the xpk equivalent, notes."""
+    head = ["# llmjax launch gke: apply with `kubectl apply -f FILE` (JobSet controller needed)"]
+    if node_pool:
+        head += ["# each slice needs a node pool of its own, e.g.:",
+                 "#   " + " ".join(shlex.quote(a) for a in node_pool)]
+    head += ["# the same workload through xpk:",
+             "#   " + " ".join(shlex.quote(a) for a in xpk)]
     head += [f"# note: {n}" for n in notes]
     return "\n".join(head) + "\n" + yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, width=100)

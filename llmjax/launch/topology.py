@@ -27,6 +27,7 @@ class Generation:
     counts_cores: bool           # N counts TensorCores (2 per chip) rather than chips
     runtime_version: str         # default TPU VM software version (gcloud --version)
     gke_accelerator: str         # GKE node label cloud.google.com/gke-tpu-accelerator
+    gke_machine: str             # GKE machine type family: FAMILY-<chips per host>t
     topologies: dict[int, str]   # chips -> slice topology, for every size offered
 
 
@@ -38,12 +39,14 @@ _PLANES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "
            256: "16x16"}
 
 GENERATIONS = (
-    Generation("v4", "v4", (), True, "tpu-ubuntu2204-base", "tpu-v4-podslice", _CUBES),
+    Generation("v4", "v4", (), True, "tpu-ubuntu2204-base", "tpu-v4-podslice", "ct4p-hightpu",
+               _CUBES),
     Generation("v5e", "v5litepod", ("v5e",), False, "v2-alpha-tpuv5-lite",
-               "tpu-v5-lite-podslice", _PLANES),
-    Generation("v5p", "v5p", (), True, "v2-alpha-tpuv5", "tpu-v5p-slice",
+               "tpu-v5-lite-podslice", "ct5lp-hightpu", _PLANES),
+    Generation("v5p", "v5p", (), True, "v2-alpha-tpuv5", "tpu-v5p-slice", "ct5p-hightpu",
                {**_CUBES, 4096: "16x16x16", 6144: "16x16x24"}),
-    Generation("v6e", "v6e", (), False, "v2-alpha-tpuv6e", "tpu-v6e-slice", _PLANES),
+    Generation("v6e", "v6e", (), False, "v2-alpha-tpuv6e", "tpu-v6e-slice", "ct6e-standard",
+               _PLANES),
 )
 
 MULTI_HOST_CHIPS_PER_HOST = 4
@@ -60,6 +63,7 @@ class TpuSlice:
     topology: str           # 4x4x4, 4x4: GKE's gke-tpu-topology label, jax topology names
     runtime_version: str    # default TPU VM software version
     gke_accelerator: str    # GKE's gke-tpu-accelerator node label
+    gke_machine_type: str   # GKE node pool machine type: ct5p-hightpu-4t
 
     @property
     def multi_host(self) -> bool:
@@ -71,7 +75,8 @@ def _slice(gen: Generation, chips: int) -> TpuSlice:
                                                                    MULTI_HOST_CHIPS_PER_HOST)
     n = chips * 2 if gen.counts_cores else chips
     return TpuSlice(f"{gen.prefix}-{n}", gen.name, chips, chips // per_host, per_host,
-                    gen.topologies[chips], gen.runtime_version, gen.gke_accelerator)
+                    gen.topologies[chips], gen.runtime_version, gen.gke_accelerator,
+                    f"{gen.gke_machine}-{per_host}t")
 
 
 # Every slice type, by its gcloud name.

@@ -42,6 +42,7 @@ class Slice:
     spot: bool = False
     queued: bool = False        # through a queued resource (implied by --spot, --slices > 1)
     runtime_version: Optional[str] = None
+    service_account: Optional[str] = None  # GCP service account of the VMs (bucket access)
 
     @property
     def uses_queue(self) -> bool:
@@ -61,15 +62,18 @@ class Slice:
 def create_commands(s: Slice) -> list[list[str]]:
     """Ask for the slice(s)."""
     runtime = s.runtime_version or s.tpu.runtime_version
+    extra = (["--spot"] if s.spot else []) + (
+        ["--service-account", s.service_account, "--scopes",
+         "https://www.googleapis.com/auth/cloud-platform"]
+        if s.service_account else [])
     if s.uses_queue:
         cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", s.name, *s._where(),
                "--accelerator-type", s.tpu.accelerator_type, "--runtime-version", runtime]
         cmd += (["--node-id", s.name] if s.slices == 1 else
                 ["--node-count", str(s.slices), "--node-prefix", s.name])
-        return [cmd + (["--spot"] if s.spot else [])]
+        return [cmd + extra]
     return [["gcloud", "compute", "tpus", "tpu-vm", "create", s.name, *s._where(),
-             "--accelerator-type", s.tpu.accelerator_type, "--version", runtime]
-            + (["--spot"] if s.spot else [])]
+             "--accelerator-type", s.tpu.accelerator_type, "--version", runtime] + extra]
 
 
 def state_command(s: Slice) -> list[str]:
