@@ -8,6 +8,7 @@ import ast
 import copy
 import math
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -333,16 +334,17 @@ class FakeCloud(tpu_vm.Runner):
     """gcloud as the supervisor sees it: runs end with the scripted exit codes; a code None
     means the slice was preempted under the run (ssh fails, state SUSPENDED)."""
 
-    def __init__(self, exits):
+    def __init__(self, exits, created="ACTIVE", reachable=True):
         super().__init__(dry_run=False, out=open(os.devnull, "w"))
         self.exits, self.calls, self.state, self.running = list(exits), [], "MISSING", None
+        self.created, self.reachable = created, reachable
 
     def __call__(self, argv, capture=False):
         verb = " ".join(argv[3:5])
         self.calls.append(verb)
         command = next((a for a in argv if a.startswith("--command=")), "")
         if verb.endswith("create"):
-            self.state = "ACTIVE"
+            self.state = self.created
         elif verb.endswith("delete"):
             self.state = "MISSING"
         elif verb.endswith("describe"):
@@ -352,15 +354,15 @@ class FakeCloud(tpu_vm.Runner):
             if self.running is None:
                 self.state = "SUSPENDED"
         elif "llmjax-exit-code 2>/dev/null" in command:
-            if self.state != "ACTIVE":
+            if self.state != "ACTIVE" or not self.reachable:
                 return 255, ""
             return 0, "".join(f"exit {self.running}\n" for _ in range(4))
         return 0, ""
 
 
-def _supervise(exits, max_restarts=3):
+def _supervise(exits, max_restarts=3, **fake):
     job = _job()
-    cloud = FakeCloud(exits)
+    cloud = FakeCloud(exits, **fake)
     s = tpu_vm.Slice(lookup("v5e-16"), job.name, "z", spot=True)
     code = tpu_vm.supervise(job, s, archive="a.tgz", max_restarts=max_restarts, run=cloud,
                             poll_seconds=0, sleep=lambda _: None)
@@ -378,6 +380,15 @@ def test_tpu_vm_relaunch_loop(exits, max_restarts, code, creates, runs):
     got, created, cloud = _supervise(exits, max_restarts)
     assert (got, created) == (code, creates)
     assert len(cloud.exits) == len(exits) - runs
+
+
+@pytest.mark.parametrize("fake,words", [
+    ({"created": "FAILED"}, "ended in state FAILED"),
+    ({"reachable": False}, "cannot reach the workers of gpt-tiny over ssh (10 polls in a row)"),
+])
+def test_tpu_vm_gives_up_with_a_message(fake, words):
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        _supervise([0], **fake)
 
 
 @pytest.mark.parametrize("lines,code", [

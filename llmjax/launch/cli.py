@@ -56,8 +56,6 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                        help="Cloud TPU type: v5p-128, v5litepod-16 (v5e-16), v6e-256, v4-32")
         p.add_argument("--slices", type=_count("--slices"), default=1, help=slices_help)
         p.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
-        p.add_argument("--coordinator-port", type=_count("--coordinator-port"),
-                       default=DEFAULT_COORDINATOR_PORT, help="jax.distributed coordinator port")
 
     p = engine("tpu-vm", "create Cloud TPU VMs (or a queued resource), run on every worker, "
                          "relaunch after preemption", launch_tpu_vm)
@@ -80,6 +78,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                launch_gke)
     tpu_options(p, "slices (replicated Jobs of the JobSet; multislice over DCN)")
     p.add_argument("--image", required=True, help="container image with this checkout installed")
+    p.add_argument("--coordinator-port", type=_count("--coordinator-port"),
+                   default=DEFAULT_COORDINATOR_PORT, help="jax.distributed coordinator port")
     p.add_argument("--service-account", default=None,
                    help="Kubernetes service account bound to a GCP one that may use the bucket")
     p.add_argument("--grace-seconds", type=_count("--grace-seconds"), default=300,

@@ -29,6 +29,9 @@ EXIT_FILE = "~/llmjax-exit-code"
 LOG_FILE = "~/llmjax-train.log"
 REMOTE_DIR = "llmjax"
 _HEALTHY = {"READY", "ACTIVE"}  # tpu-vm state, queued-resource state
+_FAILED = {"FAILED"}             # a queued resource that will never become ACTIVE
+# Polls in a row that cannot reach a healthy slice's workers before the launcher gives up.
+MAX_UNREACHABLE_POLLS = 10
 
 
 @dataclass(frozen=True)
@@ -156,12 +159,16 @@ class Runner:
         print(text, file=self.out or sys.stdout, flush=True)
 
     def __call__(self, argv: list[str], capture: bool = False) -> tuple[int, str]:
-        line = " ".join(shlex.quote(a) for a in argv)
+        line = _line(argv)
         self.show(line if self.dry_run else f"+ {line}")
         if self.dry_run:
             return 0, ""
         proc = subprocess.run(argv, capture_output=capture, text=True)
         return proc.returncode, proc.stdout or ""
+
+
+def _line(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def _must(run: Runner, argv: list[str]) -> None:
@@ -180,7 +187,11 @@ def provision(run: Runner, s: Slice, archive: str, wait_seconds: float,
     """Create the slice, wait until it is usable, set it up."""
     for cmd in create_commands(s):
         _must(run, cmd)
-    while state(run, s) not in _HEALTHY:  # a queued resource waits for capacity
+    while (now := state(run, s)) not in _HEALTHY:  # a queued resource waits for capacity
+        if now in _FAILED:
+            raise RuntimeError(f"the TPU request {s.name} ended in state {now} (quota, or no "
+                               f"capacity before the request expired): the console and "
+                               f"`{_line(state_command(s))}` say why")
         sleep(wait_seconds)
     for cmd in setup_commands(s, archive):
         _must(run, cmd)
@@ -199,7 +210,7 @@ def supervise(job: TrainJob, s: Slice, *, archive: str, max_restarts: int, run: 
     while True:
         for cmd in start_commands(s, job):
             _must(run, cmd)
-        code = None
+        code, unreachable = None, 0
         while code is None:
             sleep(poll_seconds)
             lines, lost = [], False
@@ -209,8 +220,15 @@ def supervise(job: TrainJob, s: Slice, *, archive: str, max_restarts: int, run: 
                 lines += out.splitlines()
             if lost and state(run, s) not in _HEALTHY:
                 code = EXIT_PREEMPTED  # the slice went away under the run: capacity reclaimed
-            elif not lost:
-                code = outcome(lines)
+            elif lost:
+                unreachable += 1
+                if unreachable >= MAX_UNREACHABLE_POLLS:
+                    raise RuntimeError(f"cannot reach the workers of {s.name} over ssh "
+                                       f"({unreachable} polls in a row) although the slice is "
+                                       f"up: check `{_line(poll_commands(s)[0])}`; the run may "
+                                       f"still be going")
+            else:
+                unreachable, code = 0, outcome(lines)
         if code in (EXIT_DONE, EXIT_USER_ERROR):
             run.show(f"llmjax launch: run ended with exit code {code}"
                      + (" (a user error: fix it and launch again)" if code else ""))
