@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 TEST = ["pytest>=8", "pytest-xdist>=3",
         # tests/test_launch.py checks rendered GKE manifests against Kubernetes' models and a
         # JSON schema of the JobSet fields used.
-        "kubernetes", "jsonschema"]
+        # (kubernetes 37's models are pydantic: unknown fields and wrong types fail).
+        "kubernetes>=37", "jsonschema>=4"]
 HF = ["torch==2.13.0", "transformers>=4.50", "peft", "gguf", "tokenizers"]
 
 setup(

@@ -130,7 +130,8 @@ def launch_tpu_vm(args) -> int:
     run = tpu_vm.Runner(args.dry_run)
     if args.dry_run:
         return tpu_vm.supervise(job, s, archive="/tmp/llmjax.tar.gz",
-                                max_restarts=args.max_restarts, run=run)
+                                max_restarts=args.max_restarts, run=run,
+                                create=not args.existing)
     _need("gcloud", "the Google Cloud CLI (https://cloud.google.com/sdk)")
     _warn(job.notes)
     with tempfile.TemporaryDirectory() as tmp:

@@ -203,7 +203,7 @@ def supervise(job: TrainJob, s: Slice, *, archive: str, max_restarts: int, run: 
     """Provision, start, wait, relaunch after 75 / 1 / a lost slice, at most `max_restarts`
     times; returns the run's exit code (0 done, 2 user error, else the last failure)."""
     if run.dry_run:
-        return dry_run_plan(job, s, archive, max_restarts, run)
+        return dry_run_plan(job, s, archive, max_restarts, run, create)
     if create:
         provision(run, s, archive, poll_seconds, sleep)
     restarts = 0
@@ -245,7 +245,8 @@ def supervise(job: TrainJob, s: Slice, *, archive: str, max_restarts: int, run: 
             provision(run, s, archive, poll_seconds, sleep)
 
 
-def dry_run_plan(job: TrainJob, s: Slice, archive: str, max_restarts: int, run: Runner) -> int:
+def dry_run_plan(job: TrainJob, s: Slice, archive: str, max_restarts: int, run: Runner,
+                 create: bool = True) -> int:
     """Print the commands `supervise` runs, in order, with the relaunch loop as comments."""
     show = run.show
     show(f"# {s.tpu.accelerator_type} x {s.slices}: {s.tpu.hosts * s.slices} hosts, "
@@ -253,7 +254,8 @@ def dry_run_plan(job: TrainJob, s: Slice, archive: str, max_restarts: int, run: 
     for note in job.notes:
         show(f"# note: {note}")
     show(f"# the checkout (git ls-files, plus tokenizers/ if present) packed into {archive}")
-    show("# 1. ask for the slice" + (" (spot capacity)" if s.spot else ""))
+    show("# 1. ask for the slice" + (" (spot capacity)" if s.spot else "")
+         + (" (skipped with --existing, like 2 and 3)" if not create else ""))
     for cmd in create_commands(s):
         run(cmd)
     show("# 2. wait until it prints " + (" or ".join(sorted(_HEALTHY))))
