@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from llmjax.launch.job import EXIT_DONE, EXIT_PREEMPTED, EXIT_USER_ERROR, TrainJob
+from llmjax.launch.job import (EXIT_DONE, EXIT_PREEMPTED, EXIT_USER_ERROR, NOT_RESTARTED,
+                               TrainJob)
 from llmjax.launch.topology import TpuSlice
 
 EXIT_FILE = "~/llmjax-exit-code"
@@ -229,7 +230,7 @@ def supervise(job: TrainJob, s: Slice, *, archive: str, max_restarts: int, run: 
                                        f"still be going")
             else:
                 unreachable, code = 0, outcome(lines)
-        if code in (EXIT_DONE, EXIT_USER_ERROR):
+        if code in NOT_RESTARTED:
             run.show(f"llmjax launch: run ended with exit code {code}"
                      + (" (a user error: fix it and launch again)" if code else ""))
             return code
