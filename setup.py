@@ -1,7 +1,11 @@
 """llmjax: a JAX/Flax, TPU-first stack to pretrain and fine-tune Transformer LMs."""
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=8", "pytest-xdist>=3"]
+TEST = ["pytest>=8", "pytest-xdist>=3",
+        # tests/test_launch.py checks rendered GKE manifests against Kubernetes' models and a
+        # JSON schema of the JobSet fields used.
+        # (kubernetes 37's models are pydantic: unknown fields and wrong types fail).
+        "kubernetes>=37", "jsonschema>=4"]
 HF = ["torch==2.13.0", "transformers>=4.50", "peft", "gguf", "tokenizers"]
 
 setup(
