@@ -26,6 +26,7 @@ LAYERS = [
     ("errors", ["llmjax.errors"]),
     ("config", ["llmjax.config", "llmjax.data.config", "llmjax.peft.config"]),
     ("utilities", ["llmjax.console", "llmjax.compile_cache", "llmjax.pypi_data", "llmjax.tree",
+                   "llmjax.paths", "llmjax.metrics_files",
                    "llmjax.outdir", "llmjax.plot"]),
     ("data, models", ["llmjax.data", "llmjax.models"]),
     ("objectives, parallel", ["llmjax.objectives", "llmjax.parallel"]),
