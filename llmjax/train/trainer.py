@@ -70,7 +70,8 @@ def train(config: Config, devices=None, progress: Optional[bool] = None,
     during start-up returns exit code 75 / 130 at once; in the loop they checkpoint first.
     """
     cfg = config
-    run_dir = (paths.resolve(cfg.train.run_dir, "train.run_dir") if paths.is_remote(cfg.train.run_dir)
+    remote = paths.is_remote(paths.check(cfg.train.run_dir, "train.run_dir"))  # `gs:/b`: one line
+    run_dir = (paths.resolve(cfg.train.run_dir, "train.run_dir") if remote
                else Path(cfg.train.run_dir).expanduser())  # never pathlib on gs:// (it drops a slash)
     wall_start = time.perf_counter()
     with StopSignals() as signals:

@@ -1,0 +1,175 @@
+"""Every user path on object storage, against a real GCS server (fake-gcs-server on
+127.0.0.1, the `gcs_bucket` fixture of conftest.py): bad schemes, a missing bucket and
+missing credentials are one-line errors; `llmjax data prepare` into gs:// and training from
+it; metrics as chunk objects; no local path containing `gs:` is ever created.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmjax import cli, config, paths
+from llmjax.config import ConfigError
+from llmjax.errors import MissingInputError
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 4
+
+
+@pytest.mark.parametrize("bad, fixed", [("gs:/bucket/run", "gs://bucket/run"),
+                                        ("gs:bucket/run", "gs://bucket/run"),
+                                        ("gcs://bucket/run", "gs://bucket/run"),
+                                        ("GS://bucket/run", "gs://bucket/run"),
+                                        ("s3:/bucket/run", "s3://bucket/run")])
+def test_misspelled_schemes_are_one_line_errors_naming_the_fix(bad, fixed):
+    with pytest.raises(ConfigError) as err:
+        paths.check(bad, "train.run_dir")
+    message = str(err.value)
+    assert "\n" not in message and repr(bad) in message and fixed in message
+
+
+def test_unsupported_scheme_and_missing_bucket_name():
+    with pytest.raises(ConfigError, match="unsupported scheme 'http'"):
+        paths.check("http://example.com/x", "data.data_dir")
+    with pytest.raises(ConfigError, match="names no bucket"):
+        paths.check("gs://", "data.data_dir")
+    assert paths.check("runs/a:b", "train.run_dir") == "runs/a:b"  # a local name with ':'
+
+
+def test_bad_scheme_in_a_run_fails_before_anything_is_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["train", str(REPO / "configs/experiments/gpt-tiny.yaml"), "train.run_dir=gs:/b/run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "gs://b/run" in err, err
+    assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_missing_bucket_is_a_one_line_error(gcs_bucket, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist") as err:
+        paths.resolve("gs://no-such-bucket/run", "train.run_dir")
+    assert "gs://no-such-bucket/run" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "a.txt").write_text(TEXT)
+    code = cli.main(["data", "prepare", "--paths", str(tmp_path / "a.txt"), "--data-dir",
+                     "gs://no-such-bucket/data", "--tokenizer", "gs://no-such-bucket/tok"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "no-such-bucket" in err and "does not exist" in err, err
+
+
+def test_missing_credentials_is_a_one_line_error_naming_the_fix(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-key.json"))
+    paths._google_default_credentials.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="no Google Cloud credentials") as err:
+            paths.resolve("gs://some-bucket/run", "train.run_dir")
+    finally:
+        paths._google_default_credentials.cache_clear()
+    message = str(err.value)
+    assert "\n" not in message and "gs://some-bucket/run" in message
+    assert "gcloud auth application-default login" in message and "STORAGE_EMULATOR_HOST" in message
+
+
+def test_epath_and_glob_on_the_bucket(gcs_bucket):
+    base = f"{gcs_bucket}/glob"
+    for name in ("a.txt", "b.txt", "sub/c.txt", "d.md"):
+        paths.resolve(f"{base}/{name}").write_text(name)
+    assert paths.glob(f"{base}/*.txt") == [f"{base}/a.txt", f"{base}/b.txt"]
+    assert paths.glob(f"{base}/**/*.txt") == [f"{base}/a.txt", f"{base}/b.txt", f"{base}/sub/c.txt"]
+    with pytest.raises(MissingInputError, match="does not exist"):
+        paths.require(f"{base}/none.txt", "data.tokenizer")
+
+
+@pytest.fixture(scope="module")
+def prepared(gcs_bucket, tmp_path_factory):
+    """Text files and a tokenizer in the bucket, and `llmjax data prepare` into a gs:// data_dir."""
+    from llmjax.data.tokenizer import train_sentencepiece
+
+    local = tmp_path_factory.mktemp("text")
+    for i in range(3):
+        (local / f"doc{i}.txt").write_text(TEXT.replace("fox", f"fox{i}"))
+        paths.upload(local / f"doc{i}.txt", f"{gcs_bucket}/text/doc{i}.txt")
+    tok = f"{gcs_bucket}/tok"
+    train_sentencepiece([f"{gcs_bucket}/text/doc0.txt", f"{gcs_bucket}/text/doc1.txt"], tok, 400)
+    code = cli.main(["data", "prepare", "--paths", f"{gcs_bucket}/text/*.txt", "--validation-fraction", "0.3",
+                     "--document-unit", "paragraph", "--data-dir", f"{gcs_bucket}/data", "--tokenizer", tok,
+                     "--seq-len", "32"])
+    assert code == 0
+    return {"local": local, "tok": tok, "data_dir": f"{gcs_bucket}/data", "text": f"{gcs_bucket}/text/*.txt"}
+
+
+def test_prepare_writes_the_dataset_into_the_bucket(prepared):
+    infos = paths.glob(f"{prepared['data_dir']}/llmjax_text/*/1.0.0/dataset_info.json")
+    assert len(infos) == 1
+    shards = paths.glob(f"{prepared['data_dir']}/llmjax_text/*/1.0.0/*.array_record-*")
+    assert {s.split("/")[-1].split(".")[0] for s in shards} == {"llmjax_text-train", "llmjax_text-validation"}
+    assert paths.resolve(f"{prepared['tok']}/spm.model").exists()
+
+
+def test_training_reads_the_bucket_dataset(prepared, tmp_path, monkeypatch):
+    """The gs:// dataset, fetched into a fresh, empty cache, holds exactly the paragraphs of the
+    text files (train + validation); then a 2-step run trains from the bucket."""
+    from llmjax.data.sources import open_source, split_documents
+    from llmjax.train.trainer import train
+
+    monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "fresh-cache"))  # nothing mirrored yet
+    data = config.load(REPO / "configs/experiments/gpt-tiny.yaml", [
+        "data.source=text", f"data.paths=[{prepared['text']}]", "data.validation_fraction=0.3",
+        "data.document_unit=paragraph", f"data.data_dir={prepared['data_dir']}",
+        f"data.tokenizer={prepared['tok']}"]).data
+    read = [open_source(data, split)[i]["text"] for split in ("train", "validation")
+            for i in range(len(open_source(data, split)))]
+    expected = [d for f in sorted(prepared["local"].glob("*.txt")) for d in split_documents(f.read_text(), "paragraph")]
+    assert sorted(read) == sorted(expected) and len(open_source(data, "validation")) > 0
+    assert (tmp_path / "fresh-cache" / "remote" / "gs").is_dir()  # read through the local mirror
+
+    cfg = config.load(REPO / "configs/experiments/gpt-tiny.yaml", [
+        "model.vocab_size=400", "data.source=text", f"data.paths=[{prepared['text']}]",
+        "data.validation_fraction=0.3", "data.document_unit=paragraph", f"data.data_dir={prepared['data_dir']}",
+        f"data.tokenizer={prepared['tok']}", "train.steps=2", "train.seq_len=32", "train.batch_size=8",
+        "train.log_every=1", f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.eval_steps=1",
+        "train.plot=false", "checkpoint.every=0", "mesh.data=-1"])
+    result = train(cfg)
+    assert result.exit_code == 0 and np.isfinite(result.train_metrics["loss"])
+
+
+def test_metrics_on_the_bucket_are_chunks_that_resume_trims(gcs_bucket):
+    from llmjax.metrics import MetricsWriter, read_metrics
+    from llmjax.plot import read_metrics as plot_read
+
+    run = f"{gcs_bucket}/metrics-run"
+    writer = MetricsWriter(run, tensorboard=True, start_step=0)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 10.0 - step})
+    writer.flush()  # as at a checkpoint: chunk 0
+    for step in (4, 5):
+        writer.write(step, {"loss": 10.0 - step})
+    writer.close()  # chunk 1
+    root = paths.resolve(run)
+    assert sorted(p.name for p in root.joinpath("metrics").iterdir()) == ["000000000000.jsonl", "000000000001.jsonl"]
+    assert not root.joinpath("metrics.jsonl").exists()  # never a growing object
+    events = sorted(p.name for p in root.joinpath("tensorboard").iterdir())
+    assert events == ["events.out.tfevents.000000000000.llmjax", "events.out.tfevents.000000000001.llmjax"]
+    rows = read_metrics(f"{run}/metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == [(s, 10.0 - s) for s in range(1, 6)]
+    assert plot_read(run) == rows
+
+    # A run resumed from step 4 drops step 5 (written after its last checkpoint), with its events.
+    MetricsWriter(run, tensorboard=True, start_step=4).close()
+    assert [r["step"] for r in read_metrics(f"{run}/metrics.jsonl")] == [1, 2, 3, 4]
+    assert len(list(root.joinpath("tensorboard").iterdir())) == 2
+    MetricsWriter(run, tensorboard=True, start_step=2).close()  # the whole newest chunk goes
+    assert [r["step"] for r in read_metrics(f"{run}/metrics.jsonl")] == [1, 2]
+    assert [p.name for p in root.joinpath("tensorboard").iterdir()] == ["events.out.tfevents.000000000000.llmjax"]
+
+
+def test_no_local_path_named_gs_was_created(tmp_path_factory):
+    """Runs last in this module: pathlib would have turned gs://b/x into a local gs:/b/x."""
+    roots = [Path.cwd(), REPO, tmp_path_factory.getbasetemp(), Path(paths.cache_root())]
+    for root in roots:
+        if root.is_dir():
+            found = [str(p) for p in root.rglob("gs:*") if "remote" not in p.parts]
+            assert not found, found
