@@ -127,7 +127,7 @@ def test_training_reads_the_bucket_dataset(prepared, tmp_path, monkeypatch):
     assert (tmp_path / "fresh-cache" / "remote" / "gs").is_dir()  # read through the local mirror
 
     cfg = config.load(REPO / "configs/experiments/gpt-tiny.yaml", [
-        "model.vocab_size=400", "data.source=text", f"data.paths=[{prepared['text']}]",
+        "data.source=text", f"data.paths=[{prepared['text']}]",
         "data.validation_fraction=0.3", "data.document_unit=paragraph", f"data.data_dir={prepared['data_dir']}",
         f"data.tokenizer={prepared['tok']}", "train.steps=2", "train.seq_len=32", "train.batch_size=8",
         "train.log_every=1", f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.eval_steps=1",
@@ -164,6 +164,33 @@ def test_metrics_on_the_bucket_are_chunks_that_resume_trims(gcs_bucket):
     MetricsWriter(run, tensorboard=True, start_step=2).close()  # the whole newest chunk goes
     assert [r["step"] for r in read_metrics(f"{run}/metrics.jsonl")] == [1, 2]
     assert [p.name for p in root.joinpath("tensorboard").iterdir()] == ["events.out.tfevents.000000000000.llmjax"]
+
+
+def test_from_pretrained_and_convert_to_and_from_the_bucket(gcs_bucket, capsys):
+    """llmjax export -> gs://, `convert llmjax-to-hf` gs:// -> gs://, `convert hf-to-llmjax`
+    gs:// -> gs://, from_pretrained(gs://): the parameters come back exactly."""
+    import jax
+
+    from llmjax.config import model_config
+    from llmjax.models import init_params
+    from llmjax.pretrained import PretrainedModel, from_pretrained
+    from llmjax.tree import flatten
+
+    cfg = model_config("llama-tiny", vocab_size=64, d_model=32, num_layers=1, num_heads=4, d_ff=48, max_len=32)
+    params = init_params(cfg, jax.random.key(0))
+    base = f"{gcs_bucket}/models"
+    PretrainedModel(cfg, params).save(f"{base}/export")
+    assert paths.resolve(f"{base}/export/config.yaml").exists()
+    assert cli.main(["convert", "llmjax-to-hf", f"{base}/export", f"{base}/hf"]) == 0
+    assert paths.resolve(f"{base}/hf/config.json").exists() and paths.glob(f"{base}/hf/*.safetensors")
+    assert cli.main(["convert", "hf-to-llmjax", f"{base}/hf", f"{base}/back"]) == 0
+    for source in (f"{base}/export", f"{base}/hf", f"{base}/back"):
+        loaded = flatten(from_pretrained(source).params)
+        for key, value in flatten(params).items():
+            np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(value), err_msg=f"{source}: {key}")
+    # An export over an existing one needs --force, on the bucket as on disk.
+    assert cli.main(["convert", "hf-to-llmjax", f"{base}/hf", f"{base}/back"]) == 2
+    assert "--force" in capsys.readouterr().err
 
 
 def test_no_local_path_named_gs_was_created(tmp_path_factory):
