@@ -89,16 +89,17 @@ def prepared(gcs_bucket, tmp_path_factory):
     from llmjax.data.tokenizer import train_sentencepiece
 
     local = tmp_path_factory.mktemp("text")
+    base = f"{gcs_bucket}/{local.name}"  # one prefix per instantiation (test_storage_train has its own)
     for i in range(3):
         (local / f"doc{i}.txt").write_text(TEXT.replace("fox", f"fox{i}"))
-        paths.upload(local / f"doc{i}.txt", f"{gcs_bucket}/text/doc{i}.txt")
-    tok = f"{gcs_bucket}/tok"
-    train_sentencepiece([f"{gcs_bucket}/text/doc0.txt", f"{gcs_bucket}/text/doc1.txt"], tok, 400)
-    code = cli.main(["data", "prepare", "--paths", f"{gcs_bucket}/text/*.txt", "--validation-fraction", "0.3",
-                     "--document-unit", "paragraph", "--data-dir", f"{gcs_bucket}/data", "--tokenizer", tok,
+        paths.upload(local / f"doc{i}.txt", f"{base}/text/doc{i}.txt")
+    tok = f"{base}/tok"
+    train_sentencepiece([f"{base}/text/doc0.txt", f"{base}/text/doc1.txt"], tok, 400)
+    code = cli.main(["data", "prepare", "--paths", f"{base}/text/*.txt", "--validation-fraction", "0.3",
+                     "--document-unit", "paragraph", "--data-dir", f"{base}/data", "--tokenizer", tok,
                      "--seq-len", "32"])
     assert code == 0
-    return {"local": local, "tok": tok, "data_dir": f"{gcs_bucket}/data", "text": f"{gcs_bucket}/text/*.txt"}
+    return {"local": local, "tok": tok, "data_dir": f"{base}/data", "text": f"{base}/text/*.txt"}
 
 
 def test_prepare_writes_the_dataset_into_the_bucket(prepared):
@@ -111,9 +112,8 @@ def test_prepare_writes_the_dataset_into_the_bucket(prepared):
 
 def test_training_reads_the_bucket_dataset(prepared, tmp_path, monkeypatch):
     """The gs:// dataset, fetched into a fresh, empty cache, holds exactly the paragraphs of the
-    text files (train + validation); then a 2-step run trains from the bucket."""
+    text files (train + validation). (test_storage_train.py trains from it.)"""
     from llmjax.data.sources import open_source, split_documents
-    from llmjax.train.trainer import train
 
     monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "fresh-cache"))  # nothing mirrored yet
     data = config.load(REPO / "configs/experiments/gpt-tiny.yaml", [
@@ -125,15 +125,6 @@ def test_training_reads_the_bucket_dataset(prepared, tmp_path, monkeypatch):
     expected = [d for f in sorted(prepared["local"].glob("*.txt")) for d in split_documents(f.read_text(), "paragraph")]
     assert sorted(read) == sorted(expected) and len(open_source(data, "validation")) > 0
     assert (tmp_path / "fresh-cache" / "remote" / "gs").is_dir()  # read through the local mirror
-
-    cfg = config.load(REPO / "configs/experiments/gpt-tiny.yaml", [
-        "data.source=text", f"data.paths=[{prepared['text']}]",
-        "data.validation_fraction=0.3", "data.document_unit=paragraph", f"data.data_dir={prepared['data_dir']}",
-        f"data.tokenizer={prepared['tok']}", "train.steps=2", "train.seq_len=32", "train.batch_size=8",
-        "train.log_every=1", f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.eval_steps=1",
-        "train.plot=false", "checkpoint.every=0", "mesh.data=-1"])
-    result = train(cfg)
-    assert result.exit_code == 0 and np.isfinite(result.train_metrics["loss"])
 
 
 def test_metrics_on_the_bucket_are_chunks_that_resume_trims(gcs_bucket):
@@ -166,6 +157,16 @@ def test_metrics_on_the_bucket_are_chunks_that_resume_trims(gcs_bucket):
     assert [p.name for p in root.joinpath("tensorboard").iterdir()] == ["events.out.tfevents.000000000000.llmjax"]
 
 
+def test_labelled_files_on_the_bucket_read_like_local_ones(gcs_bucket, tmp_path):
+    from llmjax.data.labelled import labelled_files, read_labelled
+
+    (tmp_path / "a.csv").write_text("text,label\nhello there,pos\n\"a, quoted\",neg\n")
+    paths.upload(tmp_path / "a.csv", f"{gcs_bucket}/labelled/a.csv")
+    assert labelled_files([f"{gcs_bucket}/labelled/*.csv"], "data.train_files") == [f"{gcs_bucket}/labelled/a.csv"]
+    assert read_labelled(f"{gcs_bucket}/labelled/a.csv", "text", "label") == \
+        read_labelled(str(tmp_path / "a.csv"), "text", "label")
+
+
 def test_from_pretrained_and_convert_to_and_from_the_bucket(gcs_bucket, capsys):
     """llmjax export -> gs://, `convert llmjax-to-hf` gs:// -> gs://, `convert hf-to-llmjax`
     gs:// -> gs://, from_pretrained(gs://): the parameters come back exactly."""
@@ -184,10 +185,9 @@ def test_from_pretrained_and_convert_to_and_from_the_bucket(gcs_bucket, capsys):
     assert cli.main(["convert", "llmjax-to-hf", f"{base}/export", f"{base}/hf"]) == 0
     assert paths.resolve(f"{base}/hf/config.json").exists() and paths.glob(f"{base}/hf/*.safetensors")
     assert cli.main(["convert", "hf-to-llmjax", f"{base}/hf", f"{base}/back"]) == 0
-    for source in (f"{base}/export", f"{base}/hf", f"{base}/back"):
-        loaded = flatten(from_pretrained(source).params)
-        for key, value in flatten(params).items():
-            np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(value), err_msg=f"{source}: {key}")
+    loaded = flatten(from_pretrained(f"{base}/back").params)  # export -> hf -> export, all on gs://
+    for key, value in flatten(params).items():
+        np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(value), err_msg=key)
     # An export over an existing one needs --force, on the bucket as on disk.
     assert cli.main(["convert", "hf-to-llmjax", f"{base}/hf", f"{base}/back"]) == 2
     assert "--force" in capsys.readouterr().err
@@ -198,5 +198,5 @@ def test_no_local_path_named_gs_was_created(tmp_path_factory):
     roots = [Path.cwd(), REPO, tmp_path_factory.getbasetemp(), Path(paths.cache_root())]
     for root in roots:
         if root.is_dir():
-            found = [str(p) for p in root.rglob("gs:*") if "remote" not in p.parts]
+            found = [str(p) for p in root.rglob("gs:*")]
             assert not found, found
