@@ -231,11 +231,17 @@ def local_copy(path: PathLike, key: str = "path") -> str:
             fs.get(text.rstrip("/") + "/", os.path.join(partial, "x") + "/", recursive=True)
         else:
             fs.get(text, os.path.join(partial, "x"))
-        os.replace(os.path.join(partial, "x"), target)
+        try:
+            os.replace(os.path.join(partial, "x"), target)
+        except OSError:
+            if not os.path.exists(target):  # else another process on this host just fetched it
+                raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    with open(stamp, "w", encoding="utf-8") as f:
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(target),
+                                     prefix=".stamp-", delete=False) as f:
         f.write(signature)
+    os.replace(f.name, stamp)  # atomic: a reader sees the old stamp or the new one
     return target
 
 

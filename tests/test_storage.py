@@ -98,7 +98,7 @@ def prepared(gcs_bucket, tmp_path_factory):
     code = cli.main(["data", "prepare", "--paths", f"{base}/text/*.txt", "--validation-fraction", "0.3",
                      "--document-unit", "paragraph", "--data-dir", f"{base}/data", "--tokenizer", tok,
                      "--seq-len", "32"])
-    assert code == 0
+    assert code == 0  # (it prints `dataset: gs://.../data/llmjax_text/<name>/1.0.0`)
     return {"local": local, "tok": tok, "data_dir": f"{base}/data", "text": f"{base}/text/*.txt"}
 
 
@@ -127,6 +127,19 @@ def test_training_reads_the_bucket_dataset(prepared, tmp_path, monkeypatch):
     assert (tmp_path / "fresh-cache" / "remote" / "gs").is_dir()  # read through the local mirror
 
 
+def test_a_tfds_dataset_in_a_bucket_data_dir_opens_by_name(prepared, tmp_path, monkeypatch):
+    """`source: tfds` with a gs:// data_dir: the dataset's version directory is mirrored once."""
+    from llmjax.data.sources import open_tfds
+
+    monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "fresh-cache"))
+    (info,) = paths.glob(f"{prepared['data_dir']}/llmjax_text/*/1.0.0/dataset_info.json")
+    name = "llmjax_text/" + info.split("/")[-3]
+    train = open_tfds(name, prepared["data_dir"], "train", ["text"])
+    validation = open_tfds(name, prepared["data_dir"], "validation", ["text"])
+    assert len(train) + len(validation) == 12 and len(validation) > 0
+    assert "The quick brown fox" in train[0]["text"]
+
+
 def test_metrics_on_the_bucket_are_chunks_that_resume_trims(gcs_bucket):
     from llmjax.metrics import MetricsWriter, read_metrics
     from llmjax.plot import read_metrics as plot_read
@@ -147,6 +160,9 @@ def test_metrics_on_the_bucket_are_chunks_that_resume_trims(gcs_bucket):
     rows = read_metrics(f"{run}/metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in rows] == [(s, 10.0 - s) for s in range(1, 6)]
     assert plot_read(run) == rows
+    from llmjax.plot import plot_runs
+
+    assert plot_runs([run]).read_bytes()[:4] == b"\x89PNG"  # curves.png written into the bucket
 
     # A run resumed from step 4 drops step 5 (written after its last checkpoint), with its events.
     MetricsWriter(run, tensorboard=True, start_step=4).close()
@@ -170,15 +186,15 @@ def test_labelled_files_on_the_bucket_read_like_local_ones(gcs_bucket, tmp_path)
 def test_from_pretrained_and_convert_to_and_from_the_bucket(gcs_bucket, capsys):
     """llmjax export -> gs://, `convert llmjax-to-hf` gs:// -> gs://, `convert hf-to-llmjax`
     gs:// -> gs://, from_pretrained(gs://): the parameters come back exactly."""
-    import jax
-
     from llmjax.config import model_config
-    from llmjax.models import init_params
+    from llmjax.models.api import abstract_params
     from llmjax.pretrained import PretrainedModel, from_pretrained
-    from llmjax.tree import flatten
+    from llmjax.tree import flatten, unflatten
 
     cfg = model_config("llama-tiny", vocab_size=64, d_model=32, num_layers=1, num_heads=4, d_ff=48, max_len=32)
-    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)  # numpy values: no compiled init needed
+    params = unflatten({k: rng.standard_normal(v.shape).astype(v.dtype)
+                        for k, v in flatten(abstract_params(cfg, boxed=False)).items()})
     base = f"{gcs_bucket}/models"
     PretrainedModel(cfg, params).save(f"{base}/export")
     assert paths.resolve(f"{base}/export/config.yaml").exists()

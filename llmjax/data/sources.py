@@ -225,7 +225,7 @@ def _quiet_absl():
 def prepare_text_dataset(config: DataConfig) -> tuple[Any, dict[str, Any]]:
     """Build (once) the array_record dataset for `config`'s text files; returns (builder, per-split stats)."""
     builder = text_builder(config)
-    remote = _remote_version_dir(config.data_dir, str(builder.data_dir))
+    remote = remote_version_dir(config.data_dir, str(builder.data_dir))
     if not builder.is_prepared() and remote and paths.resolve(remote).joinpath("dataset_info.json").exists():
         paths.local_copy(remote, "data.data_dir")  # prepared on another host: fetch it
         builder = text_builder(config)
@@ -237,7 +237,7 @@ def prepare_text_dataset(config: DataConfig) -> tuple[Any, dict[str, Any]]:
     return builder, dict(builder.info.metadata.get("stats", {}))
 
 
-def _remote_version_dir(data_dir: str, local_version_dir: str) -> str | None:
+def remote_version_dir(data_dir: str, local_version_dir: str) -> str | None:
     """The object-storage twin of a dataset version directory in data_dir's local mirror
     (None for a local data_dir)."""
     if not paths.is_remote(data_dir):
