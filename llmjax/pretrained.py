@@ -172,7 +172,8 @@ class PretrainedModel:
         from llmjax.config import from_dict
         from llmjax.train.trainer import train
 
-        run_dir = Path(run_dir).expanduser()
+        run_dir = (paths.resolve(run_dir, "run_dir") if paths.is_remote(paths.check(run_dir, "run_dir"))
+                   else Path(run_dir).expanduser())  # pathlib would turn gs://b/x into gs:/b/x
         # An unchanged llmjax export is referenced where it is, not copied into the run.
         # force: a resumed finetune rewrites the base export it wrote before.
         base = _unchanged_export(self) or self.save(run_dir / "base", force=True)

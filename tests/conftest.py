@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -60,15 +62,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.network)
 
 
-@__import__("pytest").fixture(scope="session")
+@pytest.fixture(scope="session")
 def gcs_bucket():
     """`gs://llmjax-test`: a bucket on a real GCS server (fake-gcs-server on 127.0.0.1, free
     port) started once per session; its STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL /
     GOOGLE_AUTH_TOKEN_FOR_TESTING are in os.environ (so subprocesses reach it) until it stops.
     Skipped when the `test` extra's fake-gcs-server or gcsfs is not installed."""
     import importlib.util
-
-    import pytest
 
     from gcs_server import binary, running
 

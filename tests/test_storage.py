@@ -48,6 +48,15 @@ def test_bad_scheme_in_a_run_fails_before_anything_is_created(tmp_path, monkeypa
     assert not os.path.exists(tmp_path / "gs:")
 
 
+def test_s3_without_its_client_names_the_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed")
+    with pytest.raises(ConfigError, match=r"s3fs.*llmjax\[s3\]"):
+        paths.resolve("s3://bucket/run", "train.run_dir")
+
+
 def test_missing_bucket_is_a_one_line_error(gcs_bucket, tmp_path, capsys):
     with pytest.raises(ConfigError, match="bucket 'no-such-bucket' does not exist") as err:
         paths.resolve("gs://no-such-bucket/run", "train.run_dir")
