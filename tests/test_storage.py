@@ -218,6 +218,29 @@ def test_from_pretrained_and_convert_to_and_from_the_bucket(gcs_bucket, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def test_gguf_from_the_bucket(gcs_bucket, tmp_path):
+    """`convert gguf-to-llmjax gs://...gguf gs://...` and from_pretrained(gs://...gguf) (fetched
+    once into the cache) give the parameters the GGUF file was written from."""
+    pytest.importorskip("gguf")
+    from llmjax.config import model_config
+    from llmjax.models.api import abstract_params
+    from llmjax.pretrained import from_pretrained
+    from llmjax.tree import flatten, unflatten
+    from test_security import TINY, _write_gguf
+
+    cfg = model_config("llama-tiny", **TINY, tie_embeddings=False)
+    rng = np.random.default_rng(1)
+    params = unflatten({k: rng.standard_normal(v.shape).astype(np.float32)
+                        for k, v in flatten(abstract_params(cfg, boxed=False)).items()})
+    source = f"{gcs_bucket}/gguf/tiny.gguf"
+    paths.upload(_write_gguf(tmp_path / "tiny.gguf", cfg, params), source)
+    assert cli.main(["convert", "gguf-to-llmjax", source, f"{gcs_bucket}/gguf/llmjax"]) == 0
+    for loaded in (from_pretrained(f"{gcs_bucket}/gguf/llmjax"), from_pretrained(source)):
+        flat = flatten(loaded.params)
+        for key, value in flatten(params).items():
+            np.testing.assert_allclose(np.asarray(flat[key], np.float32), value, rtol=0, atol=1e-6, err_msg=key)
+
+
 def test_no_local_path_named_gs_was_created(tmp_path_factory):
     """Runs last in this module: pathlib would have turned gs://b/x into a local gs:/b/x."""
     roots = [Path.cwd(), REPO, tmp_path_factory.getbasetemp(), Path(paths.cache_root())]
