@@ -76,11 +76,12 @@ def resolve(path: PathLike, key: str = "path", *, check_bucket: bool = True) -> 
     if not is_remote(text):
         return epath.Path(os.path.expanduser(text))
     if check_bucket:
-        _check_bucket(scheme(text), text.split("/")[2], key, text)
+        _check_bucket(scheme(text), bucket_of(text), key, text)
     return epath.Path(text)
 
 
 def bucket_of(path: str) -> str:
+    """The bucket of a checked `scheme://bucket/...` URL."""
     return path.split("/")[2]
 
 
@@ -94,7 +95,7 @@ def _check_bucket(kind: str, bucket: str, key: str, text: str) -> None:
         _check_gcs_credentials(key, text)
     try:
         exists = _bucket_exists(kind, bucket)
-    except ImportError:
+    except ConfigError:  # the client package is missing: its own message names the extra
         raise
     except Exception as err:  # the storage client's own error types: say what failed
         raise ConfigError(f"{key}={text!r}: cannot reach bucket {bucket!r} "
@@ -160,7 +161,8 @@ def glob(pattern: str, key: str = "path") -> list[str]:
     kind = scheme(text)
     resolve(text.split("*")[0].split("?")[0].split("[")[0] or text, key)  # bucket + credentials
     fs = filesystem(kind)
-    return sorted(f"{kind}://{p}" for p in fs.glob(text) if fs.isfile(p))
+    found = fs.glob(text, detail=True)  # one listing, not one request per file
+    return sorted(f"{kind}://{p}" for p, info in found.items() if info.get("type") == "file")
 
 
 def join(base: PathLike, *parts: str) -> str:
