@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from llmjax import paths
 from llmjax.checkpoint import describe_os_error
 from llmjax.config import Config, ConfigError
-from llmjax import paths
 from llmjax.data.tokenizer import load_tokenizer
 from llmjax.errors import MissingInputError
 
