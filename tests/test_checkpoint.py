@@ -24,6 +24,7 @@ import pytest
 from llmjax import compile_cache, config
 from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, TrainCheckpoints
 from llmjax.train.experiment import build
+from llmjax.train.resume import restore_state
 from llmjax.train.trainer import evaluate_run, train
 from llmjax.tree import flatten
 
@@ -50,7 +51,7 @@ CHILD = textwrap.dedent('''
     spec = json.loads(sys.argv[1])
     from llmjax import compile_cache, config
     compile_cache.enable(spec["cache"])
-    import llmjax.checkpoint as ck
+    import llmjax.checkpoint.data_state as ck
     from llmjax.train.trainer import train
     cfg = config.load(spec["config"], spec["overrides"])
     ckdir = Path(cfg.train.run_dir) / "checkpoints"
@@ -196,7 +197,7 @@ def test_reshard_222_to_811_to_one_device(tmp_path, straight, cache_dir):
                           f"mesh.tensor={mesh[2]}")
         exp = build(cfg, devices)
         ckpt = TrainCheckpoints(run_dir, cfg)
-        state, data, _ = ckpt.restore(EVERY, exp)
+        state, data, _ = restore_state(ckpt, EVERY, exp)
         ckpt.close()
         leaf = jax.tree.leaves(state.params)[0]
         assert len(leaf.sharding.device_set) == (1 if devices else 8)
@@ -269,7 +270,8 @@ def test_truncated_file_is_a_clear_error(copy_of):
 def test_diagnosis_blames_no_leaf_of_a_healthy_checkpoint(straight):
     """_diagnose (run after a failed restore) re-reads leaf by leaf; on a healthy checkpoint
     it must find nothing to blame (it once failed on every optimizer-state leaf)."""
-    from llmjax.checkpoint import _abstract_saved_form, _diagnose
+    from llmjax.checkpoint.train_checkpoints import abstract_saved_form as _abstract_saved_form
+    from llmjax.checkpoint.trees import diagnose as _diagnose
     cfg = make_config(straight[0].run_dir)
     exp = build(cfg)
     abstract = exp.abstract_state()
