@@ -260,11 +260,16 @@ def _damage(step_dir: Path, how: str) -> str:
     return rf"{step_dir.name}/{path} is truncated"
 
 
-def _resume_point(run_dir, caplog):
+@pytest.fixture(scope="module")
+def exp_of_run(straight):
+    """The run's Experiment (model, mesh, shardings), built once for the restore-only tests."""
+    return build(make_config(straight[0].run_dir, "train.steps=12"))
+
+
+def _resume_point(run_dir, caplog, exp):
     """What a resume of `run_dir` starts from (no train step compiled): (step, warnings)."""
     from llmjax.train.resume import restore_or_init
     cfg = make_config(run_dir, "train.steps=12")
-    exp = build(cfg)
     ckpt = TrainCheckpoints(run_dir, cfg)
     caplog.clear()
     try:
@@ -277,12 +282,13 @@ def _resume_point(run_dir, caplog):
 @pytest.mark.parametrize("how", ["state metadata missing", "data file missing",
                                  "commit marker missing", "meta truncated",
                                  "array chunk truncated", "array chunk missing"])
-def test_torn_latest_checkpoint_resumes_from_the_newest_complete_one(copy_of, caplog, how):
+def test_torn_latest_checkpoint_resumes_from_the_newest_complete_one(copy_of, caplog, how,
+                                                                   exp_of_run):
     """Issue 15: a torn latest checkpoint is skipped with a warning naming it and why (and
     moved aside, not deleted); with no complete one left, a CheckpointError names each."""
     run_dir = copy_of()
     named = _damage(run_dir / "checkpoints" / str(STEPS), how)
-    resumed, warnings = _resume_point(run_dir, caplog)
+    resumed, warnings = _resume_point(run_dir, caplog, exp_of_run)
     assert resumed == EVERY
     assert len(warnings) == 1 and re.search(rf"skipped checkpoint {STEPS}: .*{named}",
                                             warnings[0]), warnings
@@ -296,7 +302,7 @@ def test_torn_latest_checkpoint_resumes_from_the_newest_complete_one(copy_of, ca
         also = _damage(run_dir / "checkpoints" / str(EVERY), how)
         with pytest.raises(CheckpointError, match=rf"holds no complete checkpoint \("
                                                   rf"checkpoint {EVERY}: .*{also}"):
-            _resume_point(run_dir, caplog)
+            _resume_point(run_dir, caplog, exp_of_run)
 
 
 def test_torn_latest_checkpoint_run_continues_exactly(copy_of, straight):
