@@ -11,7 +11,7 @@ import numpy as np
 
 from llmjax.checkpoint import CheckpointError, TornCheckpointError, TrainCheckpoints
 from llmjax.checkpoint.run_meta import check_compatible, check_rng_impl, check_tokenizer
-from llmjax.checkpoint.train_checkpoints import abstract_saved_form
+from llmjax.checkpoint.train_checkpoints import SET_ASIDE_DIR, abstract_saved_form
 from llmjax.config import Config, ConfigError
 from llmjax.peft.base_ref import BaseRef, reference, restore_frozen
 from llmjax.train import report
@@ -94,7 +94,8 @@ def restore_newest_complete(ckpt: TrainCheckpoints, exp: Experiment, shardings=N
                     log.warning("resuming from checkpoint %d, the newest complete one; skipped "
                                 "%s; moved to %s (not deleted)", step,
                                 "; ".join(f"checkpoint {s}: {why}" for s, why in skipped),
-                                ", ".join(map(str, moved)) or ckpt.run_dir)
+                                ", ".join(map(str, moved)) or
+                                f"{ckpt.run_dir / SET_ASIDE_DIR}/ by process 0")
                 return state, data_state, meta, step
         skipped.append((step, problem or "unreadable on another process"))
     raise CheckpointError(
