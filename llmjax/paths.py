@@ -171,7 +171,20 @@ def filesystem(kind: str):
     except ImportError:
         raise ConfigError(f"{kind}:// paths need the Python package {package!r}: "
                           f"pip install 'llmjax[{'gcs' if kind == 'gs' else 's3'}]'") from None
-    return fsspec.filesystem(kind)
+    try:  # the very instance epath (and so orbax) uses: one listing cache, kept coherent
+        from etils.epath import backend
+        return backend.fsspec_backend.fs(f"{kind}://")
+    except (ImportError, AttributeError):  # another etils layout: a filesystem of our own
+        return fsspec.filesystem(kind)
+
+
+def forget_listings(path: PathLike) -> None:
+    """Drop this process's cached directory listings under `path` (object storage): gcsfs
+    caches listings per process, so after another process (host 0) changed a directory the
+    others must forget what they listed before. A no-op for local paths."""
+    text = os.fspath(path)
+    if is_remote(text):
+        filesystem(scheme(text)).invalidate_cache(text)
 
 
 def glob(pattern: str, key: str = "path") -> list[str]:

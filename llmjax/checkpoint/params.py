@@ -130,8 +130,8 @@ def commit_staged(staging: epath.Path, out: epath.Path) -> epath.Path:
     """Swap the finished export into OUT (the old one is removed only afterwards)."""
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
     if out.exists():
-        out.rename(old)
-    staging.rename(out)
+        paths.move(out, old)  # object storage: copy, then delete (no rename there)
+    paths.move(staging, out)
     if old.exists():
         old.rmtree()
     return out

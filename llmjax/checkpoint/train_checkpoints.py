@@ -253,6 +253,7 @@ class TrainCheckpoints:
                 moved.append(paths.move(self.step_dir(step), aside / f"{step}-{int(time.time())}"))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("llmjax: incomplete checkpoints set aside")
+        paths.forget_listings(self.directory)  # the other hosts listed it before the move
         self.manager.reload()
         return moved
 
