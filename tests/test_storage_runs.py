@@ -240,3 +240,67 @@ def test_one_process_kill9_then_two_processes_resume(killed_single, straight, wo
     assert final.source.name == str(STEPS)
     assert_same_params({k: np.asarray(v) for k, v in flatten(final.params).items()},
                        straight_params, rtol=CROSS_RTOL)
+
+
+def test_a_torn_checkpoint_on_gcs_is_moved_aside_and_the_run_resumes(prefix, straight, workdir,
+                                                                     caplog):
+    """The newest checkpoint lost an object (a save cut off on object storage): the relaunch
+    warns, copies it to checkpoints.incomplete/ and deletes it (no rename on GCS), resumes
+    from the one before and ends where the straight run did."""
+    _, straight_losses, straight_params = straight
+    run = f"{prefix}/torn"
+    copy_prefix(f"{prefix}/straight", run)
+    paths.resolve(f"{run}/checkpoints/{STEPS}/state/manifest.ocdbt").unlink()
+    with caplog.at_level("WARNING", logger="llmjax"):
+        result = resume_here(run, workdir)
+    assert result.exit_code == 0 and result.resumed_from == STEPS - 2
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"checkpoint {STEPS}: {run}/checkpoints/{STEPS}/state/manifest.ocdbt is missing" \
+        in warning, warning
+    [aside] = paths.resolve(f"{run}/checkpoints.incomplete").iterdir()
+    assert aside.name.startswith(f"{STEPS}-") and (aside / "state" / "_METADATA").exists()
+    assert not (aside / "state" / "manifest.ocdbt").exists()
+    assert (paths.resolve(f"{run}/checkpoints/{STEPS}/state/manifest.ocdbt")).exists()
+    assert losses(run) == straight_losses
+    assert_same_params(params_of(result.state), straight_params)
+
+
+def test_exports_save_params_and_adapters_on_gcs_and_init_from_them(prefix, straight, capsys):
+    from llmjax import cli, peft
+    from llmjax.checkpoint import load_params, save_params
+    from llmjax.config import ConfigError
+    from llmjax.train.experiment import build
+    from llmjax.train.init_from import init_from
+
+    result, _, straight_params = straight
+    run, out = f"{prefix}/straight", f"{prefix}/export"
+    assert cli.main(["export", run, out]) == 0
+    assert cli.main(["export", run, out]) == 2  # exists: --force needed, said in one line
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["export", run, out, "--force"]) == 0
+    assert not [p for p in paths.resolve(prefix).iterdir() if p.name.startswith(".export")]
+
+    cfg = config.load(GPT, overrides(f"{prefix}/unused"))
+    exp = build(cfg)
+    for source in (run, out):  # a gs:// run (its latest checkpoint) and a gs:// export
+        state, report = init_from(exp, source)
+        assert not report.new and not report.dropped
+        assert_same_params(params_of(state), straight_params)
+
+    saved = f"{prefix}/params"
+    save_params(saved, result.state.params, cfg)
+    with pytest.raises(ConfigError, match="already holds"):
+        save_params(saved, result.state.params, cfg)
+    save_params(saved, result.state.params, cfg, force=True)
+    params, stored = load_params(saved)
+    assert stored["model"] == cfg.to_dict()["model"]
+    assert_same_params({k: np.asarray(v) for k, v in flatten(params).items()}, straight_params)
+    with pytest.raises(ConfigError, match="training run directory"):
+        save_params(run, result.state.params, cfg, force=True)  # never into a run
+
+    adapter = f"{prefix}/adapter"
+    head = {"lm_head": result.state.params.get("lm_head", next(iter(result.state.params.values())))}
+    peft.save_adapter(adapter, head, peft.PeftConfig(method="lora"), base=out)
+    tree, peft_cfg, stored = peft.load_adapter(adapter)
+    assert peft_cfg.method == "lora" and stored["base"] == out
+    assert flatten(tree).keys() == flatten(head).keys()
