@@ -248,3 +248,37 @@ def test_no_local_path_named_gs_was_created(tmp_path_factory):
         if root.is_dir():
             found = [str(p) for p in root.rglob("gs:*")]
             assert not found, found
+
+
+def test_data_state_of_two_processes_continues_on_one_and_back():
+    """A checkpoint's per-process data states re-divided for another process count (what a
+    run moved between 2 hosts and 1 does, llmjax/checkpoint/data_state.py): the following
+    global batches are the same rows."""
+    from llmjax.config import DataConfig
+    from llmjax.data.pipeline import make_iterator
+
+    data = DataConfig(source="synthetic", synthetic_num_documents=50)
+
+    def iterators(count):
+        return [make_iterator(data, "lm", 16, 8, process_index=i, process_count=count,
+                              vocab_size=512) for i in range(count)]
+
+    def global_batch(its):
+        return np.concatenate([next(it)["tokens"] for it in its])
+
+    two, one = iterators(2), iterators(1)
+    for _ in range(5):
+        np.testing.assert_array_equal(global_batch(two), global_batch(one))
+    moved_to_one = iterators(1)
+    moved_to_one[0].set_state([it.get_state() for it in two])
+    moved_to_two = iterators(2)
+    for it in moved_to_two:
+        it.set_state([one[0].get_state()])
+    for _ in range(3):
+        want = global_batch(one)
+        np.testing.assert_array_equal(global_batch(moved_to_one), want)
+        np.testing.assert_array_equal(global_batch(moved_to_two), want)
+        global_batch(two)
+    with pytest.raises(ValueError, match="seq_len: saved 16 vs now 32"):
+        make_iterator(data, "lm", 32, 8, process_index=0, process_count=1,
+                      vocab_size=512).set_state([it.get_state() for it in two])

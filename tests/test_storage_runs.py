@@ -99,11 +99,13 @@ def params_of(state) -> dict:
     return {k: np.asarray(jax.device_get(v)) for k, v in flatten(state.params).items()}
 
 
-def assert_same_params(got: dict, want: dict, rtol: float = 0.0) -> None:
+def assert_same_params(got: dict, want: dict, **tolerance) -> None:
     assert got.keys() == want.keys()
     for key in want:
-        if rtol:
-            np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=rtol, err_msg=key)
+        if tolerance and key.endswith(NOISE_ONLY):
+            np.testing.assert_allclose(got[key], want[key], err_msg=key, atol=NOISE_ATOL)
+        elif tolerance:
+            np.testing.assert_allclose(got[key], want[key], err_msg=key, **tolerance)
         else:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
@@ -201,10 +203,19 @@ def test_kill9_on_gcs_then_relaunch_is_bit_identical(killed_single, straight, wo
     assert not found, found
 
 
-# Two processes x 4 devices and one x 8 compute the same math, but the gradient all-reduce
-# sums in another order across the two processes (gloo) than within one: last-bit differences
-# (rtol 1e-6 in test_multihost). A relaunch with another process count is compared at 1e-5.
-CROSS_RTOL = 1e-5
+# Two processes x 4 devices and one x 8 run the same program on the same global batches, but
+# the gradient all-reduce across two processes (gloo, CPU collectives) adds the devices'
+# partial sums in another order than the reduction within one process: float addition is not
+# associative, so the parameters differ in the last bits (measured after two steps: at most
+# 2.3e-10 absolute, 3.1e-6 relative) and so do the logged losses (1.5e-7 relative). Runs that
+# change the process count are compared at these tolerances; same-count resumes bit-exactly.
+# The attention key bias has an exactly zero gradient (softmax ignores a shift shared by all
+# keys): it holds rounding noise, which AdamW scales up to ~lr * noise / eps per step
+# (measured: 7.5e-7 apart), so it is compared in absolute terms only.
+LOSS_RTOL = 1e-6
+PARAM_TOL = {"rtol": 1e-5, "atol": 1e-8}
+NOISE_ONLY = ("attention/key/bias",)
+NOISE_ATOL = 1e-5
 
 
 def test_two_processes_kill9_then_one_process_resumes(prefix, workdir, child_script, straight):
@@ -219,8 +230,8 @@ def test_two_processes_kill9_then_one_process_resumes(prefix, workdir, child_scr
     got = losses(run)
     assert [r[:2] for r in got] == [r[:2] for r in straight_losses]
     np.testing.assert_allclose([r[2] for r in got], [r[2] for r in straight_losses],
-                               rtol=CROSS_RTOL)
-    assert_same_params(params_of(result.state), straight_params, rtol=CROSS_RTOL)
+                               rtol=LOSS_RTOL)
+    assert_same_params(params_of(result.state), straight_params, **PARAM_TOL)
 
 
 def test_one_process_kill9_then_two_processes_resume(killed_single, straight, workdir,
@@ -235,11 +246,11 @@ def test_one_process_kill9_then_two_processes_resume(killed_single, straight, wo
     got = losses(run)
     assert [r[:2] for r in got] == [r[:2] for r in straight_losses]
     np.testing.assert_allclose([r[2] for r in got], [r[2] for r in straight_losses],
-                               rtol=CROSS_RTOL)
+                               rtol=LOSS_RTOL)
     final = load_model(run)
     assert final.source.name == str(STEPS)
     assert_same_params({k: np.asarray(v) for k, v in flatten(final.params).items()},
-                       straight_params, rtol=CROSS_RTOL)
+                       straight_params, **PARAM_TOL)
 
 
 def test_a_torn_checkpoint_on_gcs_is_moved_aside_and_the_run_resumes(prefix, straight, workdir,
