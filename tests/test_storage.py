@@ -40,6 +40,17 @@ def test_unsupported_scheme_and_missing_bucket_name():
     assert paths.check("runs/a:b", "train.run_dir") == "runs/a:b"  # a local name with ':'
 
 
+@pytest.mark.parametrize("bucket", ["b", "ab", "Bucket", "-bucket", "bucket-", "a" * 64, "my..bucket",
+                                    "my bucket"])
+def test_invalid_gcs_bucket_names_are_refused_up_front(bucket):
+    """tensorstore (the checkpoint arrays) refuses them only at the first save, after training."""
+    with pytest.raises(ConfigError, match="not a valid GCS bucket name") as err:
+        paths.check(f"gs://{bucket}/run", "train.run_dir")
+    assert "\n" not in str(err.value) and repr(bucket) in str(err.value)
+    for good in ("abc", "my-bucket_1", "a.b.c", "x" * 63):
+        assert paths.check(f"gs://{good}/run") == f"gs://{good}/run"
+
+
 def test_bad_scheme_in_a_run_fails_before_anything_is_created(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = cli.main(["train", str(REPO / "configs/experiments/gpt-tiny.yaml"), "train.run_dir=gs:/b/run"])
