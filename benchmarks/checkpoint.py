@@ -51,6 +51,21 @@ def describe(files: list[tuple[str, int]]) -> str:
             f"MiB ({biggest[0]})")
 
 
+def with_moments(state):
+    """A fresh state's AdamW moments are zeros, which tensorstore compresses to almost
+    nothing: fill them (and any float optimizer leaf) with noise, as after training."""
+    import jax
+
+    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+
+    def noise(x):
+        if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            return x
+        return jax.jit(lambda k: jax.random.normal(k, x.shape, x.dtype) * 1e-3,
+                       out_shardings=x.sharding)(next(keys))
+    return state.replace(opt_state=jax.tree.map(noise, state.opt_state))
+
+
 def bench(run_dir: str, repeats: int) -> dict:
     import jax
 
@@ -62,7 +77,7 @@ def bench(run_dir: str, repeats: int) -> dict:
 
     cfg = config.load(GPT, OVERRIDES + [f"train.run_dir={run_dir}"])
     exp = build(cfg)
-    state = exp.init_state()
+    state = with_moments(exp.init_state())
     ckpt = TrainCheckpoints(run_dir, cfg)
     blocking, total = [], []
     for i in range(repeats + 1):
