@@ -56,3 +56,45 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, name))
         if "minilm" in item.name:  # the real MiniLM encoder comes from PyPI
             item.add_marker(pytest.mark.network)
+
+
+# ------------------------------------------------------------------ shared fixtures
+# (plain helpers that test modules share: tests/helpers.py)
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture
+def no_compiles():
+    """Fail if XLA compiles anything while the test runs (errors that must come before any
+    compile, e.g. from build())."""
+    import jax
+
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not compiled, f"{len(compiled)} XLA compiles before the ConfigError"
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    """The session's persistent compilation cache (above), for subprocesses to share: pass it
+    as train.compilation_cache or compile_cache.enable it in the child."""
+    from pathlib import Path
+
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+@pytest.fixture(scope="module")
+def child_script(request, tmp_path_factory):
+    """The calling module's CHILD program (a jax process a test starts), written to a file."""
+    path = tmp_path_factory.mktemp("child") / "child.py"
+    path.write_text(request.module.CHILD)
+    return path
