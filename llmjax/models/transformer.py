@@ -84,6 +84,7 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, ctx: Context, deterministic: bool = True) -> Array:
+        """x [b, t, d] -> [b, t, d]; every layer sees the same `ctx`."""
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
