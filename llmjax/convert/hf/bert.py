@@ -52,21 +52,21 @@ class Bert(Family):
         d, heads, hd, ff = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
         p = prefix
         specs = [same_spec("embed/token/embedding", p + "embeddings.word_embeddings.weight",
-                       (cfg.vocab_size, d)),
+                           (cfg.vocab_size, d)),
                  same_spec("embed/position/embedding", p + "embeddings.position_embeddings.weight",
-                       (cfg.max_len, d))]
+                           (cfg.max_len, d))]
         if cfg.num_token_types:
             specs.append(same_spec("embed/token_type/embedding",
-                               p + "embeddings.token_type_embeddings.weight",
-                               (cfg.num_token_types, d)))
+                                   p + "embeddings.token_type_embeddings.weight",
+                                   (cfg.num_token_types, d)))
         specs += norm_specs("embed/norm", p + "embeddings.LayerNorm", True)
         for i in range(cfg.num_layers):
             L, h = f"encoder/layers_{i}", f"{p}encoder.layer.{i}"
             for name in ("query", "key", "value"):
                 specs += linear_specs(f"{L}/attention/{name}", f"{h}.attention.self.{name}", (d,),
-                                 (heads, hd), True)
+                                      (heads, hd), True)
             specs += linear_specs(f"{L}/attention/out", f"{h}.attention.output.dense", (heads, hd),
-                             (d,), True)
+                                  (d,), True)
             specs += norm_specs(f"{L}/attention_norm", f"{h}.attention.output.LayerNorm", True)
             specs += linear_specs(f"{L}/mlp/wi", f"{h}.intermediate.dense", (d,), (ff,), True)
             specs += linear_specs(f"{L}/mlp/wo", f"{h}.output.dense", (ff,), (d,), True)
@@ -74,12 +74,12 @@ class Bert(Family):
         if cfg.pooler:
             specs += linear_specs("heads/pooler", p + "pooler.dense", (d,), (d,), True)
         if cfg.mlm_head:
-            specs += linear_specs("heads/mlm_transform", "cls.predictions.transform.dense", (d,), (d,),
-                             True)
+            specs += linear_specs("heads/mlm_transform", "cls.predictions.transform.dense",
+                                  (d,), (d,), True)
             specs += norm_specs("heads/mlm_norm", "cls.predictions.transform.LayerNorm", True)
             specs.append(same_spec("heads/mlm_bias", ("cls.predictions.bias",
                                                   "cls.predictions.decoder.bias"),
-                               (cfg.vocab_size,)))
+                                   (cfg.vocab_size,)))
         if cfg.nsp_head:
             specs += linear_specs("heads/nsp", "cls.seq_relationship", (d,), (2,), True)
         if cfg.num_labels:

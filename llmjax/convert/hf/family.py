@@ -39,7 +39,7 @@ class Family(abc.ABC):
     def check_export(self, cfg: ModelConfig) -> None:
         for field in ("prompt_tokens", "prefix_tokens", "adapter_dim"):
             require(cfg, field, 0, "a Hugging Face model (merge or export the PEFT "
-                     "parameters separately)")
+                    "parameters separately)")
         for field, allowed in self.export_requires.items():
             require(cfg, field, allowed, self.export_name)
 

@@ -33,7 +33,7 @@ class GPT2(Family):
             d_ff=hf_get(hf, "n_inner", 4 * d), max_len=hf.get("n_positions", 1024),
             norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre",
             activation=activation_of(hf.get("activation_function", "gelu_new"), GELU_NAMES,
-                                   "activation_function", "gpt2"),
+                                     "activation_function", "gpt2"),
             position="learned", use_bias=True, tie_embeddings=not untied, scan_layers=False,
             # GPT-2 drops embeddings (embd_pdrop) and residual branches (resid_pdrop) alike here.
             dropout=hf_get(hf, "resid_pdrop", 0.1), attention_dropout=hf_get(hf, "attn_pdrop", 0.1))

@@ -53,13 +53,14 @@ class Llama(Family):
         for i in range(cfg.num_layers):
             L, h = f"decoder/layers_{i}", f"{p}layers.{i}"
             specs += norm_specs(f"{L}/attention_norm", f"{h}.input_layernorm", False)
-            specs += linear_specs(f"{L}/attention/query", f"{h}.self_attn.q_proj", (d,), (heads, hd),
-                             False)
-            specs += linear_specs(f"{L}/attention/key", f"{h}.self_attn.k_proj", (d,), (kv, hd), False)
-            specs += linear_specs(f"{L}/attention/value", f"{h}.self_attn.v_proj", (d,), (kv, hd),
-                             False)
+            specs += linear_specs(f"{L}/attention/query", f"{h}.self_attn.q_proj", (d,),
+                                  (heads, hd), False)
+            specs += linear_specs(f"{L}/attention/key", f"{h}.self_attn.k_proj", (d,),
+                                  (kv, hd), False)
+            specs += linear_specs(f"{L}/attention/value", f"{h}.self_attn.v_proj", (d,),
+                                  (kv, hd), False)
             specs += linear_specs(f"{L}/attention/out", f"{h}.self_attn.o_proj", (heads, hd), (d,),
-                             False)
+                                  False)
             specs += norm_specs(f"{L}/mlp_norm", f"{h}.post_attention_layernorm", False)
             specs += linear_specs(f"{L}/mlp/wi_0", f"{h}.mlp.gate_proj", (d,), (ff,), False)
             specs += linear_specs(f"{L}/mlp/wi_1", f"{h}.mlp.up_proj", (d,), (ff,), False)

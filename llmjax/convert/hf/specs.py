@@ -93,7 +93,7 @@ def hf_get(hf: dict, field: str, default: Any = None) -> Any:
 
 
 def unsupported(hf: dict, field: str, ok: Callable[[Any], bool], default: Any, family: str,
-                 why: str) -> None:
+                why: str) -> None:
     value = hf.get(field, default)
     if not ok(value):
         raise ConversionError(f"config.json field {field!r}={value!r} is not supported for "

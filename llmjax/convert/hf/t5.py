@@ -51,19 +51,19 @@ class T5(Family):
             relative_max_distance=hf.get("relative_attention_max_distance", 128),
             scale_attention=False, use_bias=False, tie_embeddings=tied,
             logits_scale=d ** -0.5 if scale else 1.0, scan_layers=False,
-            dropout=hf_get(hf, "dropout_rate", 0.1), attention_dropout=hf_get(hf, "dropout_rate", 0.1))
+            dropout=hf_get(hf, "dropout_rate", 0.1),
+            attention_dropout=hf_get(hf, "dropout_rate", 0.1))
 
     def specs(self, cfg, prefix):
         d, heads, hd, ff = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
-        specs = [same_spec("embed/token/embedding", ("shared.weight", "encoder.embed_tokens.weight"),
-                       (cfg.vocab_size, d))]
+        specs = [same_spec("embed/token/embedding",
+                           ("shared.weight", "encoder.embed_tokens.weight"), (cfg.vocab_size, d))]
         bias_shape = (cfg.relative_buckets, heads)
-        specs.append(same_spec("encoder_bias/embedding",
-                           "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                           bias_shape))
-        specs.append(same_spec("decoder_bias/embedding",
-                           "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                           bias_shape))
+        for stack in ("encoder", "decoder"):  # one table per stack, kept by its first layer
+            specs.append(same_spec(
+                f"{stack}_bias/embedding",
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                bias_shape))
 
         def attention(path, hf):
             out = []
