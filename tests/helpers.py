@@ -20,6 +20,9 @@ from llmjax.data.pipeline import make_iterator
 from llmjax.models import Transformer, init_params
 from llmjax.train.experiment import build
 
+# A few paragraphs of text for data pipelines (tests/test_storage*.py, conftest's `prepared`).
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 4
+
 # LLVM -O0 for these tiny programs: half the compile time, same HLO on every mesh.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
