@@ -33,7 +33,8 @@ MARKERS = {
     "slow": ("test_kernels", "test_peft_sharded", "test_docs_commands", "test_splash",
              "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
              "test_convert_hf", "test_peft_storage"),
-    "multiprocess": ("test_multihost", "test_run_safety", "test_checkpoint"),
+    "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
+                     "test_checkpoint"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune"),
 }
 _HELP = {"slow": "a module of 20-170 s (kernels, sharded-vs-single-device, documented commands, "

@@ -26,7 +26,7 @@ LAYERS = [
     ("errors", ["llmjax.errors"]),
     ("config", ["llmjax.config", "llmjax.data.config", "llmjax.peft.config"]),
     ("utilities", ["llmjax.console", "llmjax.compile_cache", "llmjax.pypi_data", "llmjax.tree",
-                   "llmjax.outdir", "llmjax.plot"]),
+                   "llmjax.outdir", "llmjax.plot", "llmjax.distributed"]),
     ("data, models", ["llmjax.data", "llmjax.models"]),
     ("objectives, parallel", ["llmjax.objectives", "llmjax.parallel"]),
     ("peft", ["llmjax.peft"]),
