@@ -60,7 +60,19 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
+    """The session's compilation cache (tests/conftest.py), so the processes of every test here
+    and of test_multihost.py compile the tiny model once."""
+    shared = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return Path(shared) if shared else tmp_path_factory.mktemp("jax_cache")
+
+
+# The variables that make a process one of several: set per test, never inherited.
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT", "JAX_NUM_PROCESSES",
+                    "JAX_PROCESS_ID", "LLMJAX_")
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_DISTRIBUTED_ENV)}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +91,7 @@ class Hosts:
         port = _free_port()
         self.logs = [run_dir.parent / f"{run_dir.name}.host{i}.{port}.log"
                      for i in range(processes)]
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("LLMJAX_", "JAX_"))}
+        base = _clean_env()
         base.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                     PYTHONPATH=str(ROOT), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                     JAX_NUM_PROCESSES=str(processes), **(env or {}))
@@ -167,7 +179,7 @@ def test_unreachable_coordinator_fails_with_one_line_after_the_timeout(tmp_path)
     up with exit 2 and one line naming the address and the variable. Measured: 3.9 s wall (2 s of
     it the timeout, the rest Python and jax imports)."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMJAX_", "JAX_"))}
+    env = _clean_env()
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), LLMJAX_INIT_TIMEOUT="2",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID="1")
@@ -258,3 +270,55 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
     assert hosts.wait() == [0, 0], hosts.output(0)[-3000:]
     assert f"(step {last})" in hosts.output(0)
     assert rows(run) == straight
+
+
+# ---------------------------------------------------------------- in-process: no jax.distributed
+
+def test_start_up_variables_are_checked_before_jax_is_asked(monkeypatch):
+    """Explicit start-up needs all three variables; bad values are one-line ConfigErrors, and a
+    lone process with nothing set or detected does not join anything (0.01 s)."""
+    from llmjax import distributed
+    from llmjax.errors import ConfigError
+    for key in list(os.environ):
+        if key.startswith(_DISTRIBUTED_ENV):
+            monkeypatch.delenv(key)
+    assert distributed.detected_cluster() is None
+    assert distributed.initialize() is False
+    monkeypatch.setenv("LLMJAX_DISTRIBUTED", "sometimes")
+    with pytest.raises(ConfigError, match="LLMJAX_DISTRIBUTED"):
+        distributed.initialize()
+    monkeypatch.setenv("LLMJAX_DISTRIBUTED", "off")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:8482")
+    assert distributed.initialize() is False  # off wins
+    monkeypatch.delenv("LLMJAX_DISTRIBUTED")
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES is not set"):
+        distributed.initialize()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='two' must be an integer"):
+        distributed.initialize()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("LLMJAX_INIT_TIMEOUT", "-3")
+    with pytest.raises(ConfigError, match="LLMJAX_INIT_TIMEOUT"):
+        distributed.initialize()
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2")
+    with pytest.raises(ConfigError, match="has no port"):
+        distributed._explicit_address()
+    monkeypatch.setenv("JAX_COORDINATOR_PORT", "8476")
+    assert distributed._explicit_address() == "10.0.0.2:8476"
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.setenv("LLMJAX_COORDINATOR", "127.0.0.1:1234")  # today's names still work
+    assert distributed._explicit_address() == "127.0.0.1:1234"
+
+
+def test_program_differences_name_config_fields_packages_and_files():
+    from llmjax import distributed
+    base = distributed.program_of({"train": {"steps": 5, "seq_len": 32}, "model": "gpt-tiny"})
+    assert distributed.differences(base, base) == []
+    other = json.loads(json.dumps(base))
+    other["config"]["train.steps"] = 6
+    other["packages"]["jax"] = "0.4.30"
+    other["code"]["cli.py"] = "0" * 16
+    diff = distributed.differences(other, base)
+    assert diff == ["config train.steps (5 vs 6)",
+                    f"package jax ({base['packages']['jax']!r} vs '0.4.30')", "llmjax file cli.py"]
+    assert "cli.py" in base["code"] and "distributed.py" in base["code"]
