@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -115,79 +116,76 @@ def initialize() -> bool:
                                   heartbeat_timeout_seconds=2 * heartbeat)
     address = _explicit_address()
     if address:
-        kwargs.update(coordinator_address=address,
-                      num_processes=_int_env(("JAX_NUM_PROCESSES", "LLMJAX_NUM_PROCESSES"),
-                                             "the number of processes"),
-                      process_id=_int_env(("JAX_PROCESS_ID", "LLMJAX_PROCESS_ID"),
-                                          "its own index from 0"))
-        where = f"coordinator {address}"
+        address, processes, process = address, _int_env(
+            ("JAX_NUM_PROCESSES", "LLMJAX_NUM_PROCESSES"), "the number of processes"), _int_env(
+            ("JAX_PROCESS_ID", "LLMJAX_PROCESS_ID"), "its own index from 0")
+        where = "explicit"
     elif mode == "on" or detected_cluster():
-        where = f"{detected_cluster() or 'jax auto-detection'}"
+        where = detected_cluster() or "jax auto-detection"
+        address, processes, process = _detect(init_timeout)
     else:
         return False  # one process on its own
-    log.info("joining the run's processes through jax.distributed (%s, start-up timeout %d s, "
-             "heartbeat timeout %d s)", where, init_timeout, heartbeat)
+    kwargs.update(coordinator_address=address, num_processes=processes, process_id=process)
+    log.info("joining %s processes through jax.distributed as process %s (%s; coordinator %s, "
+             "start-up timeout %d s, heartbeat timeout %d s)", processes, process, where,
+             address, init_timeout, heartbeat)
     began = time.monotonic()
+    if address and process not in (0, None):
+        _wait_for_coordinator(address, init_timeout)
+        kwargs["initialization_timeout"] = max(1, int(init_timeout - (time.monotonic() - began)))
+    # jax's client aborts with a C++ stack trace ~5 s after its own timeout when not every
+    # process registers: say what happened first, in one line, and exit 2.
+    timer = threading.Timer(kwargs["initialization_timeout"], leave, args=(
+        f"jax.distributed start-up: not all {processes} processes joined at the coordinator "
+        f"{address} within {init_timeout} s (LLMJAX_INIT_TIMEOUT); check that every host was "
+        f"launched, with the same JAX_NUM_PROCESSES and coordinator address, and the logs of "
+        f"the hosts that did not join", 2))
+    timer.daemon = True
+    timer.start()
     try:
-        with _connect_failure_raises():
-            jax.distributed.initialize(**kwargs)
-    except Exception as err:  # noqa: BLE001 - jax raises JaxRuntimeError/ValueError here
-        # Exit now: jax's exit handler would add a page of C++ log about the failed client.
-        timed_out = time.monotonic() - began >= 0.9 * init_timeout
-        leave(_startup_failure(err, where, init_timeout, timed_out), 2)
+        jax.distributed.initialize(**kwargs)
+    except Exception as err:  # noqa: BLE001 - jax raises ValueError/JaxRuntimeError here
+        leave(f"jax.distributed start-up failed ({where}, coordinator {address}): "
+              f"{' '.join(str(err).split())[:300]}", 2)
+    finally:
+        timer.cancel()
     _start_watchdog(heartbeat)
     log.info("process %d of %d, %d local devices of %d", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
 
 
-def _startup_failure(err: Exception, where: str, timeout: int, timed_out: bool) -> str:
-    text = " ".join(str(err).split())
-    if timed_out or "DEADLINE_EXCEEDED" in text or "Deadline Exceeded" in text:
-        return (f"jax.distributed start-up: the processes did not all reach the {where} within "
-                f"{timeout} s (LLMJAX_INIT_TIMEOUT); check that process 0 runs and listens at "
-                f"that address and port (firewall), and that every process has the same "
-                f"JAX_NUM_PROCESSES")
-    return f"jax.distributed start-up failed ({where}): {text[:300]}"
+def _detect(timeout: int) -> tuple[Optional[str], Optional[int], Optional[int]]:
+    """Coordinator address, process count and index from jax's cluster detection (the values
+    jax.distributed.initialize() would find itself), so the address can be checked first."""
+    from jax._src import clusters
+    address, processes, process, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, None, timeout)
+    return address, processes, process
 
 
-class _connect_failure_raises:
-    """Makes a failed connection to the coordinator a Python exception instead of a C++ abort.
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Before jax's client connects: wait until the coordinator's port accepts a connection.
 
-    jax's client calls its "missed heartbeat" callback when connecting fails; the default one
-    aborts the process with a stack trace. jax.distributed.initialize has no parameter for it,
-    so this hands jax's client factory a Python callback while initialize runs. In jaxlib
-    0.10.2 calling a Python callback fails in C++ (std::bad_cast: the status has no Python
-    type), which surfaces from connect() as a RuntimeError: exactly what we want here. If jax's
-    internals change, initialisation goes ahead unchanged."""
-
-    def __enter__(self):
-        from jax._src import distributed as jax_distributed
-        self._module = jax_distributed
-        self._real = real = getattr(jax_distributed, "_jax", None)
-        if real is None or not hasattr(real, "get_distributed_runtime_client"):
-            self._real = None
-            return self
-
-        class _ClientWithCallback:
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            @staticmethod
-            def get_distributed_runtime_client(*args, **kwargs):
-                kwargs.setdefault("missed_heartbeat_callback", _ignore)
-                return real.get_distributed_runtime_client(*args, **kwargs)
-
-        jax_distributed._jax = _ClientWithCallback()
-        return self
-
-    def __exit__(self, *exc):
-        if self._real is not None:
-            self._module._jax = self._real
-
-
-def _ignore(*_: Any) -> None:
-    """The coordination client's error callback (see _connect_failure_raises)."""
+    jax's client, when it cannot register within its timeout, aborts the whole process with a
+    C++ stack trace (its error callback cannot be replaced from Python in jaxlib 0.10.2: a
+    Python callback fails with std::bad_cast). Waiting here first turns the commonest start-up
+    failure (nothing listening: wrong address, blocked port, process 0 not started) into one
+    line and exit 2 after the timeout."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                leave(f"jax.distributed start-up: nothing answered at the coordinator {address} "
+                      f"within {timeout:.0f} s (LLMJAX_INIT_TIMEOUT; last error: {err}); check "
+                      f"that process 0 runs and that this address and port are right and open "
+                      f"between the hosts (firewall; JAX_COORDINATOR_PORT)", 2)
+        time.sleep(0.25)
 
 
 class _Watchdog(threading.Thread):
