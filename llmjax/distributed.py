@@ -13,11 +13,17 @@ Start-up (`initialize`, before anything touches a device):
   and its peers before it gives up with a one-line error;
 - LLMJAX_HEARTBEAT_TIMEOUT (seconds, default 100): a peer silent this long counts as lost.
 
-Faults: a peer that dies shows up either as a failed collective (gloo on CPU: connection reset)
-or, when a collective would block forever (a frozen host, a dead TPU peer), as an error the
-coordination service pushes to every process once the peer misses its heartbeats. Both end the
-process at once with exit code 1 and "lost a peer process" (docs/multihost.md); without this,
-jax aborts with a C++ stack trace after its shutdown barrier times out (minutes).
+Start-up failures end every process after LLMJAX_INIT_TIMEOUT with one line and exit 2
+(nothing listening at the coordinator; not every process joined), before jax's client would
+abort with a C++ stack trace.
+
+Faults (docs/multihost.md): a peer that dies shows up as a failed collective (gloo on CPU:
+connection reset) or, where a collective would block forever (a frozen host, a dead TPU peer),
+only as silence: the watchdog below notices it after LLMJAX_HEARTBEAT_TIMEOUT. Either way the
+process prints "lost a peer process" and exits 1 at once (`leave`), skipping jax's shutdown
+barrier, which would wait for the dead peer and then abort. jax's own heartbeat check (twice
+the timeout) stays as a backstop; when the coordinator process itself dies, jax's client may
+get there first, aborting (exit 134) with its own "another task died" message.
 """
 from __future__ import annotations
 
