@@ -282,8 +282,8 @@ _PEER_SIGNS = ("connection reset", "connection closed", "connection refused", "b
 def peer_lost_message(err: BaseException) -> Optional[str]:
     """For an error raised in a multi-process run: the one-line message if it says a peer
     went away (a collective or barrier that failed because the other side vanished)."""
-    import jax
-    if jax.process_count() == 1 or not isinstance(err, Exception):
+    jax = sys.modules.get("jax")  # no jax imported: no distributed run (and no import here)
+    if jax is None or not jax.distributed.is_initialized() or not isinstance(err, Exception):
         return None
     if isinstance(err, ConfigError) or type(err).__name__ not in (
             "JaxRuntimeError", "XlaRuntimeError", "RuntimeError"):

@@ -30,8 +30,9 @@ ARGS = ["train", str(ROOT / "configs/experiments/gpt-tiny.yaml"),
         "train.eval_steps=1", "mesh.data=-1", "checkpoint.keep=10", "checkpoint.every=6",
         "data.synthetic_num_documents=200"]
 
-# `python child.py ARGS...` = `llmjax ARGS...`, plus FAULT="signal:step" (SIGKILL, SIGTERM or
-# SIGSTOP sent to itself after that step; the time goes to FAULT_STAMP first).
+# `python child.py ARGS...` = `llmjax ARGS...`, plus FAULT="signal:n" (SIGKILL, SIGTERM or
+# SIGSTOP sent to itself after the n-th step this launch runs; the time goes to FAULT_STAMP
+# first). Counted from the launch, as a resumed run starts where the last one stopped.
 CHILD = textwrap.dedent('''
     import os, signal, sys, time
     import llmjax.train.trainer as trainer
@@ -39,8 +40,10 @@ CHILD = textwrap.dedent('''
     if fault:
         name, at = fault.split(":")
         real = trainer.train
+        done = []
         def on_step(step):
-            if step == int(at):
+            done.append(step)
+            if len(done) == int(at):
                 with open(os.environ["FAULT_STAMP"], "w") as f:
                     f.write(repr(time.time()))
                 os.kill(os.getpid(), getattr(signal, name))
@@ -225,10 +228,10 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
        fails (gloo: connection reset) and it exits 1 with "lost a peer process" at once,
        instead of waiting in jax's shutdown barrier (a C++ abort after ~50 s before).
        Measured: 0.3-1 s after the kill.
-    2. SIGTERM after step 13 (a maintenance event on one host): jax's preemption sync point
+    2. SIGTERM 4 steps after the relaunch (a maintenance event on one host): jax's preemption sync point
        stops both at the same step; one checkpoint of that step; both exit 75. Measured: both
        gone 2-12 s after the signal (the sync step, then the checkpoint's save).
-    3. SIGSTOP after step 16 (a frozen host: its sockets stay open, so process 0's collective
+    3. SIGSTOP 2 steps after the next relaunch (a frozen host: its sockets stay open, so process 0's collective
        would block forever): with LLMJAX_HEARTBEAT_TIMEOUT=4 process 0's watchdog exits 1
        naming process 1. Measured: 3.4-6 s after the stop (silence counts from the last
        counter change it saw, up to timeout/5 before the stop).
@@ -246,7 +249,7 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
     assert seconds < 20
     last = max(committed(run), default=None)
 
-    hosts = Hosts(cache, run, child=child, fault="SIGTERM:13")
+    hosts = Hosts(cache, run, child=child, fault="SIGTERM:4")
     codes = hosts.wait()
     print(f"SIGTERM: both exited {time.time() - float(hosts.stamp.read_text()):.1f} s after")
     assert codes == [75, 75], hosts.output(0)[-3000:] + hosts.output(1)[-3000:]
@@ -257,7 +260,7 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
     assert len(stops) == 2 and stops[0] == stops[1] and stops[0] in committed(run), stops
     assert "Traceback" not in hosts.output(0) + hosts.output(1)
 
-    hosts = Hosts(cache, run, child=child, fault="SIGSTOP:16",
+    hosts = Hosts(cache, run, child=child, fault="SIGSTOP:2",
                   env={"LLMJAX_HEARTBEAT_TIMEOUT": "4"})
     try:
         code, seconds = hosts.survivor_exit()
