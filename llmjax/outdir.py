@@ -4,13 +4,17 @@ run's directory is never written into: its config.yaml describes its checkpoints
 replacing it would orphan them."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from llmjax import paths
 from llmjax.config import ConfigError
 
 # Files that only a training run has (llmjax/train/trainer.py, llmjax/checkpoint.py).
-RUN_MARKERS = ("checkpoints", "state", "metrics.jsonl")
+RUN_MARKERS = ("checkpoints", "state", "metrics.jsonl", "metrics")
 EXPORT_FILES = {
     "llmjax": ("config.yaml", "params", "tokenizer"),
     "hf": ("config.json", "generation_config.json", "model.safetensors",
@@ -38,7 +42,7 @@ def check_output_dir(out: str | Path, kind: str, force: bool, action: str = "con
                      force_name: str = "--force") -> None:
     """ConfigError unless `out` may receive an export of `kind` ('llmjax' or 'hf'); the
     messages name the `action` and how to force it (the CLI's flag or the API's argument)."""
-    out = Path(out)
+    out = _path(out, "output")
     if not out.exists():
         return
     if not out.is_dir():
@@ -61,12 +65,37 @@ def check_output_dir(out: str | Path, kind: str, force: bool, action: str = "con
 def remove_export(out: str | Path, kind: str) -> None:
     """Delete the files of an earlier export of `kind` in `out` (after check_output_dir
     allowed it), so the new export never mixes with stale weights or tokenizer files."""
-    out = Path(out)
+    out = _path(out, "output")
     if not out.is_dir() or kind_of(out) != kind:
         return
     for pattern in EXPORT_FILES[kind]:
         for path in out.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+            if path.is_dir() and not os.path.islink(os.fspath(path)):
+                path.rmtree() if paths.is_remote(path) else shutil.rmtree(path)
             else:
                 path.unlink()
+
+
+def _path(out, key: str):
+    """pathlib for a local directory, epath for object storage (pathlib would make gs:/...)."""
+    return paths.resolve(out, key) if paths.is_remote(paths.check(out, key)) else Path(out)
+
+
+@contextlib.contextmanager
+def staged_export(out: str | os.PathLike, kind: str, force: bool, action: str = "convert",
+                  force_name: str = "--force"):
+    """Yields None for a local `out` (write it in place), or a local temporary directory for
+    an export to object storage: the files written there replace the earlier export's in
+    `out` when the block succeeds (libraries such as safetensors write local files only; a
+    failed export never reaches the bucket and never removes the earlier one)."""
+    if not paths.is_remote(paths.check(out, "output")):
+        yield None
+        return
+    check_output_dir(out, kind, force, action, force_name)
+    staging = tempfile.mkdtemp(prefix="llmjax-export-")
+    try:
+        yield os.path.join(staging, "export")
+        remove_export(out, kind)
+        paths.upload(os.path.join(staging, "export"), out, "output")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -7,12 +7,12 @@ last line (a killed run). Uses matplotlib's Agg backend: no display needed.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from llmjax import metrics_files, paths
 from llmjax.errors import ConfigError
 
 # (title, split, metric key) of each panel.
@@ -25,21 +25,13 @@ PANELS = (
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of run_dir/metrics.jsonl, skipping lines that are not JSON objects."""
-    path = Path(run_dir).expanduser() / "metrics.jsonl"
-    if not path.is_file():
-        what = "does not exist" if not Path(run_dir).expanduser().exists() else "has no metrics.jsonl"
+    """The records of run_dir/metrics.jsonl (or its metrics/ chunks on object storage),
+    skipping lines that are not JSON objects."""
+    if not metrics_files.has_metrics(run_dir):
+        what = "does not exist" if not paths.resolve(run_dir, "run directory").exists() else "has no metrics.jsonl"
         raise ConfigError(f"run directory {str(run_dir)!r} {what}; pass directories that "
                           f"`llmjax train` wrote (train.run_dir)")
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return metrics_files.read_rows(run_dir)
 
 
 def series(records: Sequence[dict], split: str, key: str) -> tuple[list[float], list[float]]:
@@ -59,8 +51,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: Optional[str | os
     """Write the curves of `run_dirs` (overlaid) to out_path (default: first run's curves.png)."""
     if not run_dirs:
         raise ConfigError("plot needs at least one run directory")
-    runs = [(Path(d).expanduser(), read_metrics(d)) for d in run_dirs]
-    out = Path(out_path).expanduser() if out_path else runs[0][0] / "curves.png"
+    runs = [(paths.resolve(d, "run directory"), read_metrics(d)) for d in run_dirs]
+    out = paths.resolve(out_path, "--out") if out_path else runs[0][0] / "curves.png"
     if out.suffix.lower() != ".png":
         raise ConfigError(f"plot writes PNG images; name the output *.png, not {str(out)!r}")
     try:
@@ -88,7 +80,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_path: Optional[str | os
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
+    with out.open("wb") as f:  # a file object: works for gs:// too
+        figure.savefig(f, dpi=100, format="png")
     return out
 
 

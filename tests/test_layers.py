@@ -25,8 +25,12 @@ PACKAGE = ROOT / "llmjax"
 LAYERS = [
     ("errors", ["llmjax.errors"]),
     ("config", ["llmjax.config", "llmjax.data.config", "llmjax.peft.config"]),
+    # llmjax.launch (the launchers and the TPU slice table) uses only config and errors, so any
+    # layer may read launch.topology (`llmjax plan --target`).
     ("utilities", ["llmjax.console", "llmjax.compile_cache", "llmjax.pypi_data", "llmjax.tree",
-                   "llmjax.outdir", "llmjax.plot", "llmjax.distributed"]),
+                   "llmjax.paths", "llmjax.metrics_files",
+                   "llmjax.outdir", "llmjax.plot", "llmjax.launch",
+                   "llmjax.distributed"]),
     ("data, models", ["llmjax.data", "llmjax.models"]),
     ("objectives, parallel", ["llmjax.objectives", "llmjax.parallel"]),
     ("peft", ["llmjax.peft"]),

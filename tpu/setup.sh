@@ -3,13 +3,12 @@
 source "$(dirname "$0")/common.sh"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 archive="$(mktemp -d)/llmjax.tar.gz"
-git -C "$root" archive --format=tar.gz -o "$archive" HEAD
-gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:~/llmjax.tar.gz" --zone "$ZONE" \
-  "${PROJECT_FLAG[@]}" --worker=all
+run git -C "$root" archive --format=tar.gz -o "$archive" HEAD
+run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:~/llmjax.tar.gz" "${WHERE[@]}" --worker=all
 if [[ -d "$root/tokenizers" ]]; then  # trained tokenizers are not in git: copy them too
-  tar -czf "${archive%.tar.gz}-tok.tar.gz" -C "$root" tokenizers
-  gcloud compute tpus tpu-vm scp "${archive%.tar.gz}-tok.tar.gz" "$TPU_NAME:~/llmjax-tok.tar.gz" \
-    --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all
+  run tar -czf "${archive%.tar.gz}-tok.tar.gz" -C "$root" tokenizers
+  run gcloud compute tpus tpu-vm scp "${archive%.tar.gz}-tok.tar.gz" "$TPU_NAME:~/llmjax-tok.tar.gz" \
+    "${WHERE[@]}" --worker=all
   tpu_ssh all "mkdir -p ~/$REMOTE_DIR && tar -xzf ~/llmjax-tok.tar.gz -C ~/$REMOTE_DIR"
 fi
 tpu_ssh all "mkdir -p ~/$REMOTE_DIR && tar -xzf ~/llmjax.tar.gz -C ~/$REMOTE_DIR && \

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
-# Delete the slice. Checkpoints written to a gs:// run_dir are kept.
+# Delete the slice (and its queued resource, for SPOT=1 / QUEUED=1). Checkpoints written to a
+# gs:// run_dir are kept.
 source "$(dirname "$0")/common.sh"
-gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --quiet
+if [[ "$USE_QUEUE" == 1 ]]; then
+  run gcloud compute tpus queued-resources delete "$TPU_NAME" "${WHERE[@]}" --force --quiet
+else
+  run gcloud compute tpus tpu-vm delete "$TPU_NAME" "${WHERE[@]}" --quiet
+fi

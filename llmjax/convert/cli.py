@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from llmjax import paths
 from llmjax.config import ConfigError
 
 
@@ -57,14 +58,14 @@ def _import(args: argparse.Namespace):
     if Path(args.src).suffix == ".gguf":  # converting is explicit: no second copy in the cache
         from llmjax.convert.gguf_cache import load_gguf
 
-        model = load_gguf(args.src, cache=False, dtype=args.dtype)
+        model = load_gguf(paths.local_copy(args.src, "SRC"), cache=False, dtype=args.dtype)
     else:
         model = from_pretrained(args.src, dtype=args.dtype)
     return model
 
 
 def hf_to_llmjax(args: argparse.Namespace) -> int:
-    if not (Path(args.src) / "config.json").exists():
+    if not paths.resolve(args.src, "SRC").joinpath("config.json").exists():
         raise ConfigError(f"{args.src}: no config.json (not a Hugging Face model directory)")
     model = _import(args)
     return _report(model, model.save(args.out, force=args.force))
@@ -81,7 +82,7 @@ def llmjax_to_hf(args: argparse.Namespace) -> int:
     from llmjax.outdir import check_output_dir, remove_export
     from llmjax.pretrained import from_pretrained
 
-    if not (Path(args.src) / "config.yaml").exists():
+    if not paths.resolve(args.src, "SRC").joinpath("config.yaml").exists():
         raise ConfigError(f"{args.src}: no config.yaml (not an llmjax export)")
     check_output_dir(args.out, "hf", args.force)
     model = from_pretrained(args.src)

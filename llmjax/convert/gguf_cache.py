@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llmjax import paths
 from llmjax.config import ConfigError
 from llmjax.errors import ConversionError
 
@@ -140,8 +141,8 @@ def _prune(root: Path, source: Path, keep: Path) -> None:
 def load_gguf(path: str | os.PathLike, scan_layers: bool = True, cache: bool = True,
               **overrides: Any):
     """from_pretrained for a .gguf file: through the cache (unless `cache` is False, or the
-    cache directory cannot be written)."""
-    path = Path(path)
+    cache directory cannot be written). A gs:// file is fetched once into the cache first."""
+    path = Path(paths.local_copy(path, "GGUF file"))
     if not cache:
         return _load_uncached(path, scan_layers, **overrides)
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from llmjax import paths
 from llmjax.errors import ConversionError
 
 DTYPES = {
@@ -33,7 +34,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     The header is untrusted: its size, every dtype, shape and byte range are checked
     against the file before any view is made, so a crafted header fails as one
     ConversionError instead of a crash, a wrapped slice or a huge allocation."""
-    path = Path(path)
+    path = Path(paths.local_copy(path, "safetensors file"))  # memory-mapped: a local file
     file_size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -88,8 +89,9 @@ def _is_count(value) -> bool:
 
 
 def read_hf_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Tensors of an HF model directory: model.safetensors or a sharded index."""
-    directory = Path(directory)
+    """Tensors of an HF model directory: model.safetensors or a sharded index (a gs:// one
+    is fetched once into the cache)."""
+    directory = Path(paths.local_copy(directory, "model directory"))
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if single.exists():

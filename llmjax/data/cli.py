@@ -59,7 +59,7 @@ def data_prepare(args: argparse.Namespace) -> int:
     """Build the array_record dataset, then print documents, tokens and packing efficiency per split."""
     from llmjax.console import quiet_tfds
     from llmjax.data.pipeline import epoch_statistics
-    from llmjax.data.sources import prepare_text_dataset
+    from llmjax.data.sources import prepare_text_dataset, remote_version_dir
     from llmjax.data.tokenizer import load_tokenizer
 
     config = DataConfig(source="text", paths=list(args.paths), validation_paths=list(args.validation_paths),
@@ -73,7 +73,8 @@ def data_prepare(args: argparse.Namespace) -> int:
     quiet_tfds()
     start = time.perf_counter()
     builder, file_stats = prepare_text_dataset(config)
-    print(f"dataset: {builder.data_dir} ({time.perf_counter() - start:.1f} s)")
+    stored = remote_version_dir(config.data_dir, str(builder.data_dir)) or builder.data_dir
+    print(f"dataset: {stored} ({time.perf_counter() - start:.1f} s)")
     for split in ("train", "validation"):
         found = file_stats.get(split, {})
         if not found.get("documents"):

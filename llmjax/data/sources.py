@@ -13,18 +13,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import glob
 import hashlib
 import json
 import logging
 import os
-import pathlib
 import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
+from llmjax import paths
 from llmjax.data.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,10 @@ class TextStats:
 
 
 def expand_globs(patterns: Sequence[str], key: str = "data.paths") -> list[str]:
-    """Sorted, de-duplicated files matched by `patterns`; a pattern matching no file is an error."""
+    """Sorted, de-duplicated files matched by `patterns` (local or gs://); a pattern matching no file is an error."""
     files: list[str] = []
     for pattern in patterns:
-        matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        matched = paths.glob(pattern, key)
         if not matched:
             raise FileNotFoundError(f"{key} pattern {pattern!r} matches no file; fix the glob or create the files.")
         files.extend(matched)
@@ -70,7 +69,7 @@ def expand_globs(patterns: Sequence[str], key: str = "data.paths") -> list[str]:
 
 def read_text_file(path: str, stats: TextStats) -> str:
     """The file as text: UTF-8 (BOM stripped, CRLF -> LF); invalid bytes become U+FFFD and are counted."""
-    raw = pathlib.Path(path).read_bytes()
+    raw = paths.resolve(path, check_bucket=False).read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -119,7 +118,7 @@ def split_by_fraction(keys: Sequence[str], fraction: float) -> set[str]:
 
 
 def _fingerprint(files: Sequence[str]) -> list[list[Any]]:
-    return [[f, os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+    return [[f, *paths.signature(f)] for f in files]
 
 
 def _text_builder_class():
@@ -184,10 +183,12 @@ _TEXT_BUILDER = None
 
 
 def text_builder(config: DataConfig):
-    """The TFDS builder of `config`'s local text files in `config.data_dir` (not yet prepared).
+    """The TFDS builder of `config`'s text files in `config.data_dir` (not yet prepared).
 
     The builder config name hashes the file list (paths, sizes, mtimes), the
-    document unit and the split, so changed inputs build a new dataset.
+    document unit and the split, so changed inputs build a new dataset. For a
+    data_dir on object storage the builder works in its local mirror
+    (`paths.mirror_path`): array_record reads and writes only local files.
     """
     builder_class, config_class = _text_builder_class()
     validation_files = expand_globs(config.validation_paths, "data.validation_paths") if config.validation_paths else []
@@ -203,9 +204,11 @@ def text_builder(config: DataConfig):
         document_unit=config.document_unit,
         validation_fraction=0.0 if validation_files else config.validation_fraction,
     )
-    os.makedirs(config.data_dir, exist_ok=True)
+    paths.resolve(config.data_dir, "data.data_dir")  # scheme, bucket, credentials
+    local_dir = paths.mirror_path(config.data_dir)
+    os.makedirs(local_dir, exist_ok=True)
     with _quiet_absl():  # TFDS logs the whole custom config (every file name) at WARNING
-        return builder_class(config=builder_config, data_dir=config.data_dir, file_format="array_record")
+        return builder_class(config=builder_config, data_dir=local_dir, file_format="array_record")
 
 
 @contextlib.contextmanager
@@ -222,10 +225,25 @@ def _quiet_absl():
 def prepare_text_dataset(config: DataConfig) -> tuple[Any, dict[str, Any]]:
     """Build (once) the array_record dataset for `config`'s text files; returns (builder, per-split stats)."""
     builder = text_builder(config)
+    remote = remote_version_dir(config.data_dir, str(builder.data_dir))
+    if not builder.is_prepared() and remote and paths.resolve(remote).joinpath("dataset_info.json").exists():
+        paths.local_copy(remote, "data.data_dir")  # prepared on another host: fetch it
+        builder = text_builder(config)
     if not builder.is_prepared():
         builder.download_and_prepare()
+        if remote:
+            paths.upload(builder.data_dir, remote, "data.data_dir")
         builder = text_builder(config)  # re-read info (metadata) from disk
     return builder, dict(builder.info.metadata.get("stats", {}))
+
+
+def remote_version_dir(data_dir: str, local_version_dir: str) -> str | None:
+    """The object-storage twin of a dataset version directory in data_dir's local mirror
+    (None for a local data_dir)."""
+    if not paths.is_remote(data_dir):
+        return None
+    relative = os.path.relpath(local_version_dir, paths.mirror_path(data_dir)).replace(os.sep, "/")
+    return paths.join(data_dir, relative)
 
 
 # ---------------------------------------------------------------- TFDS datasets
@@ -257,7 +275,9 @@ def _plain(value: Any) -> Any:
 
 
 def _check_data_dir(data_dir: str) -> None:
-    if "://" not in data_dir and not os.path.isdir(data_dir):
+    if paths.is_remote(paths.check(data_dir, "data.data_dir")):
+        paths.resolve(data_dir, "data.data_dir")  # bucket and credentials
+    elif not os.path.isdir(data_dir):
         raise FileNotFoundError(
             f"data.data_dir {data_dir!r} does not exist; set it to the directory holding prepared TFDS datasets "
             "(for local text, `llmjax data prepare` creates it)."
@@ -280,6 +300,8 @@ def open_tfds(name: str, data_dir: str, split: str, fields: Sequence[str] = ()) 
     import tensorflow_datasets as tfds
 
     _check_data_dir(data_dir)
+    if paths.is_remote(data_dir):
+        data_dir = _local_tfds_dir(name, data_dir)
     base = name.split("/")[0].split(":")[0]
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -316,6 +338,18 @@ def open_tfds(name: str, data_dir: str, split: str, fields: Sequence[str] = ()) 
         raise ValueError(f"TFDS dataset {name!r} has no field(s) {missing}; its fields are {sorted(features)}. "
                          "Set data.text_field / input_field / target_field / label_field to one of them.")
     return TfdsSource(builder.as_data_source(split=split), f"{name}[{split}] in {data_dir}")
+
+
+def _local_tfds_dir(name: str, data_dir: str) -> str:
+    """The local mirror of a data_dir on object storage holding dataset `name` (its version
+    directory downloaded once): array_record has no random access over object storage."""
+    import tensorflow_datasets as tfds
+
+    with _quiet_absl():
+        version_dir = str(tfds.builder(name, data_dir=data_dir).data_dir)
+    if paths.resolve(version_dir).joinpath("dataset_info.json").exists():
+        paths.local_copy(version_dir, "data.data_dir")
+    return paths.mirror_path(data_dir)
 
 
 # ---------------------------------------------------------------- synthetic

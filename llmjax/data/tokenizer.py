@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 import sentencepiece as spm
 
+from llmjax import paths
 from llmjax.data.chat_template import render_chat_template
 from llmjax.errors import ConfigError, ConversionError
 
@@ -179,6 +180,14 @@ def train_sentencepiece(
     """
     if model_type not in ("bpe", "unigram"):
         raise ConfigError(f"model_type={model_type!r} is not supported; use 'bpe' (fast) or 'unigram'.")
+    if paths.is_remote(paths.check(out_dir, "--out")) or any(paths.is_remote(paths.check(p, "--input"))
+                                                             for p in inputs):
+        # sentencepiece reads and writes local files only: train on local copies, upload the result
+        local_inputs = [paths.local_copy(p, "--input") for p in inputs]
+        with paths.staged_output(out_dir, "--out") as staging:
+            train_sentencepiece(local_inputs, staging, vocab_size, model_type, character_coverage,
+                                num_sentinels, exact_round_trip, max_sentences)
+        return load_tokenizer(out_dir)
     files = [pathlib.Path(p).expanduser() for p in inputs]
     if not files:
         raise ConfigError("no tokenizer training input given; pass text files to --input.")
@@ -260,7 +269,7 @@ def vocab_size_floor(num_sentinels: int = 100) -> int:
 
 def has_text(path: str | os.PathLike, chunk: int = 1 << 16) -> bool:
     """Whether a file holds anything but whitespace (reads only up to the first such byte)."""
-    with open(path, "rb") as f:
+    with paths.resolve(path, check_bucket=False).open("rb") as f:
         while block := f.read(chunk):
             if block.strip():
                 return True
@@ -289,7 +298,7 @@ def _training_error(error: RuntimeError, vocab_size: int, files: Sequence[pathli
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Load the tokenizer in `directory` (as written by `train_sentencepiece`), checking its special ids."""
-    path = pathlib.Path(directory).expanduser()
+    path = pathlib.Path(paths.local_copy(directory, "tokenizer"))  # a gs:// one is fetched once
     meta_file = path / METADATA_FILE
     if not meta_file.is_file() and path.is_dir():
         imported = _imported_tokenizer(path)  # an HF tokenizer.json or sentencepiece model
@@ -381,7 +390,8 @@ def _imported_tokenizer(path: pathlib.Path) -> "Tokenizer | None":
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """The metadata JSON of a tokenizer directory."""
+    """The metadata JSON of a tokenizer directory (local or gs://)."""
+    directory = paths.local_copy(directory, "tokenizer")
     return json.loads((pathlib.Path(directory) / METADATA_FILE).read_text(encoding="utf-8"))
 
 
@@ -564,7 +574,7 @@ class SentencePieceModelTokenizer(Tokenizer):
 def load_any_tokenizer(directory: str | os.PathLike) -> Optional[Tokenizer]:
     """The tokenizer in `directory`: tokenizer.json, a sentencepiece model, or llmjax's own;
     None when there is none."""
-    directory = Path(directory)
+    directory = Path(paths.local_copy(directory, "tokenizer"))
     if (directory / "tokenizer.json").exists():
         return HFTokenizer(directory)
     for name in ("spiece.model", "tokenizer.model"):

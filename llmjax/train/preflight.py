@@ -11,13 +11,13 @@ the right fix, instead of a generic one.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import uuid
 from pathlib import Path
 from typing import Optional
 
+from llmjax import paths
 from llmjax.checkpoint import describe_os_error
 from llmjax.config import Config, ConfigError
 from llmjax.data.tokenizer import load_tokenizer
@@ -52,17 +52,20 @@ def check_inputs(cfg: Config, config_path: Optional[str | os.PathLike] = None) -
     """Tokenizer vs model vocabulary, the data files and init_from (ConfigError naming the key
     and the fix)."""
     hint = setup_hint(config_path)
+    for key, value in (("train.run_dir", cfg.train.run_dir), ("train.init_from", cfg.train.init_from),
+                       ("data.data_dir", cfg.data.data_dir), ("data.tokenizer", cfg.data.tokenizer)):
+        if value:
+            paths.check(value, key)  # `gs:/b`, `gcs://b`: one line naming the fix
     _check_tokenizer(cfg, hint)
     data = cfg.data
     if data.source == "text":
         for key in ("paths", "validation_paths"):
             for pattern in getattr(data, key):
-                files = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                         if os.path.isfile(p)]
+                files = paths.glob(pattern, f"data.{key}")
                 if not files:
                     raise MissingInputError(f"data.{key}: {pattern!r} matches no file: fix the glob "
                                       f"or create the files{hint}")
-                if key == "paths" and not any(os.path.getsize(p) for p in files):
+                if key == "paths" and not any(paths.signature(p)[0] for p in files):
                     raise ConfigError(f"data.{key}: every file {pattern!r} matches is empty: "
                                       f"point it at text to train on")
     elif data.source == "tfds" and _local(data.data_dir):
@@ -115,7 +118,7 @@ def _has_checkpoints(run_dir: str) -> bool:
 
 def _local(path: str) -> bool:
     """Remote URLs (gs://...) are checked where they are opened, not here."""
-    return "://" not in path
+    return not paths.is_remote(path)
 
 
 def check_writable(run_dir: Path) -> None:

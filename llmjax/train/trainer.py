@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import yaml
 
-from llmjax import parallel, peft
+from llmjax import parallel, paths, peft
 from llmjax.checkpoint import CheckpointError, TrainCheckpoints
 from llmjax.config import Config
 from llmjax.data.device import prefetch_to_device
@@ -70,7 +70,9 @@ def train(config: Config, devices=None, progress: Optional[bool] = None,
     during start-up returns exit code 75 / 130 at once; in the loop they checkpoint first.
     """
     cfg = config
-    run_dir = Path(cfg.train.run_dir).expanduser()
+    remote = paths.is_remote(paths.check(cfg.train.run_dir, "train.run_dir"))  # `gs:/b`: one line
+    run_dir = (paths.resolve(cfg.train.run_dir, "train.run_dir") if remote
+               else Path(cfg.train.run_dir).expanduser())  # never pathlib on gs:// (it drops a slash)
     wall_start = time.perf_counter()
     with StopSignals() as signals:
         try:
@@ -144,6 +146,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
             raise guard.error([step], saved_step, ckpt.step_dir(saved_step) if saved_step
                               else None)
         ckpt.save(step, state, batches.get_state(), exp.mesh, evaluated)
+        writer.flush()  # metrics on object storage: a chunk per checkpoint at least
         saved_step = step
 
     try:
