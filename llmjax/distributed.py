@@ -13,9 +13,10 @@ Start-up (`initialize`, before anything touches a device):
   and its peers before it gives up with a one-line error;
 - LLMJAX_HEARTBEAT_TIMEOUT (seconds, default 100): a peer silent this long counts as lost.
 
-Start-up failures end every process after LLMJAX_INIT_TIMEOUT with one line and exit 2
-(nothing listening at the coordinator; not every process joined), before jax's client would
-abort with a C++ stack trace.
+Start-up that does not complete (nothing listening at the coordinator; not every process
+joined) ends every process after LLMJAX_INIT_TIMEOUT with one line and exit 1 (relaunch: a late
+host joins next time), before jax's client would abort with a C++ stack trace. Bad variables
+are user errors (exit 2).
 
 Faults (docs/multihost.md): a peer that dies shows up as a failed collective (gloo on CPU:
 connection reset) or, where a collective would block forever (a frozen host, a dead TPU peer),
@@ -43,6 +44,7 @@ from llmjax.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EXIT_PEER_LOST = 1  # a relaunch resumes from the last committed checkpoint
+EXIT_STARTUP_TIMEOUT = 1  # a relaunch may find the late host; a wrong address fails again
 DEFAULT_INIT_TIMEOUT = 300
 DEFAULT_HEARTBEAT_TIMEOUT = 100
 
@@ -140,12 +142,13 @@ def initialize() -> bool:
         _wait_for_coordinator(address, init_timeout)
         kwargs["initialization_timeout"] = max(1, int(init_timeout - (time.monotonic() - began)))
     # jax's client aborts with a C++ stack trace ~5 s after its own timeout when not every
-    # process registers: say what happened first, in one line, and exit 2.
+    # process registers: say what happened first, in one line (exit 1: a host that came up late
+    # joins on the relaunch; a wrong address fails again and spends the restart budget).
     timer = threading.Timer(kwargs["initialization_timeout"], leave, args=(
         f"jax.distributed start-up: not all {processes} processes joined at the coordinator "
         f"{address} within {init_timeout} s (LLMJAX_INIT_TIMEOUT); check that every host was "
         f"launched, with the same JAX_NUM_PROCESSES and coordinator address, and the logs of "
-        f"the hosts that did not join", 2))
+        f"the hosts that did not join", EXIT_STARTUP_TIMEOUT))
     timer.daemon = True
     timer.start()
     try:
@@ -177,7 +180,7 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
     C++ stack trace (its error callback cannot be replaced from Python in jaxlib 0.10.2: a
     Python callback fails with std::bad_cast). Waiting here first turns the commonest start-up
     failure (nothing listening: wrong address, blocked port, process 0 not started) into one
-    line and exit 2 after the timeout."""
+    line and exit 1 after the timeout."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     deadline = time.monotonic() + timeout
@@ -190,7 +193,7 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
                 leave(f"jax.distributed start-up: nothing answered at the coordinator {address} "
                       f"within {timeout:.0f} s (LLMJAX_INIT_TIMEOUT; last error: {err}); check "
                       f"that process 0 runs and that this address and port are right and open "
-                      f"between the hosts (firewall; JAX_COORDINATOR_PORT)", 2)
+                      f"between the hosts (firewall; JAX_COORDINATOR_PORT)", EXIT_STARTUP_TIMEOUT)
         time.sleep(0.25)
 
 

@@ -181,7 +181,7 @@ def straight(tmp_path_factory, cache) -> list[dict]:
 def test_start_up_that_cannot_complete_fails_with_one_line_after_the_timeout(tmp_path, process):
     """One process of two, LLMJAX_INIT_TIMEOUT=2. As process 1 nothing listens at the
     coordinator's address; as process 0 (the coordinator) its peer never comes. Either way: exit
-    2 after the timeout with one line naming the address and the variable, no C++ stack trace
+    1 (relaunch: a late host joins next time) after the timeout with one line naming the address and the variable, no C++ stack trace
     (jax's own client aborts ~5 s after its timeout). Measured: 4.7 s wall each, of which 2 s
     the timeout and the rest Python and jax imports (load average 15)."""
     port = _free_port()
@@ -194,7 +194,7 @@ def test_start_up_that_cannot_complete_fails_with_one_line_after_the_timeout(tmp
                            f"train.run_dir={tmp_path / 'run'}"], env=env,
                           capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
     line = last_line(proc.stderr)
     assert f"127.0.0.1:{port}" in line and "within 2 s (LLMJAX_INIT_TIMEOUT" in line, line
     assert ("nothing answered" if process else "not all 2 processes joined") in line, line
