@@ -170,7 +170,8 @@ def last_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, cache) -> list[dict]:
-    """The reference: STEPS steps on 2 processes x 4 devices without a fault (~15 s)."""
+    """The reference: STEPS steps on 2 processes x 4 devices without a fault (70-80 s at load
+    average 12-15, the first compile of the session included)."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     hosts = Hosts(cache, run_dir)
     assert hosts.wait() == [0, 0], hosts.output(0)[-3000:]
@@ -227,17 +228,17 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
     1. kill -9 after step 9 (checkpoint 6 committed or in flight): process 0's next collective
        fails (gloo: connection reset) and it exits 1 with "lost a peer process" at once,
        instead of waiting in jax's shutdown barrier (a C++ abort after ~50 s before).
-       Measured: 0.3-1 s after the kill.
+       Measured: 0.2-0.4 s after the kill.
     2. SIGTERM 4 steps after the relaunch (a maintenance event on one host): jax's preemption sync point
        stops both at the same step; one checkpoint of that step; both exit 75. Measured: both
-       gone 2-12 s after the signal (the sync step, then the checkpoint's save).
+       gone 4.7-8.3 s after the signal (the sync step, then the checkpoint's save).
     3. SIGSTOP 2 steps after the next relaunch (a frozen host: its sockets stay open, so process 0's collective
        would block forever): with LLMJAX_HEARTBEAT_TIMEOUT=4 process 0's watchdog exits 1
-       naming process 1. Measured: 3.4-6 s after the stop (silence counts from the last
+       naming process 1. Measured: 3.4-3.9 s after the stop (silence counts from the last
        counter change it saw, up to timeout/5 before the stop).
     The last relaunch finishes; every metrics row (losses, gradient norms, evaluation) is
-    identical to the straight run's. ~95 s with the straight run on a quiet 2-core machine
-    (5 launches of 2 processes); 250-350 s at load average 15."""
+    identical to the straight run's. 120-185 s at load average 12-15 (4 launches of 2
+    processes; the whole file: ~100 s of CPU, 220 s wall at that load)."""
     run = tmp_path / "run"
 
     hosts = Hosts(cache, run, child=child, fault="SIGKILL:9")
