@@ -20,6 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,19 +164,35 @@ def committed(run_dir: Path) -> list[int]:
         if ckpts.is_dir() else []
 
 
+def final_state(run_dir: Path) -> dict:
+    """The newest checkpoint's whole train state (params, optimizer state, step, rng) as numpy
+    arrays keyed by path, read with orbax directly (no model build)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    path = run_dir / "checkpoints" / str(max(committed(run_dir))) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                        is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
+    state = checkpointer.restore(path, restore_args=args)
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
 def last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.startswith("llmjax: error:")]
     return lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache) -> list[dict]:
+def straight(tmp_path_factory, cache) -> Path:
     """The reference: STEPS steps on 2 processes x 4 devices without a fault (70-80 s at load
     average 12-15, the first compile of the session included)."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     hosts = Hosts(cache, run_dir)
     assert hosts.wait() == [0, 0], hosts.output(0)[-3000:]
-    return rows(run_dir)
+    return run_dir
 
 
 @pytest.mark.parametrize("process", [1, 0])
@@ -236,8 +253,9 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
        would block forever): with LLMJAX_HEARTBEAT_TIMEOUT=4 process 0's watchdog exits 1
        naming process 1. Measured: 3.4-3.9 s after the stop (silence counts from the last
        counter change it saw, up to timeout/5 before the stop).
-    The last relaunch finishes; every metrics row (losses, gradient norms, evaluation) is
-    identical to the straight run's. 120-185 s at load average 12-15 (4 launches of 2
+    The last relaunch finishes; every metrics row (losses, gradient norms, evaluation) and the
+    final checkpoint's whole state (parameters, optimizer moments, step, rng) are identical to
+    the straight run's. 120-185 s at load average 12-15 (4 launches of 2
     processes; the whole file: ~100 s of CPU, 220 s wall at that load)."""
     run = tmp_path / "run"
 
@@ -277,7 +295,12 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
     hosts = Hosts(cache, run)
     assert hosts.wait() == [0, 0], hosts.output(0)[-3000:]
     assert f"(step {last})" in hosts.output(0)
-    assert rows(run) == straight
+    assert rows(run) == rows(straight)
+    assert max(committed(run)) == max(committed(straight)) == STEPS
+    resumed, reference = final_state(run), final_state(straight)
+    assert resumed.keys() == reference.keys() and len(reference) > 10
+    for key, value in reference.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
 # ---------------------------------------------------------------- in-process: no jax.distributed
