@@ -248,7 +248,7 @@ def test_preemption_kill9_and_a_frozen_host_each_end_all_hosts_and_the_run_resum
        Measured: 0.2-0.4 s after the kill.
     2. SIGTERM 4 steps after the relaunch (a maintenance event on one host): jax's preemption sync point
        stops both at the same step; one checkpoint of that step; both exit 75. Measured: both
-       gone 4.7-8.3 s after the signal (the sync step, then the checkpoint's save).
+       gone 4.7-9.5 s after the signal (the sync step, then the checkpoint's save).
     3. SIGSTOP 2 steps after the next relaunch (a frozen host: its sockets stay open, so process 0's collective
        would block forever): with LLMJAX_HEARTBEAT_TIMEOUT=4 process 0's watchdog exits 1
        naming process 1. Measured: 3.4-3.9 s after the stop (silence counts from the last
