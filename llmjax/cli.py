@@ -419,12 +419,12 @@ def _classify(err: BaseException) -> tuple[str, int]:
         return "interrupted", 130
     from llmjax.distributed import peer_lost_message
     from llmjax.errors import user_message
+    message = peer_lost_message(err)  # first: a save that failed as a peer died is not exit 2
+    if message is not None:
+        return message, 1
     message = user_message(err)
     if message is not None:
         return message, 2
-    message = peer_lost_message(err)
-    if message is not None:
-        return message, 1
     return (f"internal error: {type(err).__name__}: {err} (rerun with --debug for the "
             f"traceback; please report it)", 1)
 

@@ -283,18 +283,23 @@ _PEER_SIGNS = ("connection reset", "connection closed", "connection refused", "b
 
 
 def peer_lost_message(err: BaseException) -> Optional[str]:
-    """For an error raised in a multi-process run: the one-line message if it says a peer
-    went away (a collective or barrier that failed because the other side vanished)."""
+    """For an error raised in a multi-process run: the one-line message if it, or an error it
+    was raised from (a checkpoint save that failed because a barrier failed), says a peer went
+    away: a collective or barrier whose other side vanished. Checked before the user-error
+    classification, so a lost peer is exit 1 (relaunch), never 2."""
     jax = sys.modules.get("jax")  # no jax imported: no distributed run (and no import here)
-    if jax is None or not jax.distributed.is_initialized() or not isinstance(err, Exception):
+    if jax is None or not jax.distributed.is_initialized():
         return None
-    if isinstance(err, ConfigError) or type(err).__name__ not in (
-            "JaxRuntimeError", "XlaRuntimeError", "RuntimeError"):
-        return None
-    text = " ".join(str(err).split())
-    if not any(sign in text.lower() for sign in _PEER_SIGNS):
-        return None
-    return f"lost a peer process: {text[:240]}; {_RELAUNCH}"
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in ("JaxRuntimeError", "XlaRuntimeError", "RuntimeError"):
+            text = " ".join(str(current).split())
+            if any(sign in text.lower() for sign in _PEER_SIGNS):
+                return f"lost a peer process: {text[:240]}; {_RELAUNCH}"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def leave(message: str, code: int) -> None:

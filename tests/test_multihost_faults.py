@@ -353,3 +353,29 @@ def test_program_differences_name_config_fields_packages_and_files():
     assert diff == ["config train.steps (5 vs 6)",
                     f"package jax ({base['packages']['jax']!r} vs '0.4.30')", "llmjax file cli.py"]
     assert "cli.py" in base["code"] and "distributed.py" in base["code"]
+
+
+def test_a_lost_peer_is_exit_1_even_inside_a_user_error(monkeypatch):
+    """A checkpoint save that failed because a barrier's peer vanished surfaces as a
+    CheckpointError (a user error, exit 2); in a multi-process run the cause decides: lost
+    peer, exit 1, relaunch. A torn checkpoint alone stays exit 2; one process: no change."""
+    import jax
+
+    from llmjax.cli import _classify
+    from llmjax.errors import CheckpointError
+
+    def failed_save():
+        try:
+            raise RuntimeError("INTERNAL: Barrier failed because: task is set to ERROR: "
+                               "UNAVAILABLE: Task 1 heartbeat timeout")
+        except RuntimeError:
+            raise CheckpointError("background save of step 6 failed") from None
+
+    with pytest.raises(CheckpointError) as caught:
+        failed_save()
+    torn = CheckpointError("checkpoint 6 is torn: state/manifest.ocdbt is missing")
+    assert _classify(caught.value)[1] == 2  # jax.distributed not initialised here
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    message, code = _classify(caught.value)
+    assert code == 1 and message.startswith("lost a peer process: INTERNAL: Barrier failed")
+    assert _classify(torn) == (str(torn), 2)
