@@ -29,7 +29,8 @@ LAYERS = [
     # layer may read launch.topology (`llmjax plan --target`).
     ("utilities", ["llmjax.console", "llmjax.compile_cache", "llmjax.pypi_data", "llmjax.tree",
                    "llmjax.paths", "llmjax.metrics_files",
-                   "llmjax.outdir", "llmjax.plot", "llmjax.launch"]),
+                   "llmjax.outdir", "llmjax.plot", "llmjax.launch",
+                   "llmjax.distributed"]),
     ("storage", ["llmjax.checkpoint"]),
     ("data, models", ["llmjax.data", "llmjax.models"]),
     ("objectives, parallel", ["llmjax.objectives", "llmjax.parallel"]),
