@@ -30,6 +30,7 @@ def main() -> int:
     from llmjax.checkpoint import TrainCheckpoints
     from llmjax.models import param_count
     from llmjax.train.experiment import build
+    from llmjax.train.resume import restore_state
 
     overrides = ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.d_ff=1536",
                  "model.vocab_size=8192", "model.max_len=256", "train.seq_len=256",
@@ -62,11 +63,11 @@ def main() -> int:
                     jax.devices()[:1])
         for i in range(args.repeats + 1):
             start = time.perf_counter()
-            restored, _, _ = ckpt.restore(step, exp)
+            restored, _, _ = restore_state(ckpt, step, exp)
             jax.block_until_ready(restored)
             t = time.perf_counter() - start
             start = time.perf_counter()
-            restored, _, _ = ckpt.restore(step, one)
+            restored, _, _ = restore_state(ckpt, step, one)
             jax.block_until_ready(restored)
             if i:
                 restore_same.append(t)

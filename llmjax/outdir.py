@@ -13,7 +13,7 @@ from pathlib import Path
 from llmjax import paths
 from llmjax.config import ConfigError
 
-# Files that only a training run has (llmjax/train/trainer.py, llmjax/checkpoint.py).
+# Files that only a training run has (llmjax/train/trainer.py, llmjax/checkpoint/).
 RUN_MARKERS = ("checkpoints", "state", "metrics.jsonl", "metrics")
 EXPORT_FILES = {
     "llmjax": ("config.yaml", "params", "tokenizer"),

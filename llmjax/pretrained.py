@@ -140,7 +140,7 @@ class PretrainedModel:
         """An llmjax parameter export (config.yaml + params/, tokenizer/ when known):
         what `train.init_from` and from_pretrained read. `directory` must be new or empty;
         force=True replaces an earlier export; a training run directory is never written."""
-        from llmjax.checkpoint import save_params
+        from llmjax.checkpoint.params import save_params
         from llmjax.convert.hf import LLMJAX_TOKENIZER_FILES, TOKENIZER_FILES, copy_tokenizer_files
         from llmjax.outdir import staged_export
 
@@ -225,7 +225,7 @@ def _unchanged_export(model: PretrainedModel) -> Optional[Path]:
     path = Path(model.source) if model.source else None
     if path is None or not (path / "config.yaml").is_file() or not (path / "params").is_dir():
         return None
-    from llmjax.checkpoint import load_params
+    from llmjax.checkpoint.params import load_params
     from llmjax.peft.base_ref import fingerprint
     from llmjax.tree import flatten
     try:
@@ -279,36 +279,35 @@ def from_pretrained(path: str | os.PathLike, scan_layers: bool = True,
         from llmjax.convert.gguf_cache import load_gguf
 
         return load_gguf(path, scan_layers=scan_layers, **overrides)
-    if (path / "checkpoints").is_dir() or (path / "state").is_dir():  # a training run
-        from llmjax.checkpoint import load_run_params
-        from llmjax.data.tokenizer import load_tokenizer
+    if (path / "checkpoints").is_dir() or (path / "state").is_dir() or \
+            (path / "config.yaml").exists():  # a training run or an llmjax export
+        from llmjax.loader import is_run, load_model
 
-        cfg, params, run = load_run_params(path)
-        if overrides:
-            cfg = dataclasses.replace(cfg, **overrides)
+        loaded = load_model(path)
+        run = is_run(path)
+        if run:
+            cfg = dataclasses.replace(loaded.model, **overrides) if overrides else loaded.model
+        else:
+            from llmjax.config import section_from_dict
+
+            model = dataclasses.asdict(loaded.model)
+            model.update(overrides)
+            cfg = section_from_dict(ModelConfig, model, "model")
+            cfg.validate()
+        params = loaded.params
         if cfg.scan_layers != scan_layers:
             from llmjax.tree import stack_layers, unstack_layers
 
             params = stack_layers(params) if scan_layers else unstack_layers(params)
             cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
-        tok_dir = run.get("data", {}).get("tokenizer")
-        tokenizer = load_tokenizer(Path(tok_dir).expanduser()) if tok_dir else None
-        return PretrainedModel(cfg, params, tokenizer, str(path), _run_label_names(run, cfg))
-    if (path / "config.yaml").exists():
-        from llmjax.checkpoint import load_params
-        from llmjax.config import section_from_dict
+        if run:
+            from llmjax.data.tokenizer import load_tokenizer
 
-        params, data = load_params(path)
-        model = dict(data.get("model", data))
-        model.update(overrides)
-        cfg = section_from_dict(ModelConfig, model, "model")
-        cfg.validate()
-        if cfg.scan_layers != scan_layers:
-            from llmjax.tree import stack_layers, unstack_layers
-
-            params = stack_layers(params) if scan_layers else unstack_layers(params)
-            cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
-        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path), _export_label_names(path))
+            tokenizer = load_tokenizer(Path(loaded.tokenizer)) if loaded.tokenizer else None
+            return PretrainedModel(cfg, params, tokenizer, str(path),
+                                   _run_label_names(loaded.config, cfg))
+        return PretrainedModel(cfg, params, _load_tokenizer(path), str(path),
+                               _export_label_names(path))
     if (path / "config.json").exists():
         from llmjax.convert.hf import import_hf, read_hf_config
 

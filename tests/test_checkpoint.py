@@ -24,6 +24,7 @@ import pytest
 from llmjax import config
 from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, TrainCheckpoints
 from llmjax.train.experiment import build
+from llmjax.train.resume import restore_state
 from llmjax.train.trainer import evaluate_run, train
 from llmjax.tree import flatten
 
@@ -50,7 +51,7 @@ CHILD = textwrap.dedent('''
     spec = json.loads(sys.argv[1])
     from llmjax import compile_cache, config
     compile_cache.enable(spec["cache"])
-    import llmjax.checkpoint as ck
+    import llmjax.checkpoint.data_state as ck
     from llmjax.train.trainer import train
     cfg = config.load(spec["config"], spec["overrides"])
     ckdir = Path(cfg.train.run_dir) / "checkpoints"
@@ -182,7 +183,7 @@ def test_reshard_222_to_811_to_one_device(tmp_path, straight, cache_dir):
                           f"mesh.tensor={mesh[2]}")
         exp = build(cfg, devices)
         ckpt = TrainCheckpoints(run_dir, cfg)
-        state, data, _ = ckpt.restore(EVERY, exp)
+        state, data, _ = restore_state(ckpt, EVERY, exp)
         ckpt.close()
         leaf = jax.tree.leaves(state.params)[0]
         assert len(leaf.sharding.device_set) == (1 if devices else 8)
@@ -223,39 +224,121 @@ def copy_of(straight, tmp_path):
     return make
 
 
-def test_missing_file_is_a_clear_error(copy_of):
-    run_dir = copy_of()
-    (run_dir / "checkpoints" / str(STEPS) / "state" / "_METADATA").unlink()
-    with pytest.raises(CheckpointError, match=r"8/state/_METADATA is missing"):
-        train(make_config(run_dir, "train.steps=12"))
-    run_dir = copy_of()
-    (run_dir / "checkpoints" / str(STEPS) / "data" / "process_0.json").unlink()
-    with pytest.raises(CheckpointError, match=r"8/data/process_0.json is missing"):
-        train(make_config(run_dir, "train.steps=12"))
+def _damage(step_dir: Path, how: str) -> str:
+    """Damage checkpoint `step_dir` as a cut-off save or a lost object would; returns a regex
+    of what the message must name."""
+    state = step_dir / "state"
+    if how == "array chunk truncated":
+        biggest = max(state.rglob("d/*"), key=lambda p: p.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+        return rf"cannot read leaf \S+ .*{step_dir.name}/state"
+    if how == "array chunk missing":
+        max(state.rglob("d/*"), key=lambda p: p.stat().st_size).unlink()
+        return rf"cannot read leaf \S+ .*{step_dir.name}/state"
+    path, text = {"state metadata missing": ("state/_METADATA", None),
+                  "data file missing": ("data/process_0.json", None),
+                  "commit marker missing": ("commit_success.txt", None),
+                  "meta truncated": ("meta/metadata", "cut")}[how]
+    if text is None:
+        (step_dir / path).unlink()
+        return rf"{step_dir.name}/{path} is missing"
+    (step_dir / path).write_text((step_dir / path).read_text()[:100])
+    return rf"{step_dir.name}/{path} is truncated"
 
 
-def test_truncated_file_is_a_clear_error(copy_of):
+@pytest.fixture(scope="module")
+def exp_of_run(straight):
+    """The run's Experiment (model, mesh, shardings), built once for the restore-only tests."""
+    return build(make_config(straight[0].run_dir, "train.steps=12"))
+
+
+def _resume_point(run_dir, caplog, exp):
+    """What a resume of `run_dir` starts from (no train step compiled): (step, warnings)."""
+    from llmjax.train.resume import restore_or_init
+    cfg = make_config(run_dir, "train.steps=12")
+    ckpt = TrainCheckpoints(run_dir, cfg)
+    caplog.clear()
+    try:
+        _, _, resumed, _ = restore_or_init(cfg, exp, ckpt, exp.state_shardings())
+    finally:
+        ckpt.close()
+    return resumed, [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("how", ["state metadata missing", "data file missing",
+                                 "commit marker missing", "meta truncated",
+                                 "array chunk truncated", "array chunk missing"])
+def test_torn_latest_checkpoint_resumes_from_the_newest_complete_one(copy_of, caplog, how,
+                                                                   exp_of_run):
+    """Issue 15: a torn latest checkpoint is skipped with a warning naming it and why (and
+    moved aside, not deleted); with no complete one left, a CheckpointError names each."""
     run_dir = copy_of()
-    files = sorted((run_dir / "checkpoints" / str(STEPS) / "state").rglob("d/*"),
-                   key=lambda p: p.stat().st_size)
-    biggest = files[-1]
-    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"cannot read leaf \S+ .*8/state") as info:
-        train(make_config(run_dir, "train.steps=12"))
-    # The leaf named is the one whose read failed (tensorstore names it with dots).
-    found = re.search(r"cannot read leaf (\S+) .*Error reading \"([^\"/]+)/", str(info.value))
-    assert found and found.group(1).replace("/", ".") == found.group(2), str(info.value)
+    named = _damage(run_dir / "checkpoints" / str(STEPS), how)
+    resumed, warnings = _resume_point(run_dir, caplog, exp_of_run)
+    assert resumed == EVERY
+    assert len(warnings) == 1 and re.search(rf"skipped checkpoint {STEPS}: .*{named}",
+                                            warnings[0]), warnings
+    assert not (run_dir / "checkpoints" / str(STEPS)).exists()
+    moved = list((run_dir / "checkpoints.incomplete").iterdir())
+    assert [p.name.split("-")[0] for p in moved] == [str(STEPS)]
+    if how == "array chunk truncated":  # the leaf named is the one whose read failed
+        found = re.search(r"cannot read leaf (\S+) .*Error reading \"([^\"/]+)/", warnings[0])
+        assert found and found.group(1).replace("/", ".") == found.group(2), warnings[0]
+    if how in ("state metadata missing", "meta truncated"):  # none complete: an error
+        also = _damage(run_dir / "checkpoints" / str(EVERY), how)
+        with pytest.raises(CheckpointError, match=rf"holds no complete checkpoint \("
+                                                  rf"checkpoint {EVERY}: .*{also}"):
+            _resume_point(run_dir, caplog, exp_of_run)
+
+
+def test_torn_latest_checkpoint_run_continues_exactly(copy_of, straight):
+    """The whole loop: checkpoint 8 cut off before its commit -> train resumes from 4, saves 8
+    again, and the losses of steps 5-8 equal the straight run's."""
     run_dir = copy_of()
-    meta = run_dir / "checkpoints" / str(STEPS) / "meta" / "metadata"
-    meta.write_text(meta.read_text()[:100])
-    with pytest.raises(CheckpointError, match=r"meta/metadata is truncated"):
-        train(make_config(run_dir, "train.steps=12"))
+    _damage(run_dir / "checkpoints" / str(STEPS), "commit marker missing")
+    (run_dir / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["step"] <= EVERY))
+    result = train(make_config(run_dir))
+    assert result.resumed_from == EVERY and result.checkpoint_step == STEPS
+    assert losses(run_dir) == straight[1]
+
+
+def test_failed_background_save_stops_the_loop(tmp_path, monkeypatch):
+    """Issue 15: a save that fails in orbax's background thread (here: the data item's write
+    raises) stops the loop at the next step, not at the next save or never, with one line
+    naming the checkpoint and the cause; the earlier checkpoint stays."""
+    import llmjax.checkpoint.data_state as data_state
+    original = data_state._write_json
+
+    def broken(path, data):
+        if f"/{EVERY}.orbax-checkpoint-tmp" in str(path):
+            raise RuntimeError("simulated: the store refused the object")
+        original(path, data)
+
+    monkeypatch.setattr(data_state, "_write_json", broken)
+    reached = []
+
+    def on_step(step):
+        reached.append(step)
+        if step == EVERY + 1:
+            time.sleep(1.0)  # the background save has failed by now
+
+    with pytest.raises(CheckpointError) as info:
+        train(make_config(tmp_path, "checkpoint.every=2"), on_step=on_step)
+    message = str(info.value)
+    assert "\n" not in message and f"checkpoint {EVERY} in " in message
+    assert "simulated: the store refused the object" in message
+    assert "earlier checkpoints [2] are intact" in message
+    assert max(reached) == EVERY + 1, reached  # stopped right there, before the next save
+    assert TrainCheckpoints(tmp_path, make_config(tmp_path)).all_steps() == [2]
 
 
 def test_diagnosis_blames_no_leaf_of_a_healthy_checkpoint(straight):
     """_diagnose (run after a failed restore) re-reads leaf by leaf; on a healthy checkpoint
     it must find nothing to blame (it once failed on every optimizer-state leaf)."""
-    from llmjax.checkpoint import _abstract_saved_form, _diagnose
+    from llmjax.checkpoint.train_checkpoints import abstract_saved_form as _abstract_saved_form
+    from llmjax.checkpoint.trees import diagnose as _diagnose
     cfg = make_config(straight[0].run_dir)
     exp = build(cfg)
     abstract = exp.abstract_state()

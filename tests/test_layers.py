@@ -29,11 +29,13 @@ LAYERS = [
     # layer may read launch.topology (`llmjax plan --target`).
     ("utilities", ["llmjax.console", "llmjax.compile_cache", "llmjax.pypi_data", "llmjax.tree",
                    "llmjax.paths", "llmjax.metrics_files",
-                   "llmjax.outdir", "llmjax.plot", "llmjax.launch"]),
+                   "llmjax.outdir", "llmjax.plot", "llmjax.launch",
+                   "llmjax.distributed"]),
+    ("storage", ["llmjax.checkpoint"]),
     ("data, models", ["llmjax.data", "llmjax.models"]),
     ("objectives, parallel", ["llmjax.objectives", "llmjax.parallel"]),
-    ("peft", ["llmjax.peft"]),
-    ("train", ["llmjax.train", "llmjax.checkpoint", "llmjax.metrics", "llmjax.generate",
+    ("peft, model loading", ["llmjax.peft", "llmjax.loader"]),
+    ("train", ["llmjax.train", "llmjax.metrics", "llmjax.generate",
                "llmjax.export", "llmjax.classify"]),
     ("top: conversion, pretrained, command lines", [
         "llmjax", "llmjax.convert", "llmjax.pretrained", "llmjax.cli", "llmjax.data.cli",
@@ -47,10 +49,6 @@ KNOWN = {
     ("llmjax.config", "llmjax.data"): "package of llmjax.data.labelled, below",
     ("llmjax.config", "llmjax.data.labelled"):
         "labelled-file check at config load; belongs in preflight/build",
-    # PEFT checkpoints read and write through the train checkpoint module.
-    ("llmjax.peft.base_ref", "llmjax.checkpoint"): "PEFT run's base reference restores params",
-    ("llmjax.peft.checkpoint", "llmjax.checkpoint"): "adapter files reuse the param loaders",
-    ("llmjax.peft.checkpoint", "llmjax.export"): "merge_checkpoint writes a parameter export",
 }
 
 # The config layer: llmjax.config defines every section and imports nothing of llmjax but

@@ -15,7 +15,9 @@ import pytest
 
 import llmjax
 from llmjax import cli, compile_cache, config, peft
-from llmjax.checkpoint import CheckpointError, _tree_metadata, load_source, save_params
+from llmjax.checkpoint import CheckpointError, save_params
+from llmjax.checkpoint.trees import tree_metadata as _tree_metadata
+from llmjax.loader import load_model as load_source
 from llmjax.export import export_run
 from llmjax.models import Transformer
 from llmjax.train.trainer import train

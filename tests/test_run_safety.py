@@ -27,6 +27,7 @@ from llmjax import config
 from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, TrainCheckpoints
 from llmjax.config import ConfigError
 from llmjax.train.guard import NonFiniteError
+from llmjax.train.resume import restore_state
 from llmjax.train.signals import EXIT_INTERRUPTED
 from llmjax.train.trainer import train
 from llmjax.tree import flatten
@@ -64,7 +65,7 @@ CHILD = textwrap.dedent('''
         trainer.build = build
     if spec.get("enospc_at"):  # the disk fills up under the checkpoint of that step
         import errno
-        import llmjax.checkpoint as ck
+        import llmjax.checkpoint.data_state as ck
         write = ck._write_json
         def full(path, data):
             if f"/{spec['enospc_at']}.orbax-checkpoint-tmp" in str(path):
@@ -225,7 +226,7 @@ def test_nan_stops_keeps_last_good_checkpoint_and_records_nan(tmp_path, straight
     ckpt = TrainCheckpoints(run_dir, cfg)
     exp = build(cfg)
     for step in ckpt.all_steps():  # every checkpoint written holds finite weights
-        state, _, _ = ckpt.restore(step, exp)
+        state, _, _ = restore_state(ckpt, step, exp)
         assert all(np.isfinite(v).all() for v in params_of(state).values()
                    if np.issubdtype(v.dtype, np.floating)), step
     ckpt.close()
@@ -311,7 +312,7 @@ def test_kill9_before_first_checkpoint_then_restart_matches_straight_run(
 def test_disk_full_during_save_is_one_line_and_resume_is_clean(tmp_path, straight, monkeypatch):
     """Simulates ENOSPC by making the checkpoint's data-item writer raise it (what a full
     disk raises from write()); orbax's own commit path is exercised as in a real failure."""
-    import llmjax.checkpoint as ck
+    import llmjax.checkpoint.data_state as ck
     original = ck._write_json
 
     def full(path, data):

@@ -21,13 +21,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from llmjax.checkpoint.location import as_path, resolve_source
+from llmjax.checkpoint.trees import is_position_table, restore_leaves, tree_metadata
+from llmjax.errors import CheckpointError
 from llmjax.tree import flatten, unflatten
 
 META_KEY = "base"  # key of the reference in a checkpoint's meta item
@@ -94,7 +97,6 @@ def fingerprint(flat: dict[str, Any]) -> str:
 def reference(source: str, frozen: dict, report) -> Optional[BaseRef]:
     """The BaseRef of a run just initialised from `source` (train.init_from), or None when
     no frozen leaf came from it (full fine-tuning: nothing to reference)."""
-    from llmjax.checkpoint import resolve_source
     flat = flatten(frozen)
     leaves = sorted(k for k in set(report.loaded) if k in flat)
     if not leaves:
@@ -113,7 +115,6 @@ def restore_frozen(ref: BaseRef, abstract_frozen: dict, frozen_shardings: dict,
 
     abstract_frozen / frozen_shardings: the run's frozen tree of ShapeDtypeStructs and its
     shardings (the same layout a fresh start gives)."""
-    from llmjax.checkpoint import CheckpointError
     wanted = flatten(abstract_frozen)
     shardings = flatten(frozen_shardings)
     missing = [k for k in ref.leaves if k not in wanted]
@@ -125,7 +126,7 @@ def restore_frozen(ref: BaseRef, abstract_frozen: dict, frozen_shardings: dict,
         candidates.append(str(init_from))
     seen, tried = set(), []
     for candidate in candidates:
-        path = Path(candidate).expanduser().absolute()
+        path = as_path(candidate)
         if not path.exists():
             tried.append(f"{path} is missing")
             continue
@@ -169,19 +170,17 @@ def restore_frozen_single(ref: BaseRef, model_cfg, stored: dict, where: str,
                           where, init_from)
 
 
-def _resolve_quiet(path: Path) -> Path:
+def _resolve_quiet(path: epath.Path) -> epath.Path:
     """The orbax tree directory of a step dir, export or run dir (latest step)."""
-    from llmjax.checkpoint import resolve_source
     return resolve_source(path, allow_base_ref=True)[0]
 
 
-def load_leaves(tree_dir: Path, wanted: dict[str, Any], shardings: dict[str, Any],
+def load_leaves(tree_dir: epath.Path, wanted: dict[str, Any], shardings: dict[str, Any],
                 where: str) -> dict[str, jax.Array]:
     """{path: array} of `wanted` (ShapeDtypeStructs) read from an orbax tree dir (a run's
     state/ or an export's params/), exactly as init_from builds them: learned position tables
     cut to the wanted length, other dtypes cast; placed with `shardings`."""
-    from llmjax import checkpoint as ck
-    saved = ck._tree_metadata(tree_dir)
+    saved = tree_metadata(tree_dir)
     prefixes = ["params", "frozen"] if tree_dir.name == "state" else []
     source: dict[str, tuple[str, Any]] = {}
     for prefix in reversed(prefixes):  # earlier prefixes win
@@ -193,22 +192,22 @@ def load_leaves(tree_dir: Path, wanted: dict[str, Any], shardings: dict[str, Any
     target, fix = {}, {}
     for key, leaf in wanted.items():
         if key not in source:
-            raise ck.CheckpointError(f"{where}: base {tree_dir.parent} has no leaf {key}: it is "
+            raise CheckpointError(f"{where}: base {tree_dir.parent} has no leaf {key}: it is "
                                      f"not the base this run started from")
         tree_key, meta = source[key]
         shape, saved_shape = tuple(leaf.shape), tuple(meta.shape)
         sharding = shardings[key]
         if shape != saved_shape:
-            if not (ck._is_position_table(key) and shape[1:] == saved_shape[1:]
+            if not (is_position_table(key) and shape[1:] == saved_shape[1:]
                     and saved_shape[0] >= shape[0]):
-                raise ck.CheckpointError(f"{where}: base {tree_dir.parent} leaf {key} has shape "
+                raise CheckpointError(f"{where}: base {tree_dir.parent} leaf {key} has shape "
                                          f"{saved_shape}, the run has {shape}")
             sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()) \
                 if hasattr(sharding, "mesh") else sharding
         if shape != saved_shape or np.dtype(meta.dtype) != np.dtype(leaf.dtype):
             fix[key] = leaf
         target[tree_key] = jax.ShapeDtypeStruct(saved_shape, meta.dtype, sharding=sharding)
-    restored = flatten(ck._restore_leaves(tree_dir, target))
+    restored = flatten(restore_leaves(tree_dir, target))
     out = {key: restored[source[key][0]] for key in wanted}
     if fix:  # the init_from path: cut to max_len, then cast (one jit, placed like the run)
         def adjust(arrays):
@@ -219,9 +218,9 @@ def load_leaves(tree_dir: Path, wanted: dict[str, Any], shardings: dict[str, Any
     return out
 
 
-def read_ref(step_dir: str | Path) -> Optional[BaseRef]:
+def read_ref(step_dir) -> Optional[BaseRef]:
     """The BaseRef recorded in a checkpoint step directory's meta (None: self-contained)."""
-    path = Path(step_dir) / "meta" / "metadata"
+    path = as_path(step_dir) / "meta" / "metadata"
     if not path.exists():
         return None
     try:

@@ -1,15 +1,17 @@
 """Adapter-only checkpoints (the trainable tree: small) on top of a base checkpoint, and
-merged full exports. Built on llmjax.checkpoint.save_params / load_params (orbax)."""
+merged full exports. Built on llmjax.checkpoint's parameter exports (orbax)."""
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import numpy as np
+from etils import epath
 
+from llmjax.checkpoint.location import PathLike, as_path
+from llmjax.checkpoint.params import load_params, save_params, write_params_export
+from llmjax.checkpoint.trees import is_position_table
 from llmjax.config import ConfigError, ModelConfig, PeftConfig, section_from_dict
 from llmjax.errors import CheckpointError
 from llmjax.models.api import abstract_params
@@ -18,22 +20,18 @@ from llmjax.peft.base_ref import BaseRef
 from llmjax.peft.plan import build
 from llmjax.tree import flatten, unflatten
 
-# llmjax.checkpoint and llmjax.export (the train layer) are imported where they are used:
-# upward imports, listed in tests/test_layers.py.
-
 KIND = "peft_adapter"
 
 
-def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftConfig,
+def save_adapter(directory: PathLike, trainable: Any, peft_cfg: PeftConfig,
                  model_cfg: Optional[ModelConfig] = None, base: Any = "",
-                 frozen: Any = None, force: bool = False) -> Path:
+                 frozen: Any = None, force: bool = False) -> epath.Path:
     """Write the trainable subtree (LoRA A/B, IA3 vectors, prompts, adapters, heads) with
     the peft section, the hooked model section and the base checkpoint's path.
 
     `base` is a path, or a BaseRef (llmjax/peft/base_ref.py): then its fingerprint is kept
     (merge checks it) and the `frozen` leaves that are not from the base (a new head left
     frozen) are stored too, so adapter + base is the whole model."""
-    from llmjax.checkpoint import save_params
     config = {"kind": KIND, "peft": dataclasses.asdict(peft_cfg)}
     tree = trainable
     if isinstance(base, BaseRef):
@@ -48,10 +46,9 @@ def save_adapter(directory: str | os.PathLike, trainable: Any, peft_cfg: PeftCon
     return save_params(directory, tree, config, force=force)
 
 
-def load_adapter(directory: str | os.PathLike, target: Any = None
+def load_adapter(directory: PathLike, target: Any = None
                  ) -> tuple[Any, PeftConfig, dict]:
     """(trainable tree, PeftConfig, stored config dict) of an adapter checkpoint."""
-    from llmjax.checkpoint import load_params
     tree, config = load_params(directory, target)
     if config.get("kind") != KIND:
         raise ConfigError(f"{str(directory)!r} is not an adapter checkpoint (no "
@@ -65,24 +62,23 @@ def apply_adapter(base_params: Any, adapter: Any, peft_cfg: PeftConfig) -> dict:
     return build(peft_cfg).merge(adapter, base_params)
 
 
-def merge_checkpoint(adapter_dir: str | os.PathLike, out: str | os.PathLike,
-                     base_dir: Optional[str | os.PathLike] = None, force: bool = False) -> Path:
+def merge_checkpoint(adapter_dir: PathLike, out: PathLike,
+                     base_dir: Optional[PathLike] = None, force: bool = False) -> epath.Path:
     """`llmjax peft merge`: base + adapter checkpoint -> merged parameter export.
 
     The base is anything init_from accepts (run dir, checkpoint step dir, parameter export),
-    read by llmjax.checkpoint.load_source; an adapter written by a run checks the base's
+    read by llmjax.loader.load_model; an adapter written by a run checks the base's
     fingerprint, so merging onto another base fails instead of exporting other weights."""
-    from llmjax.checkpoint import load_source
-    from llmjax.export import write_params_export
+    from llmjax.loader import load_model  # same layer; imports llmjax.peft (a module cycle)
     adapter, peft_cfg, config = load_adapter(adapter_dir)
     base_dir = base_dir or config.get("base")
     if not base_dir:
         raise ConfigError(f"{str(adapter_dir)!r} does not record its base checkpoint: "
                           f"pass --base DIR")
-    if not Path(base_dir).expanduser().exists():
+    if not as_path(base_dir).exists():
         raise CheckpointError(f"base {base_dir} of adapter {adapter_dir} does not exist: pass "
                               f"--base DIR where that base now lives")
-    base = load_source(base_dir)
+    base = load_model(base_dir)
     plan = build(peft_cfg)
     if config.get("model"):
         model_cfg = section_from_dict(ModelConfig, config["model"], "model")
@@ -103,7 +99,6 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
     """Base leaves shaped as the fine-tuned model has them (as init_from loads them: learned
     position tables cut to max_len, dtypes cast); leaves the adapter holds win. With a
     BaseRef, the fingerprint of the leaves the run took from its base must match."""
-    from llmjax.checkpoint import _is_position_table
     base = flatten(base_params)
     have = set(flatten(adapter))
     out, missing = {}, []
@@ -115,7 +110,7 @@ def fit_base(base_params: Any, model_cfg: ModelConfig, adapter: Any, ref: Any,
             continue
         value = base[key]
         if tuple(value.shape) != tuple(leaf.shape):
-            if not (_is_position_table(key) and value.shape[1:] == leaf.shape[1:]
+            if not (is_position_table(key) and value.shape[1:] == leaf.shape[1:]
                     and value.shape[0] >= leaf.shape[0]):
                 raise CheckpointError(f"{where}: leaf {key} has shape {tuple(value.shape)}, the "
                                       f"adapter's model has {tuple(leaf.shape)}")

@@ -16,6 +16,7 @@ from llmjax.data.device import to_global
 from llmjax.data.pipeline import make_iterator
 from llmjax.train.experiment import Experiment, build
 from llmjax.train.preflight import check_inputs
+from llmjax.train.resume import restore_state
 
 
 def data_iterator(exp: Experiment, split: str, num_epochs: Optional[int] = None):
@@ -66,7 +67,7 @@ def evaluate_run(config: Config, devices=None, step: Optional[int] = None) -> di
             raise FileNotFoundError(f"{ckpt.directory} holds no checkpoint to evaluate; train "
                                     f"first or set train.run_dir to a run directory")
         state_sh = exp.state_shardings()
-        state, _, _ = ckpt.restore(step, exp, shardings=state_sh)
+        state, _, _ = restore_state(ckpt, step, exp, shardings=state_sh)
     finally:
         ckpt.close()
     it = data_iterator(exp, "validation")

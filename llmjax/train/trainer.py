@@ -4,9 +4,11 @@ The host only feeds token ids (prefetched onto the mesh) and dispatches the
 jitted step; it reads metrics back only every `train.log_every` steps, so the
 device never waits on the host in between.
 
-Checkpoints (llmjax/checkpoint.py): a run directory with checkpoints resumes
-from the latest one exactly (train state, PRNG, data iterator position); a
-checkpoint that cannot be restored is an error, never a silent fresh start.
+Checkpoints (llmjax/checkpoint/): a run directory with checkpoints resumes
+from the newest complete one exactly (train state, PRNG, data iterator position;
+torn ones are skipped with a warning: llmjax/train/resume.py); a checkpoint that
+does not fit the run is an error, never a silent fresh start. A background save
+that fails stops the loop at the next step with a CheckpointError.
 Saves are asynchronous every `checkpoint.every` steps / `checkpoint.every_minutes` and at
 the end; SIGTERM or Ctrl-C saves at the next step boundary and returns exit code 75 / 130
 (llmjax/train/signals.py). A step with a NaN/inf loss or gradient stops the run or is
@@ -58,7 +60,7 @@ class RunResult:
     exit_code: int = 0
     resumed_from: Optional[int] = None  # checkpoint step the run continued from
     checkpoint_step: Optional[int] = None  # last checkpoint written
-    init_report: Any = None  # llmjax.checkpoint.InitReport when train.init_from was used
+    init_report: Any = None  # llmjax.train.init_from.InitReport when train.init_from was used
 
 
 def train(config: Config, devices=None, progress: Optional[bool] = None,
@@ -196,6 +198,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                                                         now - wall_start))
             if on_step is not None:
                 on_step(done)
+            ckpt.check_background_save()  # a failed background save stops the run here
             if done == cfg.train.steps:
                 break
             preempted = signals.reached(done)
