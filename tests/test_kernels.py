@@ -11,15 +11,9 @@ from llmjax.models import Transformer, cpu_kernels
 from llmjax.models.attention import dot_product_attention, make_mask
 from llmjax.models.layers import Dense, Norm
 
+from helpers import close_trees as _close_trees
+
 FAMILIES = ["gpt-tiny", "bert-tiny", "t5-tiny", "palm-tiny", "llama-tiny"]
-
-
-def _close_trees(a, b, rtol):
-    """Every leaf within rtol of the largest magnitude in the whole reference tree."""
-    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(a))
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        err = float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
-        assert err <= rtol * scale, f"{jax.tree_util.keystr(path)}: {err} > {rtol} * {scale}"
 
 
 def _outputs_and_grads(preset, kernels, dtype="float32", **overrides):

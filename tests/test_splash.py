@@ -15,8 +15,8 @@ from llmjax.config import ConfigError, from_dict, model_config
 from llmjax.generate import generate
 from llmjax.models import Transformer, attention, splash
 from llmjax.train.experiment import build
-from test_kernels import _close_trees
-from test_parallel import MeshRuns, host
+from helpers import MeshRuns, host
+from helpers import close_trees as _close_trees
 
 
 def _real_outputs_and_grads(preset: str, length: int, **overrides):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models import cpu_kernels, splash
+from llmjax.models.context import Context
 from llmjax.models.layers import Dense, constrain, dtype_of, normal_init, param, rotary
 
 Array = jax.Array
@@ -110,13 +111,19 @@ class Attention(nn.Module):
     causal: bool = False  # (self-attention) the mask is causal: lets the splash kernel skip blocks
 
     @nn.compact
-    def __call__(self, x: Array, kv_input: Array, mask: Optional[Array], bias: Optional[Array],
-                 q_positions: Array, k_positions: Array,
-                 q_segments: Optional[Array] = None, prefix: Optional[Array] = None,
-                 deterministic: bool = True) -> Array:
-        """`mask` is the dense form of the masking; the splash kernel rebuilds it from
-        `q_segments` and `causal`. `prefix` (a prefix-LM's bidirectional prefix, already in
-        `mask`) is a mask splash cannot express."""
+    def __call__(self, x: Array, ctx: Context, deterministic: bool = True) -> Array:
+        """x [b, t, d] -> [b, t, d]. Self-attention reads its mask, bias, positions, segments
+        and prefix from `ctx`; cross-attention (cross=True) attends to `ctx.encoded` under
+        `ctx.cross_mask`. The splash kernel rebuilds the mask from the segments and `causal`;
+        `ctx.prefix` (a prefix-LM's bidirectional prefix, already in the mask) is a mask splash
+        cannot express."""
+        if self.cross:
+            kv_input, mask, bias, prefix = ctx.encoded, ctx.cross_mask, None, None
+            q_positions, k_positions, q_segments = ctx.positions, ctx.encoded_positions, None
+        else:
+            kv_input, mask, bias, prefix = x, ctx.mask, ctx.bias, ctx.prefix
+            q_positions = k_positions = ctx.positions
+            q_segments = ctx.segments
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -126,7 +133,8 @@ class Attention(nn.Module):
                          name=name)
 
         std = cfg.initializer_range
-        q = proj(heads, ("embed", "heads", "kv"), "query", std)(x)
+        q = proj(heads, ("embed", "heads", "kv"), "query", std)(x)  # [b, t, heads, kv]
+        # k, v: [b, s, kv_heads, kv]
         k = proj(kv_heads, ("embed", "kv_heads", "kv"), "key", std)(kv_input)
         v = proj(kv_heads, ("embed", "kv_heads", "kv"), "value", std)(kv_input)
         q = constrain(q, ("batch", "length", "heads", "kv"))
