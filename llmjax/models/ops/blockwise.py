@@ -25,11 +25,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from llmjax.models.ops import reference
 from llmjax.models.ops.cpu import _mm, _physical, _stash, _t, _tn, _unstash
 
 Array = jax.Array
-NEG_INF = -1e30
-BLOCK = 64  # query rows per block (benchmarks/NOTES.md: 64 beat 32 and 128 at seq 256)
+NEG_INF = reference.NEG_INF
+# Query rows per block by operand width (benchmarks/NOTES.md, reference GPT's [8, 256, 6 x 64]:
+# f32 128 beat 64 and 32; bf16 64 beat 128 and 32).
+BLOCK = {4: 128, 2: 64}
 MAX_BLOCKS = 16  # longer sequences get proportionally larger blocks (bounded unrolling)
 
 
@@ -137,10 +140,14 @@ _attention.defvjp(_forward, _backward)
 
 
 def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
-              bias: Optional[Array] = None, scale: float, causal: bool = False,
-              block: int = BLOCK) -> Array:
-    """q [b, t, h, d], k/v [b, s, kh, d], mask [b, 1, t, s] bool, bias [b, h|1, t, s];
-    returns [b, t, h, d] in q's dtype. Heads move ahead of time (as in cpu.attention)."""
+              bias: Optional[Array] = None, segments=None, causal: bool = False,
+              scale: float, dropout=None, block: Optional[int] = None) -> Array:
+    """reference.attention: q [b, t, h, d], k/v [b, s, kh, d], mask [b, 1, t, s] bool, bias
+    [b, h|1, t, s]; returns [b, t, h, d] in q's dtype. Heads move ahead of time so every
+    batched matmul has its batch dimensions leading. No probability dropout."""
+    del segments  # the dense mask states them
+    if dropout is not None:
+        raise ValueError("blockwise attention does not drop attention probabilities")
     b, t, heads, d = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -149,12 +156,14 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     vh = _physical(jnp.transpose(v, (0, 2, 1, 3)))
     s = k.shape[1]
     if causal and mask is None:  # the op needs the within-block part of the causal mask
-        mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t))[None, None]
+        mask = reference.causal_mask(t, s)
     m = None if mask is None else mask[:, :, None]  # [b, 1, 1, t, s]
     bh = None
     if bias is not None:
         bh = bias.reshape((bias.shape[0], kv_heads, group) + bias.shape[2:]) \
             if bias.shape[1] == heads else bias[:, :, None]
+    if block is None:
+        block = BLOCK.get(jnp.dtype(q.dtype).itemsize, 64)
     out = _attention(qh, kh, vh, m, bh, float(scale), bool(causal), int(block),
                      jnp.dtype(q.dtype))  # [b, kh, g, t, d]
     return _physical(jnp.transpose(out, (0, 3, 1, 2, 4))).reshape(b, t, heads, d)
