@@ -2,14 +2,16 @@
 
 Same contract as reference.attention. The queries are cut into blocks of `block` rows; each
 block attends to the keys it can see (under a causal mask only the key prefix up to its last
-row, so about half of the score work of a causal sequence is skipped) with an exact softmax
-over that prefix. Only one block's scores [b, h, block, s] exist at a time: the backward
-keeps the per-row log-sum-exp (not the probabilities) and recomputes them block by block.
+row: with n blocks, (n - 1) / 2n of a causal sequence's score work is skipped) with an
+exact softmax over that prefix. The full [b, h, t, s] scores never exist, only each block's
+[b, h, block, keys] piece; the backward keeps the per-row log-sum-exp (not the
+probabilities) and recomputes them block by block.
 
 Why not an online softmax over key blocks (FlashAttention's inner loop)? On XLA:CPU a whole
-key row of one query block is a handful of large batched dots, which run near the matmul
-peak; an inner loop over key blocks cuts them into many small dots and adds rescaling
-passes over the accumulator (measured slower at the sizes this runs, benchmarks/NOTES.md).
+key row of one query block is a few large batched dots; an inner loop over key blocks would
+cut them into many small dots plus rescaling passes over the accumulator, which suits a
+fused accelerator kernel, not XLA:CPU's op-by-op execution (not measured here; the row of
+one block is at most 1/MAX_BLOCKS of the score matrix, which bounds the memory anyway).
 The blocks are unrolled at trace time (`_blocks` keeps their number at most MAX_BLOCKS).
 
 `causal` follows the bottom-right convention: query i sees keys j <= i + (s - t), which
