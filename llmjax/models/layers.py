@@ -161,7 +161,8 @@ class Adapter(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         h = Dense((self.dim,), ("embed", "adapter"), use_bias=True, dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, stddev=1e-3, kernels=cfg.kernels, name="down")(x)
+                  param_dtype=cfg.param_dtype, stddev=1e-3, kernels=cfg.kernels,
+                  name="down")(x)
         h = ops.kernels(cfg.kernels).activation(ACTIVATIONS["gelu"], h, None, dtype=x.dtype)
         up = Dense((x.shape[-1],), ("adapter", "embed"), use_bias=True, dtype=cfg.dtype,
                    param_dtype=cfg.param_dtype, stddev=0.0, kernels=cfg.kernels, name="up")(h)
