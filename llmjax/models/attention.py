@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.models import cpu_kernels, splash
+from llmjax.models import backend, cpu_kernels, splash
 from llmjax.models.layers import Dense, constrain, dtype_of, normal_init, param, rotary
 
 Array = jax.Array
@@ -50,19 +50,19 @@ def resolve_impl(cfg: ModelConfig) -> str:
     the Pallas splash kernel on TPU when the model's masks fit it, XLA's own math
     elsewhere. An explicit `splash` the model cannot use is a ConfigError."""
     impl = cfg.attention_impl
+    platform = backend.platform()  # the mesh's devices: a TPU topology compiled from a CPU host
     if impl == "auto":
-        backend = jax.default_backend()
-        if backend == "gpu" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
+        if platform == "gpu" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
             return "cudnn"
-        if backend == "tpu" and splash.unsupported(cfg) is None:
+        if platform == "tpu" and splash.unsupported(cfg) is None:
             return "splash"
         return "xla"
     if impl == "splash":
         splash.check(cfg)  # PEFT hooks may have been set after the config was validated
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    if impl == "cudnn" and platform != "gpu":
         # Checked here, not in validate(): `llmjax plan` of a GPU config runs on any host.
         raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend: "
-                          f"{jax.default_backend()}); use attention_impl=auto or xla")
+                          f"{platform}); use attention_impl=auto or xla")
     return impl
 
 

@@ -31,6 +31,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from llmjax.models import backend
+
 Array = jax.Array
 
 KERNELS = ("auto", "xla", "cpu_custom_vjp")
@@ -40,7 +42,8 @@ NEG_INF = -1e30
 def resolve(kernels: str) -> str:
     """'auto' -> the backend's default; other names are returned unchanged."""
     if kernels == "auto":
-        return "cpu_custom_vjp" if jax.default_backend() == "cpu" else "xla"
+        # The mesh's devices decide (llmjax plan compiles for a TPU mesh from a CPU host).
+        return "cpu_custom_vjp" if backend.platform() == "cpu" else "xla"
     return kernels
 
 

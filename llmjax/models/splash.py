@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
 from llmjax.config import ConfigError, ModelConfig, splash_unsupported
+from llmjax.models import backend
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -126,9 +127,9 @@ def attention(q: Array, k: Array, v: Array, q_segments: Array, k_segments: Array
     q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; segments: [b, t] / [b, s]
     (0 = padding, which only padding sees). Returns [b, t, heads, d].
     """
-    interpret = jax.default_backend() != "tpu"
+    interpret = backend.platform() != "tpu"  # compiled for a TPU mesh even from a CPU host
     if interpret:
-        _warn_interpreted(jax.default_backend())
+        _warn_interpreted(backend.platform())
     q = (q * scale).astype(q.dtype)  # the kernel has no scale argument
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     q_segments, k_segments = q_segments.astype(jnp.int32), k_segments.astype(jnp.int32)
