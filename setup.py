@@ -37,7 +37,8 @@ setup(
         "tf": ["tensorflow-cpu"],
         # The TensorBoard UI for the event files every run writes (tensorboardX writes them).
         "tensorboard": ["tensorboard"],
-        "tpu": ["jax[tpu]"],
+        # libtpu matched to jax: `llmjax plan --target` compiles for Cloud TPU topologies with it.
+        "tpu": ["jax[tpu]==0.10.2"],
         "gpu": ["jax[cuda12]"],
     },
     entry_points={"console_scripts": ["llmjax=llmjax.cli:main"]},

@@ -13,6 +13,9 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (the tpu extra) every jax process would probe for a TPU first (+1.8 s);
+# TPU plans compile from topology descriptions, which need no TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="llmjax-tests-jax-cache-")
