@@ -124,7 +124,8 @@ def test_same_config_and_target_give_the_same_figures(compiled):
 @needs_libtpu
 def test_sweep_ranks_what_fits_and_writes_a_loadable_config(tmp_path, capsys):
     out = tmp_path / "best.yaml"
-    code = cli.main(["plan", "configs/experiments/gpt-tiny.yaml", "--target", "v5e:2x2",
+    code = cli.main(["plan", "configs/experiments/gpt-tiny.yaml", "train.seq_len=64", "--target",
+                     "v5e:2x2",
                      "--sweep", "--max-configs", "2", "--best-out", str(out)])
     text = capsys.readouterr()
     assert code == 0, text.err

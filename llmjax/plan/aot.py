@@ -235,6 +235,12 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
     for name in steps:
         fn = (exp.train_step if name == "train" else exp.eval_step)(list(shapes), state_sh)
         begin = time.perf_counter()
+        # No persistent cache: a TPU executable compiled from a topology cannot be loaded
+        # back on this host (jax warns and compiles again), so writing it is wasted time.
+        # (jax decides once per process: this holds when the plan compiles first, as in
+        # `llmjax plan`.)
+        cache = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
         try:
             compiled = fn.lower(state, batch).compile()
         except Exception as err:  # noqa: BLE001 - the TPU compiler's out-of-memory verdict
@@ -246,6 +252,8 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
             result.note = (f"the TPU compiler ran out of HBM compiling the {name} step: "
                            f"{used[0] / 2**30:.2f} GiB needed")
             return result
+        finally:
+            jax.config.update("jax_enable_compilation_cache", cache)
         seconds = time.perf_counter() - begin
         text = compiled.as_text()
         mem = compiled.memory_analysis()

@@ -7,7 +7,8 @@ module instead: every computation reached from ENTRY with the number of times it
 (while loops: their trip count), and for each op that touches HBM (fusions, custom calls,
 copies, ...) the bytes it reads and writes and the matmul FLOPs inside it; each op costs
 max(flops / peak, bytes / HBM bandwidth). Collectives (all-gather, reduce-scatter,
-all-reduce, all-to-all, collective-permute) are listed with their group size and bytes.
+all-reduce, all-to-all, collective-permute; across slices the megascale `send`s) are
+listed with their group size and bytes.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import dataclasses
 import math
 import re
 from typing import Optional
+
+import numpy as np
 
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
                "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4,
@@ -151,19 +154,48 @@ def matmul_flops(instr: Instr, types: dict[str, str]) -> float:
     out = math.prod(_dims(instr.type))
     if instr.opcode == "convolution":
         labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
-        window = re.search(r"window=\{size=([0-9x]+)", instr.attrs)
         rhs = _dims(types.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
-        if not labels or not rhs or "i" not in labels.group(2):
+        lhs = _dims(types.get(instr.operands[0], ""))
+        if not labels or not rhs or not lhs or "i" not in labels.group(2):
             return 0.0
         inner = rhs[labels.group(2).index("i")]
-        taps = math.prod(int(x) for x in window.group(1).split("x")) if window else 1
-        return 2.0 * out * inner * taps
+        return 2.0 * out * inner * _real_taps(instr.attrs, labels.group(1), labels.group(3),
+                                              lhs, _dims(instr.type))
     if instr.opcode == "dot":
         lhs = _dims(types.get(instr.operands[0], ""))
         m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
         inner = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
         return 2.0 * out * inner
     return 0.0
+
+
+def _real_taps(attrs: str, lhs_labels: str, out_labels: str, lhs: list[int],
+               out: list[int]) -> float:
+    """Window taps per output element that land on real input (not padding, not the holes
+    of an lhs dilation): XLA:TPU writes batched matmuls as convolutions with such windows."""
+    window = re.search(r"window=\{([^}]*)\}", attrs)
+    if not window:
+        return 1.0
+    fields = dict(re.findall(r"(\w+)=([0-9x_\-]+)", window.group(1)))
+    sizes = [int(x) for x in fields.get("size", "").split("x") if x]
+    spatial = len(sizes)
+
+    def per_dim(key: str, default: int) -> list[int]:
+        return [int(x) for x in fields[key].split("x")] if key in fields else [default] * spatial
+    strides, dilate = per_dim("stride", 1), per_dim("lhs_dilate", 1)
+    pads = [tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")] \
+        if "pad" in fields else [(0, 0)] * spatial
+    total = 1.0
+    for k in range(spatial):
+        if str(k) not in lhs_labels or str(k) not in out_labels:
+            continue  # a window over no dimension (size=1 on a 0-spatial dot)
+        n = lhs[lhs_labels.index(str(k))]
+        outs = out[out_labels.index(str(k))]
+        pos = (np.arange(outs)[:, None] * strides[k] + np.arange(sizes[k])[None, :]
+               - pads[k][0])
+        real = (pos >= 0) & (pos <= (n - 1) * dilate[k]) & (pos % dilate[k] == 0)
+        total *= real.sum() / max(outs, 1)
+    return total
 
 
 @dataclasses.dataclass
@@ -203,7 +235,6 @@ def _group_size(instr: Instr, num_devices: int) -> tuple[int, list[list[int]]]:
     a = instr.attrs
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", a)
     if iota:
-        import numpy as np
         g, s = int(iota.group(1)), int(iota.group(2))
         dims = [int(x) for x in iota.group(3).split(",")]
         ids = np.arange(math.prod(dims)).reshape(dims)
@@ -273,6 +304,9 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
     comps = parse_module(text)
     entry = next(c for c in comps.values() if c.entry)
     num_devices = len(slice_of) if slice_of else 1
+    # A multi-slice program is one slice's: its cross-slice (DCN) transfers are host
+    # transfers to the megascale runtime (`send` ops), among this many slices.
+    slices = len(set(slice_of)) if slice_of else 1
     out = Roofline()
     collectives: dict[tuple, Collective] = {}
 
@@ -317,7 +351,15 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                     if callee in comps:
                         walk(comps[callee], times)
                 continue
-            if i.opcode in _FREE:
+            if i.opcode in _FREE or i.opcode == "recv":
+                continue
+            megascale = re.search(r'_xla_megascale_transfer_type="(\w+)"', i.attrs)
+            if i.opcode == "send" and megascale:  # multi-slice: the DCN half of a collective
+                kind = megascale.group(1).lower().replace("_", "-")
+                nbytes = shape_bytes(_ARRAY.search(i.type).group(0))
+                key = (kind, slices, nbytes, True)
+                c = collectives.setdefault(key, Collective(kind, slices, nbytes, 0, True))
+                c.count += times
                 continue
             kind = i.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
@@ -327,8 +369,9 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
             if i.opcode == "fusion":
                 fused = comps.get((_called(i, "calls") or [""])[0])
                 if fused is not None and any(x.opcode in COLLECTIVES for x in fused.instrs):
-                    note_collectives(fused, times)  # an async collective's wrapper: its time
-                    continue  # is the collective's, at ICI/DCN bandwidth
+                    note_collectives(fused, times)  # its time is the collective's (ICI/DCN)
+                    if not any(x.opcode in ("convolution", "dot") for x in fused.instrs):
+                        continue  # a bare async collective; else a matmul fused with it
             flops = matmul_flops(i, comp.types) + (flops_inside(fused) if fused else 0.0)
             nbytes = _operand_bytes(fused, i, comp.types) + _output_bytes(fused, i, comp.types)
             if i.opcode == "custom-call":
