@@ -210,3 +210,14 @@ def test_roofline_counts_loop_trips_matmul_flops_and_collectives():
     assert (gather.kind, gather.group, gather.count, gather.bytes) == ("all-gather", 2, 6,
                                                                        16 * 256 * 4)
     assert not gather.cross_slice  # groups {0,1} and {2,3} each stay in one slice
+
+
+def test_compiler_out_of_memory_verdicts_are_read():
+    """The TPU compiler refuses a program that does not fit; plan() reports its figures
+    (a real one: gpt2-small, 16 x 1024 tokens per chip, no remat, on v5e-256)."""
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+               "HLO temporaries (22.12G) exceeds available HBM (15.75G).")
+    assert aot._oom_bytes(message) == (int(22.12 * 2 ** 30), int(15.75 * 2 ** 30))
+    assert aot._oom_bytes("Used 20.5G of 15.75G hbm") == (int(20.5 * 2 ** 30),
+                                                          int(15.75 * 2 ** 30))
+    assert aot._oom_bytes("INTERNAL: something else") is None

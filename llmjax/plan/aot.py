@@ -183,11 +183,15 @@ def _resolved_impl(exp) -> str:
         return resolve_impl(exp.model_config)
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.I)
+# The TPU compiler's verdicts: "... HLO temporaries (22.12G) exceeds available HBM (15.75G)"
+# and "Used 20.5G of 15.75G hbm".
+_OOM = (re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", re.I),
+        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.I))
 
 
 def _oom_bytes(message: str) -> Optional[tuple[int, int]]:
-    m = _OOM.search(message)
+    """(bytes needed, bytes available) from the compiler's out-of-memory message."""
+    m = _OOM[0].search(message) or _OOM[1].search(message)
     if not m:
         return None
     unit = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -248,9 +252,9 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
             if used is None or "RESOURCE_EXHAUSTED" not in str(err):
                 raise
             result.fits = False
-            result.shortfall = used[0] - hbm
+            result.shortfall = used[0] - used[1]
             result.note = (f"the TPU compiler ran out of HBM compiling the {name} step: "
-                           f"{used[0] / 2**30:.2f} GiB needed")
+                           f"{' '.join(str(err).split())[:300]}")
             return result
         finally:
             jax.config.update("jax_enable_compilation_cache", cache)
