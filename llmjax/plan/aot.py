@@ -132,6 +132,7 @@ class Plan:
     fits: bool
     shortfall: int  # bytes over HBM (> 0 when it does not fit), else the headroom as < 0
     note: str = ""  # why there was no compile (does not fit by arithmetic alone)
+    compiled: bool = False  # the TPU compiler ran (it may have refused: out of HBM)
 
     @property
     def train(self) -> Optional[StepPlan]:
@@ -245,6 +246,7 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
         # `llmjax plan`.)
         cache = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)
+        result.compiled = True
         try:
             compiled = fn.lower(state, batch).compile()
         except Exception as err:  # noqa: BLE001 - the TPU compiler's out-of-memory verdict

@@ -77,7 +77,7 @@ def sweep(path: str, overrides: list[str], target: Target, max_configs: int,
             rows.append(Row(choice, None, str(err)))
             progress(f"  skip {choice.label()}: {err}")
             continue
-        compiled += bool(result.steps)
+        compiled += result.compiled
         rows.append(Row(choice, result))
         if result.fits:
             progress(f"  [{compiled}/{max_configs}] {choice.label()}: fits, step "
