@@ -16,7 +16,7 @@ from llmjax.errors import ConfigError
 from llmjax.plan.aot import Plan, plan
 from llmjax.plan.topology import Target
 
-REMATS = ("none", "dots", "full")
+REMATS = ("full", "dots", "none")  # the one most likely to fit first, then faster ones
 BATCHES = (1, 2, 4, 8, 16)
 
 
@@ -40,8 +40,9 @@ class Choice:
 
 
 def choices(cfg: Config, target: Target) -> Iterator[Choice]:
-    """FSDP-heavy meshes and large batches first (the usual winners), tensor only where it
-    divides the heads; data over DCN stays as --slices gives it."""
+    """FSDP-heavy meshes and large batches first, full remat first within them (what fits
+    most often, then the faster policies); tensor only where it divides the heads; data
+    over DCN stays as --slices gives it."""
     n = target.chips_per_slice
     heads = cfg.model.num_heads
     meshes = [(d, n // (d * t), t) for t in (1, 2, 4, 8) if heads % t == 0 and n % t == 0
