@@ -117,7 +117,7 @@ def parse_module(text: str) -> dict[str, Computation]:
                 for pname, ptype in re.findall(r"([\w.\-]+):\s*((?:\([^)]*\))|[^,]+)", h.group(3)):
                     current.types[pname] = ptype
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # (a multi-line literal may start a line with "}" too)
             comps[current.name] = current
             current = None
             continue
