@@ -25,8 +25,9 @@ ALIGNED_LLAMA = ["model.d_model=256", "model.num_heads=2", "model.num_kv_heads=1
                  "mesh.tensor=1", "train.batch_size=32"]
 
 
-def _plan(path, overrides, target="v5e:2x2", slices=1, steps=("train",)):
-    return aot.plan(config.load(path, overrides), parse(target, slices), steps=steps)
+def _plan(path, overrides, target="v5e:2x2", slices=1, steps=("train",), save_hlo=None):
+    return aot.plan(config.load(path, overrides), parse(target, slices), steps=steps,
+                    save_hlo=save_hlo)
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +78,18 @@ def test_argument_bytes_equal_hand_computation(compiled):
 
 
 @needs_libtpu
-def test_splash_compiles_for_tpu_inside_the_train_step():
+def test_splash_compiles_for_tpu_inside_the_train_step(tmp_path):
     """attention_impl=auto on a TPU target is the Mosaic splash kernel (packed segments +
-    causal), compiled for the chip, not interpreted."""
+    causal), compiled for the chip, not interpreted; --save-hlo writes the optimized HLO."""
     p = _plan("configs/experiments/llama-tiny.yaml",
               ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "model.attention_impl=auto",
-               "train.seq_len=256", "model.max_len=256"])
+               "train.seq_len=256", "model.max_len=256"], save_hlo=tmp_path / "hlo")
     assert p.attention_impl == "splash"
     text = p.train.hlo_text
     assert "tpu_custom_call" in p.train.roofline.custom_calls
     assert "splash_mqa_fwd_segmented" in text and "splash_mqa_dkv_segmented" in text
     assert p.train.attention_flops > 0
+    assert (tmp_path / "hlo" / "train_step.v5e_2x2.hlo.txt").read_text() == text
 
 
 @needs_libtpu
