@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args, cfg) -> int:
+    import os
+    # A plan compiles from topology descriptions and never runs on an accelerator: skip
+    # jax's TPU probe (+2 s with libtpu installed) unless the user chose platforms.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from llmjax.config import ConfigError
     from llmjax.plan import aot, topology
     target = topology.parse(args.target, args.slices)

@@ -92,7 +92,12 @@ class Target:
 
     def devices(self) -> list:
         """The slice's devices from libtpu's topology description (no TPU needed)."""
+        import os
         from jax.experimental import topologies
+        if os.environ.get("JAX_PLATFORMS") == "cpu":
+            # No TPU is opened here: several plans (or a plan and the tests) may load libtpu
+            # at once without its one-process lockfile.
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         per_host = tuple(min(a, b) for a, b in zip(self.shape + (1,) * (3 - len(self.shape)),
                                                    (2, 2, 1)))
         desc = topologies.get_topology_desc(
