@@ -45,8 +45,8 @@ def main() -> int:
     args = parser.parse_args()
     aot.require_libtpu()
     print("| model | target | best configuration | HBM/chip GiB | compile s | est. step ms "
-          "| est. MFU | MaxText MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| est. MFU | time in HBM-bound ops / collectives (ICI) | MaxText MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         path, overrides = MODELS[model]
         for name in args.targets:
@@ -57,13 +57,17 @@ def main() -> int:
             best = sweep.ranked(rows)
             if not best:
                 print(f"| {model} | {name} | nothing fits in {args.max_configs} tries | | "
-                      f"{time.perf_counter() - begin:.0f} | | | {MAXTEXT.get((model, name), '')} |")
+                      f"{time.perf_counter() - begin:.0f} | | | | {MAXTEXT.get((model, name), '')} |")
                 continue
             p, choice = best[0].plan, best[0].choice
             total = max(s.memory.total for s in p.steps.values())
+            t = p.times()
+            where = (f"{p.train.roofline.bytes_bound_seconds / t['step'] * 100:.0f}% / "
+                     f"{t['ici'] / t['step'] * 100:.0f}%")
             print(f"| {model} | {name} | {choice.label()} | {total / 2**30:.2f} | "
                   f"{p.train.compile_seconds:.0f} | {p.step_seconds * 1e3:,.1f} | "
-                  f"{p.mfu * 100:.1f}% | {MAXTEXT.get((model, name), '')} |", flush=True)
+                  f"{p.mfu * 100:.1f}% | {where} | {MAXTEXT.get((model, name), '')} |",
+                  flush=True)
     return 0
 
 

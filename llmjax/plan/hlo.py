@@ -226,6 +226,7 @@ class Roofline:
     flops: float = 0.0  # matmul FLOPs per device per step (custom calls excluded)
     hbm_bytes: float = 0.0  # bytes read + written by HBM-touching ops
     compute_seconds: float = 0.0  # sum over ops of max(flop time, byte time)
+    bytes_bound_seconds: float = 0.0  # the part of it in ops limited by HBM bandwidth
     custom_calls: dict = dataclasses.field(default_factory=dict)  # target -> (count, bytes)
     collectives: list = dataclasses.field(default_factory=list)  # [Collective]
 
@@ -383,7 +384,10 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                 out.custom_calls[name] = (count + times, b + nbytes * times)
             out.flops += flops * times
             out.hbm_bytes += nbytes * times
-            out.compute_seconds += max(flops / peak_flops, nbytes / hbm_bandwidth) * times
+            flop_time, byte_time = flops / peak_flops, nbytes / hbm_bandwidth
+            out.compute_seconds += max(flop_time, byte_time) * times
+            if byte_time > flop_time:
+                out.bytes_bound_seconds += byte_time * times
 
     walk(entry, 1)
     out.collectives = sorted(collectives.values(), key=lambda c: -c.wire_bytes * c.count)

@@ -47,7 +47,9 @@ def format_plan(p: Plan) -> str:
         f"  compiler's cost_analysis flops         {s.compiler_flops / 1e9:14,.1f} GFLOP"
         f"  (a loop body counted once)",
         f"  HBM bytes read + written               {r.hbm_bytes / 1e9:14,.2f} GB",
-        f"  roofline compute time                  {tm['compute'] * 1e3:14,.2f} ms",
+        f"  roofline compute time                  {tm['compute'] * 1e3:14,.2f} ms"
+        f"  ({r.bytes_bound_seconds / max(tm['compute'], 1e-30) * 100:.0f}% in ops bound by HBM "
+        f"bandwidth)",
         f"  collectives over ICI / DCN             {tm['ici'] * 1e3:14,.2f} ms / "
         f"{tm['dcn'] * 1e3:,.2f} ms",
         f"  estimated step time                    {tm['step'] * 1e3:14,.2f} ms"
