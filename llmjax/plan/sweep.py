@@ -68,9 +68,13 @@ def sweep(path: str, overrides: list[str], target: Target, max_configs: int,
     base = config_mod.load(path, overrides)
     rows: list[Row] = []
     compiled = 0
+    too_big: set = set()  # (mesh, batch) where full remat, the leanest policy, did not fit
     for choice in choices(base, target):
         if compiled >= max_configs:
             break
+        mesh_batch = (choice.data, choice.fsdp, choice.tensor, choice.per_chip_batch)
+        if mesh_batch in too_big:
+            continue  # dots / none keep more activations than full remat: no compile needed
         try:
             cfg = config_mod.load(path, overrides + choice.overrides(target))
             result = plan(cfg, target, steps=("train",))
@@ -80,6 +84,8 @@ def sweep(path: str, overrides: list[str], target: Target, max_configs: int,
             continue
         compiled += result.compiled
         rows.append(Row(choice, result))
+        if not result.fits and choice.remat == "full":
+            too_big.add(mesh_batch)
         if result.fits:
             progress(f"  [{compiled}/{max_configs}] {choice.label()}: fits, step "
                      f"{result.step_seconds * 1e3:,.1f} ms, MFU {result.mfu * 100:.1f}%")
