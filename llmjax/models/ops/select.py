@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
 from llmjax.errors import ConfigError
-from llmjax.models.ops import blockwise, cpu, cudnn, reference, splash
+from llmjax.models.ops import blockwise, cpu, cudnn, platform, reference, splash
 
 KERNELS = ("auto", "xla", "cpu_custom_vjp")
 
@@ -35,7 +34,8 @@ CPU_CUSTOM_VJP = Kernels(cpu.dense, cpu.attend, cpu.norm, cpu.activation)
 def resolve_kernels(name: str) -> str:
     """model.kernels for this backend: 'auto' is cpu_custom_vjp on CPU, xla elsewhere."""
     if name == "auto":
-        return "cpu_custom_vjp" if jax.default_backend() == "cpu" else "xla"
+        # The mesh's devices decide (llmjax plan compiles for a TPU mesh from a CPU host).
+        return "cpu_custom_vjp" if platform.platform() == "cpu" else "xla"
     return name
 
 
@@ -50,8 +50,8 @@ def resolve_attention(cfg: ModelConfig) -> str:
     the Pallas splash kernel on TPU when the model's masks fit it, XLA's own math
     elsewhere. An explicit `splash` the model cannot use is a ConfigError."""
     impl = cfg.attention_impl
+    backend = platform.platform()  # the mesh's devices: a TPU topology compiled from a CPU host
     if impl == "auto":
-        backend = jax.default_backend()
         if backend == "gpu" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
             return "cudnn"
         if backend == "tpu" and splash.unsupported(cfg) is None:
@@ -59,10 +59,10 @@ def resolve_attention(cfg: ModelConfig) -> str:
         return "xla"
     if impl == "splash":
         splash.check(cfg)  # PEFT hooks may have been set after the config was validated
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    if impl == "cudnn" and backend != "gpu":
         # Checked here, not in validate(): `llmjax plan` of a GPU config runs on any host.
         raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend: "
-                          f"{jax.default_backend()}); use attention_impl=auto or xla")
+                          f"{backend}); use attention_impl=auto or xla")
     return impl
 
 

@@ -28,6 +28,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
 from llmjax.config import ModelConfig, splash_unsupported
 from llmjax.errors import ConfigError
+from llmjax.models.ops import platform
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -133,9 +134,9 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     if bias is not None or dropout is not None or segments is None:
         raise ValueError("splash attention takes segment ids, no bias and no dropout")
     q_segments, k_segments = segments
-    interpret = jax.default_backend() != "tpu"
+    interpret = platform.platform() != "tpu"  # compiled for a TPU mesh even from a CPU host
     if interpret:
-        _warn_interpreted(jax.default_backend())
+        _warn_interpreted(platform.platform())
     q = (q * scale).astype(q.dtype)  # the kernel has no scale argument
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     q_segments, k_segments = q_segments.astype(jnp.int32), k_segments.astype(jnp.int32)
