@@ -12,6 +12,7 @@ import re
 from typing import Optional
 
 from llmjax.errors import ConfigError
+from llmjax.launch import topology as slices
 
 GiB = 2 ** 30
 
@@ -56,12 +57,7 @@ CHIPS: dict[str, Chip] = {
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
-# Slice shapes by chip count, as Cloud TPU builds them (v5e / v6e: 2D; v4 / v5p: 3D cubes).
-SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
-             128: (8, 16), 256: (16, 16)}
-SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
-             128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
-             2048: (8, 16, 16), 4096: (16, 16, 16)}
+# Slice shapes by size come from the one Cloud TPU slice table, llmjax/launch/topology.py.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,21 +106,21 @@ class Target:
 def known_names() -> list[str]:
     """Examples of every spelling parse() takes, for error messages and docs."""
     out = []
-    for gen, chip in CHIPS.items():
-        shapes = SHAPES_3D if chip.torus_dims == 3 else SHAPES_2D
-        counts = [c for c in shapes if c >= 4]
-        out.append(f"{gen}-{{{','.join(str(c * chip.cores_per_chip) for c in counts)}}}")
-    return out + ["v5litepod-N", "GEN:AxB (v5e, v6e)", "GEN:AxBxC (v4, v5p)"]
+    for gen in slices.GENERATIONS:
+        sizes = [t.accelerator_type.rsplit("-", 1)[1] for t in slices.SLICES.values()
+                 if t.generation == gen.name and t.chips >= 4]
+        out.append(f"{gen.prefix}-{{{','.join(sizes)}}}")
+    return out + ["v5e-N", "GEN:AxB (v5e, v6e)", "GEN:AxBxC (v4, v5p)"]
 
 
 def _unknown(name: str, why: str) -> ConfigError:
     return ConfigError(f"unknown TPU target {name!r} ({why}); known: {'; '.join(known_names())}")
 
 
-def parse(name: str, slices: int = 1) -> Target:
+def parse(name: str, slices_count: int = 1) -> Target:
     """`v5e-256`, `v5litepod-16`, `v4-32`, `v5p-128`, `v6e-256`, `v5e:4x4`, `v4:2x2x1`."""
-    if slices < 1:
-        raise ConfigError(f"--slices {slices} must be >= 1")
+    if slices_count < 1:
+        raise ConfigError(f"--slices {slices_count} must be >= 1")
     text = name.strip().lower()
     grid = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", text)
     counted = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
@@ -141,12 +137,10 @@ def parse(name: str, slices: int = 1) -> Target:
             shape = shape + (1,)
         if 0 in shape:
             raise _unknown(name, "an empty grid")
-        return Target(name, chip, shape, slices)
-    count = int(counted.group(2))
-    if count % chip.cores_per_chip:
-        raise _unknown(name, f"{gen}-N counts TensorCores, {chip.cores_per_chip} per chip")
-    chips = count // chip.cores_per_chip
-    shapes = SHAPES_3D if chip.torus_dims == 3 else SHAPES_2D
-    if chips not in shapes:
-        raise _unknown(name, f"no {gen} slice of {chips} chips")
-    return Target(name, chip, shapes[chips], slices)
+        return Target(name, chip, shape, slices_count)
+    try:
+        found = slices.lookup(name)
+    except ConfigError as err:
+        raise _unknown(name, str(err).split(": ", 1)[-1]) from None
+    return Target(name, CHIPS[found.generation],
+                  tuple(int(x) for x in found.topology.split("x")), slices_count)
