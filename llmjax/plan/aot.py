@@ -179,9 +179,9 @@ def _attention_flops(exp, impl: str, per_chip_rows: float) -> float:
 
 def _resolved_impl(exp) -> str:
     import jax
-    from llmjax.models.attention import resolve_impl
+    from llmjax.models.ops import resolve_attention
     with jax.set_mesh(exp.mesh):
-        return resolve_impl(exp.model_config)
+        return resolve_attention(exp.model_config)
 
 
 # The TPU compiler's verdicts: "... HLO temporaries (22.12G) exceeds available HBM (15.75G)"
