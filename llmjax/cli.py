@@ -60,15 +60,41 @@ def _quiet_data(cfg) -> None:
 
 def cmd_train(args) -> int:
     from llmjax.parallel import initialize_distributed
-    initialize_distributed()  # multi-host (TPU pods, LLMJAX_COORDINATOR): before any device use
+    # Multi-host (TPU pods, JAX_COORDINATOR_ADDRESS): before any device use. docs/multihost.md
+    if not initialize_distributed():
+        return _train(args)
+    try:
+        return _train(args)
+    except BaseException as err:  # noqa: BLE001 - one host failing alone must not hang the rest
+        _leave_multihost(err, args)
+        raise
+
+
+def _train(args) -> int:
     from llmjax.compile_cache import enable_from_config
+    from llmjax.distributed import check_same_program
     from llmjax.train.trainer import train
     cfg = _load(args)
+    check_same_program(cfg.to_dict())  # every host: same config, code and packages (else exit 2)
     _quiet_data(cfg)
     enable_from_config(cfg)
     result = train(cfg)
     _print_result(result)
     return getattr(result, "exit_code", 0)
+
+
+def _leave_multihost(err: BaseException, args) -> None:
+    """A multi-process run that fails on this host: report it and exit now. jax's exit path
+    would wait at a shutdown barrier for peers that may be blocked in a collective waiting for
+    this host; exiting at once makes their collectives fail and them exit too."""
+    from llmjax import distributed
+    if isinstance(err, SystemExit):
+        return
+    if getattr(args, "debug", False) or os.environ.get("LLMJAX_DEBUG", "") not in ("", "0"):
+        import traceback
+        traceback.print_exception(err)
+    message, code = _classify(err)
+    distributed.leave(message, code)
 
 
 def _print_result(result) -> None:
@@ -149,7 +175,11 @@ def cmd_models(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """Print the mesh, each parameter's sharding and per-device memory, without allocating."""
+    """Print the mesh, each parameter's sharding and per-device memory, without allocating;
+    with --target, compile the steps for a Cloud TPU slice (llmjax/plan/)."""
+    if args.target:
+        from llmjax.plan.cli import run
+        return run(args, _load(args))
     import jax
     import numpy as np
     from llmjax.train.experiment import build
@@ -283,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "classifiers, RUN_DIR)")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
                    help="labelled CSV / TSV / JSONL files to score a classifier on")
-    with_config("plan", cmd_plan, "show mesh, shardings and memory per device",
-                check_inputs=False)  # planning reads no data
+    p = with_config("plan", cmd_plan, "show mesh, shardings and memory per device; with "
+                    "--target, compile for a Cloud TPU slice", check_inputs=False)  # no data
+    from llmjax.plan.cli import add_arguments as add_plan_arguments
+    add_plan_arguments(p)
     p = sub.add_parser("models", help="table of model presets with exact parameter counts")
     p.set_defaults(handler=cmd_models)
     p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)",
@@ -383,12 +415,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
         if debug:
             raise
-        from llmjax.errors import user_message
-        message = user_message(err)
-        if message is not None:
-            return _report(message, 2)
-        return _report(f"internal error: {type(err).__name__}: {err} (rerun with --debug for "
-                       f"the traceback; please report it)", 1)
+        return _report(*_classify(err))
+
+
+def _classify(err: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code): 2 for input the user can fix, 130 for Ctrl-C, 1 for a
+    lost peer host (relaunch) or a bug."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", 130
+    from llmjax.distributed import peer_lost_message
+    from llmjax.errors import user_message
+    message = peer_lost_message(err)  # first: a save that failed as a peer died is not exit 2
+    if message is not None:
+        return message, 1
+    message = user_message(err)
+    if message is not None:
+        return message, 2
+    return (f"internal error: {type(err).__name__}: {err} (rerun with --debug for the "
+            f"traceback; please report it)", 1)
 
 
 def _report(message: str, code: int) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -207,15 +206,9 @@ def shard_batch_spec(mesh: Mesh, global_batch: int) -> None:
         raise ConfigError(f"train.batch_size={global_batch} must be divisible by mesh data*fsdp={n}")
 
 
-def initialize_distributed() -> None:
-    """jax.distributed.initialize when launched as one of several processes.
-
-    Cloud TPU VMs are detected by JAX itself; elsewhere set
-    LLMJAX_COORDINATOR=host:port, LLMJAX_NUM_PROCESSES and LLMJAX_PROCESS_ID.
-    """
-    coordinator = os.environ.get("LLMJAX_COORDINATOR")
-    if coordinator:
-        jax.distributed.initialize(coordinator, int(os.environ["LLMJAX_NUM_PROCESSES"]),
-                                   int(os.environ["LLMJAX_PROCESS_ID"]))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize()
+def initialize_distributed() -> bool:
+    """jax.distributed.initialize when launched as one of several processes (explicit
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID or their LLMJAX_* names, or a
+    detected TPU VM / GKE / SLURM / Open MPI cluster); see llmjax/distributed.py."""
+    from llmjax import distributed
+    return distributed.initialize()

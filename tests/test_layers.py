@@ -29,7 +29,8 @@ LAYERS = [
     # layer may read launch.topology (`llmjax plan --target`).
     ("utilities", ["llmjax.console", "llmjax.compile_cache", "llmjax.pypi_data", "llmjax.tree",
                    "llmjax.paths", "llmjax.metrics_files",
-                   "llmjax.outdir", "llmjax.plot", "llmjax.launch"]),
+                   "llmjax.outdir", "llmjax.plot", "llmjax.launch",
+                   "llmjax.distributed"]),
     ("storage", ["llmjax.checkpoint"]),
     ("data, models", ["llmjax.data", "llmjax.models"]),
     ("objectives, parallel", ["llmjax.objectives", "llmjax.parallel"]),
@@ -39,7 +40,7 @@ LAYERS = [
     ("top: conversion, pretrained, command lines", [
         "llmjax", "llmjax.convert", "llmjax.pretrained", "llmjax.cli", "llmjax.data.cli",
         "llmjax.peft.cli", "llmjax.generate_cli", "llmjax.export_cli", "llmjax.demo",
-        "llmjax.config_reference", "llmjax.__main__"]),
+        "llmjax.config_reference", "llmjax.__main__", "llmjax.plan"]),
 ]
 
 # Upward imports that remain (importer, imported): each is a function-level import.

@@ -8,9 +8,16 @@ Installed at the very start of train(), before the model is built, restored or c
 
 Exit codes: SIGTERM -> EXIT_PREEMPTED (75, "temporary failure, retry"), Ctrl-C ->
 EXIT_INTERRUPTED (130 = 128 + SIGINT, the shell's code for Ctrl-C). Both are resumable by
-rerunning the same command. Multi-process runs keep jax's preemption sync point for
-SIGTERM (every host stops at the same step) and leave both signals to jax/Python, as a
-signal seen by one host only would stop the hosts at different steps.
+rerunning the same command.
+
+Multi-process runs (jax.distributed) install no Python handler: jax's preemption service
+catches SIGTERM in C++ on whichever host gets it, tells the coordination service, and
+`reached(step)` (multihost_utils.reached_preemption_sync_point, called at every step on every
+host) turns True on all hosts at the same step: one checkpoint, every host exits 75
+(tests/test_multihost_faults.py sends SIGTERM to one of two processes). A Python handler here
+would stop only the host that saw the signal, at its own step. Ctrl-C on one host of a
+multi-process run ends that host (130) and the others then exit 1 with "lost a peer process"
+(llmjax/distributed.py); resume from the last checkpoint.
 """
 from __future__ import annotations
 
