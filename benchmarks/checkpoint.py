@@ -7,7 +7,8 @@ tests/gcs_server.py: the same HTTP API and client code paths as real GCS, withou
 Reports per storage: blocking part of an async save (until training may continue), total save
 time (until committed), restore time onto the same mesh and onto one device, and the objects
 one checkpoint step is made of (count, total, sizes): on real GCS each object costs a request
-(~20-50 ms of latency), so many tiny objects, not bytes, set the time (docs/storage.md).
+(tens of milliseconds of latency), so many tiny objects, not bytes, set the time
+(docs/storage.md).
 """
 from __future__ import annotations
 
