@@ -220,9 +220,9 @@ def move(source: PathLike, target: PathLike) -> epath.Path:
     if fs.exists(target_text):
         raise FileExistsError(f"{target_text} already exists; cannot move {source_text} there")
     if fs.isdir(source_text):  # copy everything first: a failure leaves the source whole
-        names = fs.find(source_text)
-        fs.copy(names, [target_text.rstrip("/") + "/" + n[len(fs._strip_protocol(source_text)):]
-                        .lstrip("/") for n in names])
+        names = fs.find(source_text)  # bucket/key, without the scheme
+        prefix = source_text.split("://", 1)[1].rstrip("/")
+        fs.copy(names, [f"{target_text.rstrip('/')}/{n[len(prefix):].lstrip('/')}" for n in names])
         fs.rm(source_text, recursive=True)
     else:
         fs.copy(source_text, target_text)

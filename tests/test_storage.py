@@ -233,15 +233,6 @@ def test_gguf_from_the_bucket(gcs_bucket, tmp_path):
             np.testing.assert_allclose(np.asarray(flat[key], np.float32), value, rtol=0, atol=1e-6, err_msg=key)
 
 
-def test_no_local_path_named_gs_was_created(tmp_path_factory):
-    """Runs last in this module: pathlib would have turned gs://b/x into a local gs:/b/x."""
-    roots = [Path.cwd(), REPO, tmp_path_factory.getbasetemp(), Path(paths.cache_root())]
-    for root in roots:
-        if root.is_dir():
-            found = [str(p) for p in root.rglob("gs:*")]
-            assert not found, found
-
-
 def test_data_state_of_two_processes_continues_on_one_and_back():
     """A checkpoint's per-process data states re-divided for another process count (what a
     run moved between 2 hosts and 1 does, llmjax/checkpoint/data_state.py): the following
@@ -274,3 +265,34 @@ def test_data_state_of_two_processes_continues_on_one_and_back():
     with pytest.raises(ValueError, match="seq_len: saved 16 vs now 32"):
         make_iterator(data, "lm", 32, 8, process_index=0, process_count=1,
                       vocab_size=512).set_state([it.get_state() for it in two])
+
+
+def test_move_on_the_bucket_copies_then_deletes(gcs_bucket, tmp_path):
+    """What setting a torn checkpoint aside and committing an export do on object storage
+    (no rename there): the objects arrive under the new name, the old names are gone, and the
+    listing this process cached is not stale."""
+    base = f"{gcs_bucket}/move"
+    for name in ("3/a", "3/sub/b", "4/c"):
+        paths.resolve(f"{base}/checkpoints/{name}").write_text(name)
+    listing = paths.resolve(f"{base}/checkpoints")
+    assert sorted(p.name for p in listing.iterdir()) == ["3", "4"]
+    moved = paths.move(listing / "3", f"{base}/aside/3-1")
+    assert str(moved) == f"{base}/aside/3-1"
+    assert sorted(p.name for p in listing.iterdir()) == ["4"]
+    assert (moved / "sub" / "b").read_text() == "3/sub/b" and (moved / "a").read_text() == "3/a"
+    with pytest.raises(FileExistsError):
+        paths.move(f"{base}/checkpoints/4", f"{base}/aside/3-1")
+    paths.move(f"{base}/checkpoints/4/c", f"{base}/c")
+    assert paths.resolve(f"{base}/c").read_text() == "4/c"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    assert (paths.move(tmp_path / "d", tmp_path / "e") / "x").read_text() == "x"
+
+
+def test_no_local_path_named_gs_was_created(tmp_path_factory):
+    """Runs last in this module: pathlib would have turned gs://b/x into a local gs:/b/x."""
+    roots = [Path.cwd(), REPO, tmp_path_factory.getbasetemp(), Path(paths.cache_root())]
+    for root in roots:
+        if root.is_dir():
+            found = [str(p) for p in root.rglob("gs:*")]
+            assert not found, found
