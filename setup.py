@@ -43,6 +43,8 @@ setup(
         "tensorboard": ["tensorboard"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
+        # lm-evaluation-harness backend (`llmjax eval-tasks`); pulls datasets, pandas, sklearn.
+        "eval": ["lm_eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["llmjax=llmjax.cli:main"]},
 )

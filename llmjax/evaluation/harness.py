@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from llmjax.config import ConfigError, MissingInputError
+from llmjax.errors import ConfigError, MissingInputError
 
 try:
     from lm_eval.api.model import LM
@@ -160,7 +160,25 @@ def evaluate_tasks(lm: LlmjaxLM, tasks: Sequence[str], limit: Optional[int] = No
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval import simple_evaluate
 
-    results = simple_evaluate(model=lm, tasks=[load_task(t) for t in tasks], limit=limit,
+    tasks = [t if isinstance(t, dict) else load_task(t) for t in tasks]
+    results = simple_evaluate(model=lm, tasks=tasks, limit=limit,
                               num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
                               verbosity="WARNING")
     return results
+
+
+def plain_results(results: dict) -> dict:
+    """Task -> metric -> value (numbers only), for printing and JSON."""
+    out = {}
+    for task, metrics in results.get("results", {}).items():
+        out[task] = {k.split(",")[0]: v for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not k.split(",")[0].endswith("_stderr")}
+    return out
+
+
+def format_results(results: dict) -> str:
+    """A markdown table: task, metric, value."""
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for task, metrics in plain_results(results).items():
+        lines += [f"| {task} | {name} | {value:.4f} |" for name, value in metrics.items()]
+    return "\n".join(lines)
