@@ -60,7 +60,7 @@ def test_bundled_multiple_choice_accuracy_equals_the_hand_count(models):
 
 def test_generate_until_stops_at_the_first_stop_string(models):
     model = models[1]
-    lm = harness.LlmjaxLM(model, batch_rows=2)
+    lm = harness.LlmjaxLM(model, batch_rows=4)  # one chunk: the same compiled program
     contexts = ["Question: What", "Answer: the", "Question: Who wrote"]
     full = [model.tokenizer.decode(ids) for ids in generate(
         model.config, model.params, [model.tokenizer.encode(c) for c in contexts],
