@@ -213,7 +213,6 @@ EXAMPLE_SKIP = {
 }
 if importlib.util.find_spec("lm_eval") is None:  # an optional extra, not in [test]
     EXAMPLE_SKIP["eval-tasks"] = "needs the [eval] extra (lm_eval); tests/test_eval_tasks.py"
-    SKIP["llmjax eval-tasks"] = EXAMPLE_SKIP["eval-tasks"]
 
 
 def help_examples() -> dict[str, str]:
