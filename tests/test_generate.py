@@ -81,3 +81,28 @@ def test_sharded_decoding_equals_single_device(llama, greedy):
     assert attention["cached_key"] == (None, "data", None, "tensor", None)
     assert attention["segments"] == (None, "data", None)
     assert attention["index"] == (None,)
+
+
+def test_cli_stream_prints_what_the_plain_command_prints(tmp_path, capsys):
+    """`llmjax generate --stream` shows the same text as without it (one token at a time)."""
+    from tokenizers import Tokenizer, models
+
+    from llmjax.cli import main
+    from llmjax.config import model_config
+    from llmjax.data.tokenizer import HFTokenizer
+    from llmjax.models import init_params
+    from llmjax.pretrained import PretrainedModel
+
+    vocab = {chr(ord("a") + i): i for i in range(26)}
+    (tmp_path / "tok").mkdir()
+    Tokenizer(models.BPE(vocab=vocab, merges=[])).save(str(tmp_path / "tok" / "tokenizer.json"))
+    cfg = model_config("llama-tiny", vocab_size=26, d_model=32, num_layers=1, num_heads=4,
+                       d_ff=48, max_len=32)
+    PretrainedModel(cfg, init_params(cfg, jax.random.key(0)),
+                    HFTokenizer(tmp_path / "tok")).save(tmp_path / "m")
+    args = ["generate", str(tmp_path / "m"), "--prompt", "abc", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == plain and plain.startswith("abc")
+    assert len(plain.split()) == 6  # this decoder puts a space between the new letters
