@@ -66,19 +66,21 @@ def speed(model, hf, batches, prompt_len, new, rounds):
                                    do_sample=False, pad_token_id=0)[:, prompt_len:].tolist()
 
         t = time.perf_counter()
-        first = ours()  # compiles
+        ours()  # compiles
         compile_s = time.perf_counter() - t
-        ref = theirs()
-        same = sum(a == r[:len(a)] for a, r in zip(first, ref))
         times = {"llmjax": [], "transformers": []}
+        outputs = {}
         for _ in range(rounds):
             for name, fn in (("llmjax", ours), ("transformers", theirs)):
                 t = time.perf_counter()
-                fn()
+                outputs[name] = fn()
                 times[name].append(time.perf_counter() - t)
+        same = sum(a == r[:len(a)] for a, r in zip(outputs["llmjax"], outputs["transformers"]))
         ours_s, theirs_s = median(times["llmjax"]), median(times["transformers"])
         rows.append([b, f"{b * new / ours_s:,.1f}", f"{b * new / theirs_s:,.1f}",
                      f"{theirs_s / ours_s:.2f}x", f"{compile_s:.1f}", f"{same}/{b}"])
+        print(f"batch {b}: llmjax {times['llmjax']} s, transformers {times['transformers']} s",
+              flush=True)
     return table(["batch", "llmjax tok/s", "transformers tok/s", "speed-up",
                   "first call s (compile)", "rows equal"], rows)
 
@@ -152,17 +154,17 @@ def main(argv=None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=["speed", "latency", "cache"])
     args = p.parse_args(argv)
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    if "cache" not in args.skip:
+        print(cached_vs_recompute(args.prompt, args.new), flush=True)
     if {"speed", "latency"} - set(args.skip):
         with tempfile.TemporaryDirectory() as tmp:
             model, hf = load_models(Path(tmp))
             print(f"SmolLM2-135M fp32 (from the GGUF), prompt {args.prompt}, {args.new} new "
-                  f"tokens, greedy, jax {jax.__version__}")
+                  f"tokens, greedy, jax {jax.__version__}", flush=True)
+            if "latency" not in args.skip:
+                print(latency(model, args.prompt, args.new), flush=True)
             if "speed" not in args.skip:
                 print(speed(model, hf, args.batches, args.prompt, args.new, args.rounds))
-            if "latency" not in args.skip:
-                print(latency(model, args.prompt, args.new))
-    if "cache" not in args.skip:
-        print(cached_vs_recompute(args.prompt, args.new))
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     return 0
 
