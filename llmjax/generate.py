@@ -298,12 +298,17 @@ def _end_ids(eos_id: Optional[int | Sequence[int]]) -> np.ndarray:
     return np.asarray(sorted(set(ids)) or [-1], np.int32)  # -1: never sampled
 
 
-def _batch_rows(rows: list[list[int]], pad_id: int, encoder: bool, multiple: int):
+def _batch_rows(rows: list[list[int]], pad_id: int, encoder: bool, multiple: int,
+                cap: int):
     """Tokens, segments and positions [b, longest]: decoder prompts left-padded (the next
     token of every row lands at the same cache index), encoder inputs right-padded; the
     batch padded with one-token dummy rows to a multiple of the mesh's batch axes."""
+    # `cap`: the longest padded prompt the cache has room for (learned positions: a cache of
+    # max_len, which check_length has held prompt + new tokens to).
     b = -(-len(rows) // multiple) * multiple
+    # Prompt lengths rounded up to 16 (more left padding): nearby lengths share one compile.
     longest = max(len(r) for r in rows)
+    longest = max(longest, min(-(-longest // 16) * 16, cap))
     tokens = np.full((b, longest), pad_id, np.int32)
     segments = np.zeros((b, longest), np.int32)
     for i, row in enumerate(rows + [[pad_id]] * (b - len(rows))):
@@ -345,7 +350,8 @@ def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]] 
         check_token_ids([decoder_start_id], cfg.vocab_size, "decoder_start_id")
     check_length(cfg, max(len(r) for r in rows), max_new_tokens)
     multiple = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
-    tokens, segments, positions = _batch_rows(rows, pad_id, encoder, multiple)
+    cap = cfg.max_len - max_new_tokens if cfg.position == "learned" else 1 << 30
+    tokens, segments, positions = _batch_rows(rows, pad_id, encoder, multiple, cap)
     needed = (max_new_tokens + 1) if encoder else tokens.shape[1] + max_new_tokens
     program = _program(_decode_config(cfg, needed), temperature, top_k, top_p, mesh, rules,
                        decoder_start_id, cfg.scan_layers)
