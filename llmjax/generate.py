@@ -247,8 +247,11 @@ class _Program:
             state = (jnp.int32(1), token, cache, pos, done, out, rng)
             return jax.lax.while_loop(cond, body, state)[5]
 
-        self.start = jax.jit(lambda params, *args: start(layout(params), *args))
-        self.step = jax.jit(lambda params, *args: step(layout(params), *args))
+        # The streaming path lays the params out once per call (`layout`), not once per token:
+        # slicing stacked layers inside every step copies every weight every step.
+        self.layout = jax.jit(layout)
+        self.start = jax.jit(start)
+        self.step = jax.jit(step)
         self.run = jax.jit(lambda params, *args, budget: run(layout(params), *args, budget),
                            static_argnames="budget")
 
@@ -376,6 +379,7 @@ def _until_end(row: np.ndarray) -> list[int]:
 
 def _stream(program, params, tokens, segments, positions, rng, end_ids, budget, n, on_token):
     """The per-token host loop: each new id is shown as soon as it is sampled."""
+    params = program.layout(params)
     rng, key = jax.random.split(rng)
     token, cache, pos, ctx = program.start(params, tokens, segments, positions, key)
     out: list[list[int]] = [[] for _ in range(n)]
