@@ -1,0 +1,190 @@
+"""Mixture of experts (issue 17): the two expert computations agree, router losses match
+their formulas, bad configs name the key, and expert-parallel meshes equal one device."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.config import ConfigError, from_dict
+from llmjax.models.moe import MoeMlp, apply_collecting, balance_loss, route, z_loss
+from llmjax.objectives import build as build_objective
+from helpers import MeshRuns, host
+
+E, K = 8, 2
+
+
+def layer_cfg(**kw):
+    base = {"preset": "moe-tiny", "d_model": 16, "expert_d_ff": 24, "num_experts": E,
+            "experts_per_token": K, **kw}
+    return from_dict({"model": base}).model
+
+
+@pytest.fixture(scope="module")
+def layer_inputs():
+    x = jax.random.normal(jax.random.key(1), (3, 10, 16), jnp.float32)
+    valid = jnp.ones((3, 10), bool).at[2, 7:].set(False)  # padding is routed nowhere
+    params = init_layer(layer_cfg(), x, valid)
+    params = jax.tree.map(lambda p: p * 10.0 if p.shape == (16, E) else p, params)  # sharp router
+    return x, valid, params
+
+
+def init_layer(cfg, x, valid):
+    return nn.unbox(jax.jit(lambda: MoeMlp(cfg).init(jax.random.key(0), x, valid))()["params"])
+
+
+def run_layer(cfg, params, x, valid):
+    """(y, d loss / d params, d loss / d x, dropped) of sum(sin(y))."""
+    def loss(p, x):
+        y, state = MoeMlp(cfg).apply({"params": p}, x, valid, mutable=["router"])
+        return jnp.sum(jnp.sin(y)), (y, state["router"]["dropped"][0])
+    (_, (y, dropped)), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+    return y, grads, dropped
+
+
+def test_dense_with_full_capacity_equals_dropless(layer_inputs):
+    x, valid, params = layer_inputs
+    y_a, g_a, dropped_a = run_layer(layer_cfg(moe_impl="dense", capacity_factor=E / K),
+                                    params, x, valid)
+    y_b, g_b, dropped_b = run_layer(layer_cfg(moe_impl="dropless"), params, x, valid)
+    assert float(dropped_a) == 0 and float(dropped_b) == 0
+    np.testing.assert_allclose(y_a, y_b, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert float(jnp.max(jnp.abs(y_a[2, 7:]))) == 0.0  # padding rows get no expert output
+    # Against a direct per-token loop: y_t = sum_k w_k * expert_{e_k}(x_t).
+    p, xn = host(params), np.asarray(x, np.float64)
+    logits = xn @ p["router"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ids = np.argsort(-probs, -1)[..., :K]
+    w = np.take_along_axis(probs, ids, -1)
+    w /= w.sum(-1, keepdims=True)
+    ref = np.zeros_like(xn)
+    for b, t in zip(*np.nonzero(np.asarray(valid))):
+        for j in range(K):
+            e = ids[b, t, j]
+            a = xn[b, t] @ p["wi_0"][e]
+            h = a / (1 + np.exp(-a)) * (xn[b, t] @ p["wi_1"][e])
+            ref[b, t] += w[b, t, j] * (h @ p["wo"][e])
+    np.testing.assert_allclose(y_b, ref, atol=1e-5)
+
+
+def test_dense_dispatch_counts_dropped_tokens(layer_inputs):
+    x, valid, params = layer_inputs
+    _, _, dropped = run_layer(layer_cfg(moe_impl="dense", capacity_factor=0.5), params, x, valid)
+    # Capacity ceil(0.5 * 10 * 2 / 8) = 2 slots per expert and row: 16 of 20 assignments at most.
+    assert float(dropped) >= 4 * 3 - 2 * 2  # rows 0, 1 (20 each) and row 2 (14) lose >= 4, 4, 0
+
+
+def test_shared_expert_is_sigmoid_gated():
+    cfg = layer_cfg(moe_shared_d_ff=12)
+    x = jax.random.normal(jax.random.key(2), (1, 4, 16))
+    valid = jnp.ones((1, 4), bool)
+    params = init_layer(cfg, x, valid)
+    assert params["shared"]["wi_0"]["kernel"].shape == (16, 12)
+    routed = jax.jit(MoeMlp(dataclasses.replace(cfg, moe_shared_d_ff=0)).apply)(
+        {"params": {k: v for k, v in params.items() if not k.startswith("shared")}}, x, valid)
+    y = jax.jit(MoeMlp(cfg).apply)({"params": params}, x, valid)
+    s, xn = host(params), np.asarray(x)
+    a = xn @ s["shared"]["wi_0"]["kernel"]
+    shared = (a / (1 + np.exp(-a)) * (xn @ s["shared"]["wi_1"]["kernel"])) @ s["shared"]["wo"]["kernel"]
+    gate = 1 / (1 + np.exp(-(xn @ s["shared_gate"])))
+    np.testing.assert_allclose(y, np.asarray(routed) + gate * shared, atol=1e-5)
+
+
+def test_uniform_routing_balance_loss_equals_its_weight():
+    n = 12
+    logits = jnp.zeros((1, n, E))  # uniform router: every expert probability 1/E
+    probs, _, ids = route(logits, K, True)
+    ids = (jnp.arange(n * K) % E).reshape(1, n, K)  # and a perfectly even top-k
+    valid = jnp.ones((1, n), bool)
+    assert float(balance_loss(probs, ids, valid, E)) == 1.0
+    # Through the objective: the weighted term is exactly the configured weight.
+    cfg = from_dict({"model": {"preset": "moe-tiny", "router_balance_weight": 0.25},
+                     "objective": {"name": "clm"}})
+    obj = build_objective(cfg.objective, cfg.model)
+    batch = obj.prepare({"tokens": jnp.ones((1, n), jnp.int32),
+                         "segment_ids": jnp.ones((1, n), jnp.int32)}, jax.random.key(0))
+    stats = {"balance": balance_loss(probs, ids, valid, E), "z": z_loss(logits, valid)}
+    term = obj.loss({"logits": jnp.zeros((1, n, 512)), "router": stats}, batch)["router_balance"]
+    count = obj.counts(batch)["router_balance"]
+    assert obj.term_weights["router_balance"] * float(term.loss_sum / count) == 0.25
+
+
+def test_z_loss_matches_its_formula():
+    logits = jax.random.normal(jax.random.key(3), (2, 5, E)) * 3
+    valid = jnp.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+    lse = np.log(np.sum(np.exp(np.asarray(logits, np.float64)), -1))
+    want = np.sum(lse ** 2 * np.asarray(valid)) / 7
+    np.testing.assert_allclose(float(z_loss(logits, valid)), want, rtol=1e-6)
+    assert float(z_loss(jnp.zeros((1, 3, E)), jnp.ones((1, 3), bool))) == pytest.approx(
+        math.log(E) ** 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"model": {"experts_per_token": 9}}, r"model\.experts_per_token=9"),
+    ({"model": {"capacity_factor": 0.0}}, r"model\.capacity_factor=0\.0"),
+    ({"mesh": {"expert": 3}}, r"mesh\.expert=3 must divide model\.num_experts=8"),
+    ({"model": {"moe_every": 2}}, r"model\.moe_every=2"),
+])
+def test_bad_moe_config_names_the_key(override, key):
+    raw = {"model": {"preset": "moe-tiny", **override.get("model", {})},
+           "mesh": override.get("mesh", {})}
+    with pytest.raises(ConfigError, match=key):
+        from_dict(raw).validate()
+
+
+def test_every_kth_layer_unrolled():
+    cfg = from_dict({"model": {"preset": "moe-tiny", "num_layers": 4, "moe_every": 2,
+                               "scan_layers": False}}).model
+    from llmjax.models import Transformer
+    from llmjax.models.api import abstract_params
+    params = abstract_params(cfg, boxed=False)["decoder"]
+    assert [("router" in params[f"layers_{i}"]["mlp"]) for i in range(4)] == [
+        False, True, False, True]
+    tokens = jnp.ones((1, 6), jnp.int32)
+    vars_ = {"params": nn.unbox(jax.jit(
+        lambda: Transformer(cfg).init(jax.random.key(0), tokens))()["params"])}
+    out = apply_collecting(Transformer(cfg), vars_, tokens)
+    assert float(out["router"]["assigned"]) == 2 * 6 * K  # two MoE layers
+
+
+# ------------------------------------------------------------------ expert-parallel meshes
+
+# (data, fsdp, tensor, expert), as tests/helpers.sgd_config reads them.
+MOE_MESHES = [(1, 1, 1, 8), (2, 1, 1, 4), (1, 2, 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def moe_runs():
+    # Dense dispatch with room for every token: exactly the same function on every mesh.
+    return MeshRuns("moe-tiny", "clm", model={"moe_impl": "dense", "capacity_factor": 4.0})
+
+
+@pytest.mark.parametrize("mesh", MOE_MESHES, ids=lambda m: "x".join(map(str, m)))
+def test_expert_parallel_step_matches_single_device(moe_runs, mesh):
+    _, ref_state, ref = moe_runs.run((1, 1, 1))
+    exp, state, got = moe_runs.run(mesh)
+    assert exp.mesh.shape["expert"] == mesh[3]
+    for key in ("loss", "grad_norm", "router_balance_loss", "router_z_loss"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
+    for key in ("expert_load_min", "expert_load_max", "router_dropped_fraction"):
+        assert got[key] == ref[key], key
+    assert float(ref["router_dropped_fraction"]) == 0.0
+    assert float(ref["expert_load_min"]) > 0  # every expert gets tokens
+    ref_grads = jax.tree.map(np.subtract, moe_runs.params0, host(ref_state.params))
+    grads = jax.tree.map(np.subtract, moe_runs.params0, host(state.params))
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                            jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, atol=1e-5 * scale, rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+    # The experts are split over the expert axis.
+    wi = state.params["decoder"]["layers"]["mlp"]["wi_0"]
+    assert "expert" in str(wi.sharding.spec)
