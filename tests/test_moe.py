@@ -190,3 +190,18 @@ def test_expert_parallel_step_matches_single_device(moe_runs, mesh):
     # The experts are split over the expert axis.
     wi = state.params["decoder"]["layers"]["mlp"]["wi_0"]
     assert "expert" in str(wi.sharding.spec)
+
+
+def test_mixtral_preset_counts_exact_total_and_active():
+    from llmjax.config import model_config
+    from llmjax.metrics import flops_per_token
+    from llmjax.models import abstract_params, param_count
+    from llmjax.models.moe import inactive_params
+    cfg = model_config("mixtral-8x7b")
+    total = param_count(abstract_params(cfg))
+    assert total == 46_702_792_704  # published
+    assert total - inactive_params(cfg) == 12_879_925_248  # 2 of 8 experts per token
+    # FLOPs count the active parameters: 6 * (active - embeddings) + attention.
+    dense = dataclasses.replace(cfg, num_experts=0)
+    assert flops_per_token(cfg, total, 1) == pytest.approx(
+        flops_per_token(dense, total - inactive_params(cfg), 1))

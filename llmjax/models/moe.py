@@ -210,3 +210,18 @@ def router_metrics(stats: dict) -> dict[str, Array]:
     return {"router_dropped_fraction": stats["dropped"] / jnp.maximum(stats["assigned"], 1.0),
             "expert_load_min": jnp.min(stats["load"]),
             "expert_load_max": jnp.max(stats["load"])}
+
+
+def moe_layers(cfg: ModelConfig) -> int:
+    """How many layers have an MoE MLP."""
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+
+
+def inactive_params(cfg: ModelConfig) -> int:
+    """Parameters a token does not use: the experts it is not routed to (num_experts -
+    experts_per_token SwiGLU experts of 3 * d_model * expert_hidden, per MoE layer).
+    total - inactive = active parameters (the published "A3B" figures, FLOPs per token)."""
+    if not cfg.num_experts:
+        return 0
+    per_expert = 3 * cfg.d_model * cfg.expert_hidden
+    return (cfg.num_experts - cfg.experts_per_token) * per_expert * moe_layers(cfg)
