@@ -1,5 +1,6 @@
 """Mixture of experts (issue 17): the two expert computations agree, router losses match
-their formulas, bad configs name the key, and expert-parallel meshes equal one device."""
+their formulas, bad configs name the key, presets count exactly. Meshes and the CLI run:
+tests/test_moe_sharded.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import pytest
 from llmjax.config import ConfigError, from_dict
 from llmjax.models.moe import MoeMlp, apply_collecting, balance_loss, route, z_loss
 from llmjax.objectives import build as build_objective
-from helpers import MeshRuns, host
+from helpers import host
 
 E, K = 8, 2
 
@@ -155,41 +156,6 @@ def test_every_kth_layer_unrolled():
     assert [("router" in params["decoder"][f"layers_{i}"]["mlp"]) for i in range(2)] == [
         False, True]
     assert float(out["router"]["assigned"]) == 6 * K  # one MoE layer
-
-
-# ------------------------------------------------------------------ expert-parallel meshes
-
-# (data, fsdp, tensor, expert), as tests/helpers.sgd_config reads them.
-MOE_MESHES = [(1, 1, 1, 8), (2, 1, 1, 4), (1, 2, 2, 2)]
-
-
-@pytest.fixture(scope="module")
-def moe_runs():
-    # Dense dispatch with room for every token: exactly the same function on every mesh.
-    return MeshRuns("moe-tiny", "clm", model={"moe_impl": "dense", "capacity_factor": 4.0})
-
-
-@pytest.mark.parametrize("mesh", MOE_MESHES, ids=lambda m: "x".join(map(str, m)))
-def test_expert_parallel_step_matches_single_device(moe_runs, mesh):
-    _, ref_state, ref = moe_runs.run((1, 1, 1))
-    exp, state, got = moe_runs.run(mesh)
-    assert exp.mesh.shape["expert"] == mesh[3]
-    for key in ("loss", "grad_norm", "router_balance_loss", "router_z_loss"):
-        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
-    for key in ("expert_load_min", "expert_load_max", "router_dropped_fraction"):
-        assert got[key] == ref[key], key
-    assert float(ref["router_dropped_fraction"]) == 0.0
-    assert float(ref["expert_load_min"]) > 0  # every expert gets tokens
-    ref_grads = jax.tree.map(np.subtract, moe_runs.params0, host(ref_state.params))
-    grads = jax.tree.map(np.subtract, moe_runs.params0, host(state.params))
-    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
-    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                            jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(g, r, atol=1e-5 * scale, rtol=1e-4,
-                                   err_msg=jax.tree_util.keystr(path))
-    # The experts are split over the expert axis.
-    wi = state.params["decoder"]["layers"]["mlp"]["wi_0"]
-    assert "expert" in str(wi.sharding.spec)
 
 
 def test_mixtral_preset_counts_exact_total_and_active():
