@@ -15,6 +15,9 @@ import tempfile
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (the tpu extra) every jax process would probe for a TPU first (+1.8 s);
+# TPU plans compile from topology descriptions, which need no TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="llmjax-tests-jax-cache-")
@@ -34,7 +37,8 @@ if "LLMJAX_CACHE" not in os.environ:
 MARKERS = {
     "slow": ("test_kernels", "test_moe_sharded", "test_convert_moe", "test_peft_sharded", "test_docs_commands", "test_splash",
              "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
-             "test_convert_hf", "test_peft_storage", "test_storage_train"),
+             "test_convert_hf", "test_peft_storage", "test_storage_train",
+             "test_tpu_plan"),
     "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
                      "test_checkpoint"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune"),
