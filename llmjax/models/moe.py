@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
-from llmjax.models.layers import ACTIVATIONS, Mlp, constrain, dtype_of, normal_init, param
+from llmjax.models.layers import Mlp, constrain, dtype_of, normal_init, param
+from llmjax.models.ops import reference
+from llmjax.models.ops.reference import ACTIVATIONS
 
 Array = jax.Array
 
@@ -61,10 +63,11 @@ def z_loss(logits: Array, valid: Array) -> Array:
 
 
 def swiglu(x: Array, wi_0: Array, wi_1: Array, wo: Array, act, dtype, matmul) -> Array:
-    """wo(act(x wi_0) * x wi_1) with `matmul(lhs, kernel)` the per-expert product."""
-    a = matmul(x, wi_0.astype(dtype)).astype(jnp.float32)
-    b = matmul(x, wi_1.astype(dtype)).astype(jnp.float32)
-    h = (act(a) * b).astype(dtype)
+    """wo(act(x wi_0) * x wi_1) with `matmul(lhs, kernel)` the per-expert product (f32
+    accumulation, result in `dtype`, as ops.reference.dense); the gate is the ops' reference
+    activation."""
+    h = reference.activation(act, matmul(x, wi_0.astype(dtype)), matmul(x, wi_1.astype(dtype)),
+                             dtype=dtype)
     return matmul(h, wo.astype(dtype))
 
 
