@@ -180,5 +180,5 @@ def test_logical_rules_order_and_overrides():
     assert parallel._spec_for(("embed", "mlp"), (64, 256), mesh, custom, "w") == P(None, ("fsdp", "tensor"))
     with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
         parallel.rules_from_config(MeshConfig(rules=[["embed", "model"]]))
-    # Batches: leading axis over data and fsdp.
-    assert parallel.batch_sharding(mesh).spec == P(("data", "fsdp"))
+    # Batches: leading axis over data and fsdp (and expert: MoE meshes, tests/test_moe_sharded.py).
+    assert parallel.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"))
