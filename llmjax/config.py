@@ -84,6 +84,9 @@ class ModelConfig:
     prompt_tokens: int = 0  # soft prompt prepended to the input embeddings
     prefix_tokens: int = 0  # per-layer learned key/value prefixes
     adapter_dim: int = 0  # bottleneck adapters after attention and MLP
+    # RMS/LayerNorm on queries and keys before RoPE: head = over each head's features
+    # (Qwen3), full = over all query (key) features (OLMoE).
+    qk_norm: str = "none"  # none | head | full
     # Mixture of experts (llmjax/models/moe.py, docs/moe.md); num_experts 0 = dense MLPs.
     num_experts: int = 0  # routed SwiGLU experts per MoE layer (0: every MLP is dense)
     experts_per_token: int = 2  # top-k experts each token is sent to
@@ -127,6 +130,7 @@ class ModelConfig:
         _choice("model.param_dtype", self.param_dtype, DTYPES)
         _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "splash", "auto"))
         _choice("model.kernels", self.kernels, ("auto", "xla", "cpu_custom_vjp"))
+        _choice("model.qk_norm", self.qk_norm, ("none", "head", "full"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")

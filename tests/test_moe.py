@@ -158,16 +158,33 @@ def test_every_kth_layer_unrolled():
     assert float(out["router"]["assigned"]) == 6 * K  # one MoE layer
 
 
-def test_mixtral_preset_counts_exact_total_and_active():
+@pytest.mark.parametrize("name, total, active", [
+    ("mixtral-8x7b", 46_702_792_704, 12_879_925_248),  # Mistral AI; 2 of 8 experts
+    ("olmoe-1b-7b", 6_919_161_856, 1_282_017_280),  # allenai/OLMoE-1B-7B: 6.9B / 1.3B
+    ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704),  # Qwen/Qwen3-30B-A3B: 30.5B / 3.3B
+])
+def test_moe_presets_count_exact_total_and_active(name, total, active):
+    """Totals as transformers counts the same configs (MixtralForCausalLM, OlmoeForCausalLM,
+    Qwen3MoeForCausalLM on the meta device); active = total - the unrouted experts."""
     from llmjax.config import model_config
     from llmjax.metrics import flops_per_token
     from llmjax.models import abstract_params, param_count
     from llmjax.models.moe import inactive_params
-    cfg = model_config("mixtral-8x7b")
-    total = param_count(abstract_params(cfg))
-    assert total == 46_702_792_704  # published
-    assert total - inactive_params(cfg) == 12_879_925_248  # 2 of 8 experts per token
+    cfg = model_config(name)
+    assert param_count(abstract_params(cfg)) == total
+    assert total - inactive_params(cfg) == active
     # FLOPs count the active parameters: 6 * (active - embeddings) + attention.
     dense = dataclasses.replace(cfg, num_experts=0)
-    assert flops_per_token(cfg, total, 1) == pytest.approx(
-        flops_per_token(dense, total - inactive_params(cfg), 1))
+    assert flops_per_token(cfg, total, 1) == pytest.approx(flops_per_token(dense, active, 1))
+
+
+@pytest.mark.parametrize("kind, shape", [("head", (8,)), ("full", (16,))])
+def test_qk_norm_normalises_queries_and_keys(kind, shape):
+    from llmjax.models import Transformer
+    cfg = from_dict({"model": {"preset": "llama-tiny", "d_model": 16, "num_heads": 2,
+                               "num_kv_heads": 2, "num_layers": 1, "vocab_size": 32,
+                               "qk_norm": kind, "scan_layers": False}}).model
+    tokens = jnp.arange(6, dtype=jnp.int32)[None]
+    params = jax.jit(lambda: Transformer(cfg).init(jax.random.key(0), tokens))()["params"]
+    att = nn.unbox(params)["decoder"]["layers_0"]["attention"]
+    assert att["query_norm"]["scale"].shape == shape == att["key_norm"]["scale"].shape
