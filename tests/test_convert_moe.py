@@ -1,7 +1,8 @@
-"""Mixture-of-experts conversion parity with `transformers` (issue 17): a tiny random Mixtral
-saved by save_pretrained (per-expert layout) and as its fused module tensors (gate_up_proj,
-down_proj) imports with fp32 logits within 1e-4 of transformers, padded rows included; the
-export loads back in transformers with the same logits."""
+"""Mixture-of-experts conversion parity with `transformers` (issue 17): tiny random Mixtral,
+OLMoE and Qwen3-MoE models saved by save_pretrained (per-expert layout) and as their fused
+module tensors (gate_up_proj, down_proj) import with fp32 logits within 1e-4 of
+transformers, padded rows included; the export loads back in transformers with the same
+logits."""
 from pathlib import Path
 
 import numpy as np
@@ -30,37 +31,56 @@ def _max_diff(a, b):
     return float(np.abs(a - b)[MASK.astype(bool)].max())
 
 
-@pytest.fixture(scope="module")
-def mixtral(tmp_path_factory):
-    """(per-expert directory, fused directory, reference logits) of a tiny random Mixtral."""
+SMALL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, num_experts_per_tok=2)
+
+
+def _families():
+    T = transformers
+    return {  # name -> (class, config, a per-expert tensor name)
+        "mixtral": (T.MixtralForCausalLM, T.MixtralConfig(
+            **SMALL, intermediate_size=24, num_key_value_heads=2, num_local_experts=4,
+            rope_theta=10000.0), ".block_sparse_moe.experts.0.w1."),
+        "olmoe": (T.OlmoeForCausalLM, T.OlmoeConfig(
+            **SMALL, intermediate_size=24, num_key_value_heads=4, num_experts=4,
+            pad_token_id=0, eos_token_id=1, bos_token_id=None), ".mlp.experts.0.gate_proj."),
+        "qwen3_moe": (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
+            **SMALL, moe_intermediate_size=12, num_key_value_heads=2, head_dim=16,
+            num_experts=4, norm_topk_prob=True), ".mlp.experts.0.gate_proj."),
+    }
+
+
+@pytest.fixture(scope="module", params=["mixtral", "olmoe", "qwen3_moe"])
+def family(request, tmp_path_factory):
+    """(class, per-expert directory, fused directory, reference logits, per-expert name)."""
+    cls, config, marker = _families()[request.param]
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=64, rope_theta=10000.0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = cls(config).eval()
     with torch.no_grad():  # a sharper router than the init's, so routing choices matter
         for layer in model.model.layers:
             layer.mlp.gate.weight.mul_(20.0)
-    per_expert = tmp_path_factory.mktemp("mixtral")
+            for name in ("q_norm", "k_norm"):  # non-trivial query/key norm scales
+                if hasattr(layer.self_attn, name):
+                    getattr(layer.self_attn, name).weight.uniform_(0.5, 1.5)
+    per_expert = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(per_expert, safe_serialization=True)
-    fused = tmp_path_factory.mktemp("mixtral-fused")
+    fused = tmp_path_factory.mktemp(request.param + "-fused")
     save_file({k: v.contiguous().numpy() for k, v in model.state_dict().items()},
               str(fused / "model.safetensors"))
     (fused / "config.json").write_text((per_expert / "config.json").read_text())
-    return per_expert, fused, _hf_logits(model)
+    return cls, per_expert, fused, _hf_logits(model), marker
 
 
-def test_mixtral_both_layouts_import_and_export_match_transformers(mixtral, tmp_path):
-    per_expert, fused, ref = mixtral
-    names = [k for k in __import__("safetensors").safe_open(
-        str(Path(per_expert) / "model.safetensors"), "np").keys()]
-    assert any(".block_sparse_moe.experts.0.w1." in n for n in names)  # the per-expert layout
+def test_both_layouts_import_and_export_match_transformers(family, tmp_path):
+    cls, per_expert, fused, ref, marker = family
+    names = list(__import__("safetensors").safe_open(
+        str(Path(per_expert) / "model.safetensors"), "np").keys())
+    assert any(marker in n for n in names)  # save_pretrained wrote the per-expert layout
     for path in (per_expert, fused):
         model = from_pretrained(path)
         assert model.config.num_experts == 4 and model.config.experts_per_token == 2
         got = np.asarray(model.logits(IDS, MASK))
         assert _max_diff(ref, got) <= TOL, path
     out = model.save_hf(tmp_path / "exported")
-    back = transformers.MixtralForCausalLM.from_pretrained(out, attn_implementation="eager")
+    back = cls.from_pretrained(out, attn_implementation="eager")
     assert _max_diff(_hf_logits(back.eval()), got) <= TOL

@@ -19,7 +19,6 @@ from llmjax.convert.hf.family import register
 from llmjax.convert.hf.llama import Llama
 from llmjax.convert.hf.specs import Spec, hf_get, unsupported
 
-PER_EXPERT = re.compile(r"^(.*layers\.(\d+))\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 
 
 def expert_specs(layer: str, h: str, e: int, d: int, f: int) -> list[Spec]:
@@ -62,47 +61,62 @@ class Mixtral(Llama):
     def specs(self, cfg, prefix):
         specs = [s for s in Llama.specs(self, cfg, prefix) if "/mlp/" not in s.paths[0]]
         for i in range(cfg.num_layers):
-            specs += expert_specs(f"decoder/layers_{i}", f"{prefix}layers.{i}", cfg.num_experts,
-                                  cfg.d_model, cfg.expert_hidden)
+            layer, h = f"decoder/layers_{i}", f"{prefix}layers.{i}"
+            specs += expert_specs(layer, h, cfg.num_experts, cfg.d_model, cfg.expert_hidden)
+            if cfg.qk_norm != "none":  # OLMoE (all features), Qwen3-MoE (per head)
+                for ours, theirs, n in (("query", "q", cfg.num_heads), ("key", "k", cfg.kv_heads)):
+                    width = cfg.dim_per_head * (n if cfg.qk_norm == "full" else 1)
+                    specs.append(Spec((f"{layer}/attention/{ours}_norm/scale",),
+                                      (f"{h}.self_attn.{theirs}_norm.weight",), (width,),
+                                      lambda w: (w,), lambda xs: xs[0]))
         return specs
+
+    # The per-expert layout save_pretrained writes: the MoE block's name, and the gate, up
+    # and down projections' names.
+    block = "block_sparse_moe"
+    expert_names = ("w1", "w3", "w2")
 
     def import_tensors(self, cfg, tensors):
         """Stack a per-expert checkpoint into the fused layout the table reads."""
+        gate, up, down = self.expert_names
+        per_expert = re.compile(rf"^(.*layers\.\d+)\.{self.block}\.experts\.(\d+)\."
+                                rf"({gate}|{up}|{down})\.weight$")
         found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
         rest = {}
         for name, array in tensors.items():
-            m = PER_EXPERT.match(name)
+            m = per_expert.match(name)
             if m:
-                found.setdefault(m.group(1), {}).setdefault(int(m.group(3)), {})[m.group(4)] = array
+                found.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = array
             else:
-                rest[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = array
+                rest[name.replace(f".{self.block}.gate.", ".mlp.gate.")] = array
         for h, experts in found.items():
             order = [experts[e] for e in sorted(experts)]
             rest[f"{h}.mlp.experts.gate_up_proj"] = np.stack(
-                [np.concatenate([np.asarray(x["w1"]), np.asarray(x["w3"])]) for x in order])
-            rest[f"{h}.mlp.experts.down_proj"] = np.stack([np.asarray(x["w2"]) for x in order])
+                [np.concatenate([np.asarray(x[gate]), np.asarray(x[up])]) for x in order])
+            rest[f"{h}.mlp.experts.down_proj"] = np.stack([np.asarray(x[down]) for x in order])
         return rest
 
     def export_tensors(self, cfg, tensors):
         """The per-expert layout save_pretrained writes (every transformers version loads)."""
+        gate, up, down = self.expert_names
         out = {}
         f = cfg.expert_hidden
         for name, array in tensors.items():
             if name.endswith(".mlp.experts.gate_up_proj"):
                 h = name[: -len(".mlp.experts.gate_up_proj")]
                 for e in range(array.shape[0]):
-                    out[f"{h}.block_sparse_moe.experts.{e}.w1.weight"] = array[e, :f]
-                    out[f"{h}.block_sparse_moe.experts.{e}.w3.weight"] = array[e, f:]
+                    out[f"{h}.{self.block}.experts.{e}.{gate}.weight"] = array[e, :f]
+                    out[f"{h}.{self.block}.experts.{e}.{up}.weight"] = array[e, f:]
             elif name.endswith(".mlp.experts.down_proj"):
                 h = name[: -len(".mlp.experts.down_proj")]
                 for e in range(array.shape[0]):
-                    out[f"{h}.block_sparse_moe.experts.{e}.w2.weight"] = array[e]
+                    out[f"{h}.{self.block}.experts.{e}.{down}.weight"] = array[e]
             else:
-                out[name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")] = array
+                out[name.replace(".mlp.gate.weight", f".{self.block}.gate.weight")] = array
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
     export_requires = {**Llama.export_requires, "moe_every": 1, "moe_shared_d_ff": 0,
-                       "moe_renormalize": True}
+                       "moe_renormalize": True, "qk_norm": "none"}
 
     def check_export(self, cfg):
         super().check_export(cfg)
