@@ -86,3 +86,20 @@ def test_gradient_accumulation_is_exact_for_the_lm_loss():
     np.testing.assert_allclose(got["expert_load_min"], ref["expert_load_min"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(host(new.params)), jax.tree.leaves(host(ref_state.params))):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_kv_cache_generation_equals_full_forward_argmax():
+    """Greedy decoding with the KV cache (router per new token) = argmax of full forwards."""
+    import jax.numpy as jnp
+    from llmjax.config import from_dict
+    from llmjax.generate import generate
+    from llmjax.models import Transformer, init_params
+    cfg = from_dict({"model": {"preset": "moe-tiny", "max_len": 16}}).model
+    params = jax.jit(lambda: init_params(cfg, jax.random.key(0)))()
+    got = generate(cfg, params, [[5, 6, 7, 8]], max_new_tokens=4)[0]
+    forward = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t)["logits"])
+    want = [5, 6, 7, 8]
+    for _ in range(4):
+        want.append(int(jnp.argmax(forward(params, jnp.asarray([want + [0] * (8 - len(want))]))[
+            0, len(want) - 1])))
+    assert got == want[4:]
