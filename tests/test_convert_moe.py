@@ -84,3 +84,60 @@ def test_both_layouts_import_and_export_match_transformers(family, tmp_path):
     out = model.save_hf(tmp_path / "exported")
     back = cls.from_pretrained(out, attn_implementation="eager")
     assert _max_diff(_hf_logits(back.eval()), got) <= TOL
+
+
+def _permute(w, n_head):
+    """HF half-split rotary rows -> llama.cpp's interleaved rows (as its converter writes)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+def test_mixtral_gguf_expert_tensors_import(tmp_path):
+    """A Mixtral-architecture GGUF (llama + expert_count; blk.N.ffn_{gate,up,down}_exps and
+    the router ffn_gate_inp), written from a tiny random Mixtral: logits match transformers."""
+    gguf = pytest.importorskip("gguf")
+    from llmjax.convert import import_gguf
+    cls, config, _ = _families()["mixtral"]
+    torch.manual_seed(1)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(20.0)
+    ref = _hf_logits(model)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for key, value in [("embedding_length", 32), ("block_count", 2), ("feed_forward_length", 24),
+                       ("attention.head_count", 4), ("attention.head_count_kv", 2),
+                       ("context_length", 64), ("expert_count", 4), ("expert_used_count", 2),
+                       ("vocab_size", V)]:
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(2):
+        h, b = f"model.layers.{i}.", f"blk.{i}."
+        gate_up = sd[h + "mlp.experts.gate_up_proj"]
+        for name, value in {
+                "attn_norm": sd[h + "input_layernorm.weight"],
+                "ffn_norm": sd[h + "post_attention_layernorm.weight"],
+                "attn_q": _permute(sd[h + "self_attn.q_proj.weight"], 4),
+                "attn_k": _permute(sd[h + "self_attn.k_proj.weight"], 2),
+                "attn_v": sd[h + "self_attn.v_proj.weight"],
+                "attn_output": sd[h + "self_attn.o_proj.weight"],
+                "ffn_gate_inp": sd[h + "mlp.gate.weight"],
+                "ffn_gate_exps": gate_up[:, :24], "ffn_up_exps": gate_up[:, 24:],
+                "ffn_down_exps": sd[h + "mlp.experts.down_proj"]}.items():
+            w.add_tensor(f"{b}{name}.weight", np.ascontiguousarray(value))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg, params = import_gguf(tmp_path / "m.gguf")
+    assert cfg.num_experts == 4 and cfg.family == "mixtral"
+    import jax
+    from llmjax.models import Transformer
+    got = jax.jit(lambda p, t, s: Transformer(cfg).apply({"params": p}, t, s)["logits"])(
+        params, IDS, MASK)
+    assert _max_diff(ref, np.asarray(got)) <= TOL
