@@ -94,7 +94,8 @@ def test_shared_expert_is_sigmoid_gated():
     y = jax.jit(MoeMlp(cfg).apply)({"params": params}, x, valid)
     s, xn = host(params), np.asarray(x)
     a = xn @ s["shared"]["wi_0"]["kernel"]
-    shared = (a / (1 + np.exp(-a)) * (xn @ s["shared"]["wi_1"]["kernel"])) @ s["shared"]["wo"]["kernel"]
+    shared = (a / (1 + np.exp(-a)) * (xn @ s["shared"]["wi_1"]["kernel"])
+              ) @ s["shared"]["wo"]["kernel"]
     gate = 1 / (1 + np.exp(-(xn @ s["shared_gate"])))
     np.testing.assert_allclose(y, np.asarray(routed) + gate * shared, atol=1e-5)
 

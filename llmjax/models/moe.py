@@ -170,7 +170,8 @@ class MoeMlp(nn.Module):
 def collect_router_stats(variables) -> dict[str, Array]:
     """Reduce the sown statistics over MoE layers (scanned: a leading layer axis; unrolled:
     one entry per layer): balance, z and load [E] (tokens per expert) as means over layers,
-    dropped / assigned (top-k assignments) as totals. Empty when the model sowed nothing (a dense model)."""
+    dropped / assigned (top-k assignments) as totals. Empty when the model sowed nothing
+    (a dense model)."""
     found = {name: [] for name in STATS}
 
     def visit(tree):

@@ -25,7 +25,7 @@ def _tokens(batch: Batch):
 class WithRouterLoss(Objective):
     """`inner` plus the router terms; every other attribute is the inner objective's."""
 
-    def __init__(self, inner: Objective, model: ModelConfig):  # noqa: super().__init__ checked inner
+    def __init__(self, inner: Objective, model: ModelConfig):  # inner.__init__ checked the model
         self.inner, self.model = inner, model
         self.terms = tuple(inner.terms) + tuple(TERMS)
         self.term_weights = {**inner.term_weights, "router_balance": model.router_balance_weight,
