@@ -87,6 +87,7 @@ class ModelConfig:
     # RMS/LayerNorm on queries and keys before RoPE: head = over each head's features
     # (Qwen3), full = over all query (key) features (OLMoE).
     qk_norm: str = "none"  # none | head | full
+    qkv_bias: bool = False  # biases on the query/key/value projections even when use_bias is off (Qwen2)
     # Mixture of experts (llmjax/models/moe.py, docs/moe.md); num_experts 0 = dense MLPs.
     num_experts: int = 0  # routed SwiGLU experts per MoE layer (0: every MLP is dense)
     experts_per_token: int = 2  # top-k experts each token is sent to

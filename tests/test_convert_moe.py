@@ -1,5 +1,5 @@
 """Mixture-of-experts conversion parity with `transformers` (issue 17): tiny random Mixtral,
-OLMoE and Qwen3-MoE models saved by save_pretrained (per-expert layout) and as their fused
+OLMoE, Qwen3-MoE and Qwen2-MoE models saved by save_pretrained (per-expert layout) and as their fused
 module tensors (gate_up_proj, down_proj) import with fp32 logits within 1e-4 of
 transformers, padded rows included; the export loads back in transformers with the same
 logits."""
@@ -47,10 +47,13 @@ def _families():
         "qwen3_moe": (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
             **SMALL, moe_intermediate_size=12, num_key_value_heads=2, head_dim=16,
             num_experts=4, norm_topk_prob=True), ".mlp.experts.0.gate_proj."),
+        "qwen2_moe": (T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(
+            **SMALL, moe_intermediate_size=12, shared_expert_intermediate_size=20,
+            num_key_value_heads=2, num_experts=4), ".mlp.experts.0.gate_proj."),
     }
 
 
-@pytest.fixture(scope="module", params=["mixtral", "olmoe", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "olmoe", "qwen3_moe", "qwen2_moe"])
 def family(request, tmp_path_factory):
     """(class, per-expert directory, fused directory, reference logits, per-expert name)."""
     cls, config, marker = _families()[request.param]
@@ -62,6 +65,10 @@ def family(request, tmp_path_factory):
             for name in ("q_norm", "k_norm"):  # non-trivial query/key norm scales
                 if hasattr(layer.self_attn, name):
                     getattr(layer.self_attn, name).weight.uniform_(0.5, 1.5)
+            for proj in ("q_proj", "k_proj", "v_proj"):  # non-zero q/k/v biases (Qwen2)
+                bias = getattr(layer.self_attn, proj).bias
+                if bias is not None:
+                    bias.normal_(0.0, 0.1)
     per_expert = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(per_expert, safe_serialization=True)
     fused = tmp_path_factory.mktemp(request.param + "-fused")

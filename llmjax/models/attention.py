@@ -76,7 +76,8 @@ class Attention(nn.Module):
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
 
         def proj(n, axes, name, stddev):
-            return Dense((n, head_dim), axes, use_bias=cfg.use_bias, dtype=cfg.dtype,
+            return Dense((n, head_dim), axes, use_bias=cfg.use_bias or cfg.qkv_bias,
+                         dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, stddev=stddev, kernels=cfg.kernels,
                          name=name)
 

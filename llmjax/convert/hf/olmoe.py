@@ -80,3 +80,55 @@ class Qwen3Moe(_MlpExperts):
                    "moe_intermediate_size": cfg.expert_hidden, "decoder_sparse_step": 1,
                    "mlp_only_layers": [], "use_sliding_window": False})
         return hf
+
+
+@register
+class Qwen2Moe(_MlpExperts):
+    """Qwen2-MoE: Qwen3-MoE's experts without q/k norms, q/k/v biases, and a shared expert
+    (`mlp.shared_expert.*`) gated by sigmoid(`mlp.shared_expert_gate`)."""
+
+    name = "qwen2_moe"
+    llmjax_family = "qwen2_moe"
+    model_types = ("qwen2_moe",)
+    architectures = ("Qwen2MoeForCausalLM",)
+    export_name = "Qwen2-MoE"
+    qk_norm = "none"
+    export_requires = {**{k: v for k, v in Mixtral.export_requires.items()
+                          if k != "moe_shared_d_ff"},
+                       "qkv_bias": True, "moe_renormalize": (True, False)}
+
+    def to_config(self, hf, tensors):
+        Qwen3Moe.to_config(self, hf, tensors)  # the same checks
+        cfg = self._moe({**hf, "sliding_window": None}, tensors,
+                        hf_get(hf, "moe_intermediate_size", 1408))
+        return dataclasses.replace(cfg, qkv_bias=True, moe_shared_d_ff=hf_get(
+            hf, "shared_expert_intermediate_size", 0))
+
+    def specs(self, cfg, prefix):
+        from llmjax.convert.hf.specs import Spec, linear_specs
+        specs = _MlpExperts.specs(self, cfg, prefix)
+        d, hd, s = cfg.d_model, cfg.dim_per_head, cfg.moe_shared_d_ff
+        for i in range(cfg.num_layers):
+            layer, h = f"decoder/layers_{i}", f"{prefix}layers.{i}"
+            for ours, theirs, n in (("query", "q", cfg.num_heads), ("key", "k", cfg.kv_heads),
+                                    ("value", "v", cfg.kv_heads)):
+                specs.append(Spec((f"{layer}/attention/{ours}/bias",),
+                                  (f"{h}.self_attn.{theirs}_proj.bias",), (n * hd,),
+                                  lambda b, n=n: (b.reshape(n, hd),),
+                                  lambda xs: xs[0].reshape(-1)))
+            if s:
+                for ours, theirs, shape in (("wi_0", "gate_proj", ((d,), (s,))),
+                                            ("wi_1", "up_proj", ((d,), (s,))),
+                                            ("wo", "down_proj", ((s,), (d,)))):
+                    specs += linear_specs(f"{layer}/mlp/shared/{ours}",
+                                          f"{h}.mlp.shared_expert.{theirs}", *shape, False)
+                specs.append(Spec((f"{layer}/mlp/shared_gate",),
+                                  (f"{h}.mlp.shared_expert_gate.weight",), (1, d),
+                                  lambda w: (w.T,), lambda xs: xs[0].T))
+        return specs
+
+    def hf_config(self, cfg):
+        hf = Qwen3Moe.hf_config(self, cfg)
+        hf.update({"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+                   "shared_expert_intermediate_size": cfg.moe_shared_d_ff, "qkv_bias": True})
+        return hf
