@@ -556,11 +556,13 @@ class Config:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len="
                               f"{self.model.max_len} (learned positions): raise model.max_len "
                               f"or lower train.seq_len")
-        if self.mesh.expert > 1 and (not self.model.num_experts
-                                     or self.model.num_experts % self.mesh.expert):
+        if self.mesh.expert > 1 and not self.model.num_experts:
+            raise ConfigError(f"mesh.expert={self.mesh.expert} splits experts, but the model is "
+                              f"dense (model.num_experts=0): set mesh.expert=1")
+        if self.mesh.expert > 1 and self.model.num_experts % self.mesh.expert:
             raise ConfigError(f"mesh.expert={self.mesh.expert} must divide model.num_experts="
                               f"{self.model.num_experts}; choose mesh.expert among "
-                              f"{_divisors(self.model.num_experts) if self.model.num_experts else [1]}")
+                              f"{_divisors(self.model.num_experts)}")
         return self
 
     def to_dict(self) -> dict:

@@ -134,6 +134,7 @@ def test_z_loss_matches_its_formula():
     ({"model": {"capacity_factor": 0.0}}, r"model\.capacity_factor=0\.0"),
     ({"mesh": {"expert": 3}}, r"mesh\.expert=3 must divide model\.num_experts=8"),
     ({"model": {"moe_every": 2}}, r"model\.moe_every=2"),
+    ({"model": {"num_experts": 0}, "mesh": {"expert": 2}}, r"mesh\.expert=2 .*dense"),
 ])
 def test_bad_moe_config_names_the_key(override, key):
     raw = {"model": {"preset": "moe-tiny", **override.get("model", {})},
