@@ -398,8 +398,19 @@ def _hoist_global_options(argv: list[str]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command. Every failure is one `llmjax: error: ...` line on stderr: exit 2 for
     input the user can fix, 130 for Ctrl-C, 1 for a bug; --debug re-raises (traceback)."""
+    code = _main(argv)
+    if code not in (0, None) and argv is None and not _debug(sys.argv[1:]):
+        _quiet_shutdown()
+    return code
+
+
+def _debug(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get("LLMJAX_DEBUG", "") not in ("", "0")
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
-    debug = "--debug" in argv or os.environ.get("LLMJAX_DEBUG", "") not in ("", "0")
+    debug = _debug(argv)
     try:
         args = build_parser().parse_args(argv)
         if args.cpu_devices:  # must precede the first jax backend initialisation
@@ -441,8 +452,18 @@ def _classify(err: BaseException) -> tuple[str, int]:
 
 def _report(message: str, code: int) -> int:
     line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-    print(f"llmjax: error: {line}", file=sys.stderr)
+    print(f"llmjax: error: {line}", file=sys.stderr, flush=True)
     return code
+
+
+def _quiet_shutdown() -> None:
+    """The error line stays the last thing on the terminal: after a failed background save,
+    orbax's and gcsfs's asyncio tasks can die with the interpreter ("Exception ignored ...
+    Event loop is closed"); that noise says nothing the error line did not (--debug keeps it).
+    Only for the program itself (main() without argv), never inside a caller's process."""
+    import threading
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda exc: None
 
 
 if __name__ == "__main__":

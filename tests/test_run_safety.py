@@ -74,7 +74,8 @@ CHILD = textwrap.dedent('''
         ck._write_json = full
     if spec.get("cli"):  # through `llmjax train` (its logging setup, its error lines)
         from llmjax.cli import main
-        sys.exit(main([*spec.get("flags", []), "train", spec["config"], *spec["overrides"]]))
+        sys.argv = ["llmjax", *spec.get("flags", []), "train", spec["config"], *spec["overrides"]]
+        sys.exit(main())  # as the `llmjax` program runs it
     logging.basicConfig(level=logging.INFO)
     from llmjax import config
     from llmjax.train.trainer import train

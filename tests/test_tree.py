@@ -17,8 +17,9 @@ from llmjax.models import Transformer, abstract_params, dummy_inputs
 TINY = tuple(name for name in preset_names() if name.endswith("-tiny"))
 
 
-def test_tiny_presets_are_the_five_families():
-    assert set(TINY) == {"gpt-tiny", "palm-tiny", "llama-tiny", "bert-tiny", "t5-tiny"}
+def test_tiny_presets_are_the_five_families_and_moe():
+    assert set(TINY) == {"gpt-tiny", "palm-tiny", "llama-tiny", "bert-tiny", "t5-tiny",
+                         "moe-tiny"}
 
 
 # ---------------------------------------------------------------- keys, flat views
