@@ -202,6 +202,13 @@ class ObjectiveConfig:
     target_length: int = 0  # span_corruption / seq2seq decoder length (0: derived)
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM uses 1e-4)
     label_smoothing: float = 0.0  # share of target probability spread over the vocabulary
+    beta: float = 0.1  # dpo/simpo: scale of the implicit reward; orpo: weight of the odds-ratio term
+    dpo_label_smoothing: float = 0.0  # dpo/simpo: assumed chance a preference label is flipped (cDPO), in [0, 0.5)
+    simpo_gamma: float = 0.5  # simpo: target reward margin
+    # dpo's reference model: "adapter" (the base with the PEFT delta switched off: needs a
+    # peft method whose delta is a parameter transform, e.g. lora; no second copy of the
+    # weights) or "copy" (a frozen copy of the initial parameters, kept in the train state)
+    reference: str = "adapter"
 
     def validate(self) -> None:
         for key in ("mask_rate", "noise_density", "prefix_fraction"):
@@ -218,6 +225,8 @@ class ObjectiveConfig:
                               f"{len(names)} objectives in objective.name={self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.reference not in ("adapter", "copy"):
+            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter' or 'copy'")
 
 
 @dataclasses.dataclass
@@ -373,7 +382,7 @@ class PeftConfig:
 # are not here: they belong to the model and train sections and are passed to
 # `make_iterator` as arguments.
 
-SOURCES = ("synthetic", "text", "tfds", "labelled")
+SOURCES = ("synthetic", "text", "tfds", "labelled", "preference")
 DOCUMENT_UNITS = ("file", "paragraph")
 
 
@@ -383,9 +392,10 @@ class DataConfig:
 
     # "synthetic" (random token ids), "text" (local files), "tfds" (catalogue dataset) or
     # "labelled" (local CSV / TSV / JSONL files of text + label columns, for classification)
+    # or "preference" (JSONL files of prompt / chosen / rejected pairs, for dpo, orpo, simpo)
     source: str = "synthetic"
-    train_files: list[str] = dataclasses.field(default_factory=list)  # globs of labelled files (source=labelled)
-    validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled files (source=labelled)
+    train_files: list[str] = dataclasses.field(default_factory=list)  # globs of labelled / preference files (source=labelled, preference)
+    validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled / preference files
     paths: list[str] = dataclasses.field(default_factory=list)  # globs of local UTF-8 text files (source=text)
     validation_paths: list[str] = dataclasses.field(default_factory=list)  # globs held out as validation (source=text)
     validation_fraction: float = 0.0  # fraction of documents held out when validation_paths is empty (source=text)
@@ -453,6 +463,9 @@ class DataConfig:
             from llmjax.data.labelled import check_labelled
 
             check_labelled(self)  # reads the files once (cached): label names, columns, rows
+        if self.source == "preference" and not self.train_files:
+            raise ConfigError("data.train_files is empty but data.source='preference'; set it to JSONL files "
+                              'of {"prompt", "chosen", "rejected"} rows, e.g. data.train_files=[pairs.jsonl].')
         if self.synthetic_vocab_size < 16:
             raise ConfigError(f"data.synthetic_vocab_size={self.synthetic_vocab_size} must be >= 16.")
         if self.synthetic_num_documents < 1:
@@ -471,6 +484,8 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
                 "the input (prompt) and target (response) text."
             )
         return {"input": config.input_field, "target": config.target_field}
+    if kind == "preference":  # JSONL rows {"prompt", "chosen", "rejected"} (llmjax/data/preference.py)
+        return {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
     if kind == "classification":
         label = config.label_field or ("label" if config.source == "labelled" else "")
         if not label:
@@ -479,7 +494,7 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
         if config.pair_field:
             fields["pair"] = config.pair_field
         return fields
-    raise ConfigError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification.")
+    raise ConfigError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification, preference.")
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ class Counters:
     documents: int = 0
     empty_documents: int = 0  # no tokens at all: skipped
     split_documents: int = 0  # longer than a row: split into chunks (lm)
-    truncated_examples: int = 0  # longer than its fixed field: truncated (seq2seq, sft, classification, nsp)
+    truncated_examples: int = 0  # longer than its fixed field: truncated (seq2seq, sft, classification, nsp, preference)
     unpaired_documents: int = 0  # fewer than 2 tokens: no NSP pair possible
 
 
@@ -47,7 +47,7 @@ class ExampleBuilder:
         self.counters = Counters()
         builders: dict[str, Callable[[dict[str, Any]], list[Piece]]] = {
             "lm": self._lm, "nsp": self._nsp, "seq2seq": self._seq2seq, "sft": self._sft,
-            "classification": self._classification,
+            "classification": self._classification, "preference": self._preference,
         }
         if kind not in builders:
             raise ValueError(f"unknown batch kind {kind!r}; use one of {sorted(builders)}.")
@@ -94,6 +94,15 @@ class ExampleBuilder:
         tokens = np.asarray(prompt + response, np.int32)
         loss_mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)])
         return [{"tokens": tokens, "loss_mask": loss_mask}]
+
+    def _preference(self, record: dict[str, Any]) -> list[Piece]:
+        from llmjax.data.preference import pair_piece
+
+        chosen, rejected = self._ids(record, "chosen") + self._eos(), self._ids(record, "rejected") + self._eos()
+        piece, cut = pair_piece(self._ids(record, "prompt"), chosen, rejected, self.seq_len)
+        if cut:
+            self.counters.truncated_examples += 1
+        return [piece]
 
     def _seq2seq(self, record: dict[str, Any]) -> list[Piece]:
         inputs, targets = self._ids(record, "input") + self._eos(), self._ids(record, "target") + self._eos()

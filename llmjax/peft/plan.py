@@ -18,6 +18,7 @@ from llmjax.models.api import abstract_params
 from llmjax.peft import adapters, ia3, lora, masks, prompt  # noqa: F401
 from llmjax.peft.config import PeftConfig
 from llmjax.peft.methods import METHODS, Method, register  # noqa: F401 - re-exported
+from llmjax.peft.reference import REFERENCE
 from llmjax.tree import flatten_parts, logical_names, path_str, unflatten_parts
 
 Params = dict
@@ -78,7 +79,9 @@ class ComposedPlan:
         """The parameters the model applies: base leaves (trainable win) + PEFT transforms.
 
         Also turns an adapter-only tree plus a full base tree into merged parameters.
+        A dpo reference copy in `frozen` (peft/reference.py) is not part of the model.
         """
+        frozen = {k: v for k, v in frozen.items() if k != REFERENCE}
         flat_t = flatten_parts(trainable)
         peft = {p: v for p, v in flat_t.items() if self.owns(p)}
         flat = dict(flatten_parts(frozen))
@@ -127,7 +130,7 @@ class FullPlan(ComposedPlan):
         return params, {}
 
     def merge(self, trainable: Params, frozen: Params) -> Params:
-        if not frozen:
+        if not frozen or list(frozen) == [REFERENCE]:
             return trainable
         return super().merge(trainable, frozen)
 
