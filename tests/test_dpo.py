@@ -161,12 +161,12 @@ def logits(lora_run):
     exp = lora_run.exp
     batch = exp.objective.prepare(jax.tree.map(jnp.asarray, lora_run.first), jax.random.key(0))
 
-    @jax.jit
     def both(trainable, frozen):
         trainable = jax.tree.map(lambda x: x + 0.05, trainable)
         return (forward(exp.model, exp.plan.merge(trainable, frozen), batch)["logits"],
                 forward(exp.model, exp.plan.reference(trainable, frozen), batch)["logits"])
-    return batch, *both(lora_run.state.params, lora_run.state.frozen)
+    args = (lora_run.state.params, lora_run.state.frozen)
+    return batch, *jax.jit(both).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 @pytest.mark.parametrize("name,kw", [("dpo", {"dpo_label_smoothing": 0.1}),
