@@ -382,7 +382,7 @@ class PeftConfig:
 # are not here: they belong to the model and train sections and are passed to
 # `make_iterator` as arguments.
 
-SOURCES = ("synthetic", "text", "tfds", "labelled", "preference")
+SOURCES = ("synthetic", "text", "tfds", "labelled", "preference", "chat")
 DOCUMENT_UNITS = ("file", "paragraph")
 
 
@@ -393,6 +393,7 @@ class DataConfig:
     # "synthetic" (random token ids), "text" (local files), "tfds" (catalogue dataset) or
     # "labelled" (local CSV / TSV / JSONL files of text + label columns, for classification)
     # or "preference" (JSONL files of prompt / chosen / rejected pairs, for dpo, orpo, simpo)
+    # or "chat" (JSONL files of {"messages": [{role, content}]} conversations, for sft)
     source: str = "synthetic"
     train_files: list[str] = dataclasses.field(default_factory=list)  # globs of labelled / preference files (source=labelled, preference)
     validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled / preference files
@@ -414,6 +415,7 @@ class DataConfig:
     label_names: list[str] = dataclasses.field(default_factory=list)
     max_segments: int = 0  # classification rows packed with pack=true: at most this many examples per row (0: seq_len // 8)
     tokenizer: str = ""  # directory of a tokenizer written by `llmjax tokenizer train`
+    chat_template: str = ""  # source=chat: "" = the tokenizer's own template, or a built-in name: chatml
     pack: bool = True  # pack several documents / examples per row (lm, sft, classification); False: one per row, padded
     shuffle: bool = True  # shuffle documents each epoch (training split only)
     seed: int = 0  # seed of the document shuffle
@@ -463,6 +465,9 @@ class DataConfig:
             from llmjax.data.labelled import check_labelled
 
             check_labelled(self)  # reads the files once (cached): label names, columns, rows
+        if self.source == "chat" and not (self.train_files and self.tokenizer):
+            raise ConfigError("data.source='chat' needs data.train_files (JSONL files of "
+                              '{"messages": [{"role": ..., "content": ...}]} rows) and data.tokenizer')
         if self.source == "preference" and not self.train_files:
             raise ConfigError("data.train_files is empty but data.source='preference'; set it to JSONL files "
                               'of {"prompt", "chosen", "rejected"} rows, e.g. data.train_files=[pairs.jsonl].')
@@ -476,6 +481,8 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
     """The record fields a batch kind reads, checked to be set; raises ConfigError naming the missing key."""
     if kind in ("lm", "nsp"):
         return {"text": config.text_field}
+    if kind == "sft" and config.source == "chat":  # conversations (llmjax/data/chat.py)
+        return {"messages": "messages"}
     if kind in ("seq2seq", "sft"):
         missing = [k for k in ("input_field", "target_field") if not getattr(config, k)]
         if missing:

@@ -40,8 +40,9 @@ class ExampleBuilder:
     """Record -> pieces for one batch kind."""
 
     def __init__(self, kind: str, fields: dict[str, str], tokenizer: Tokenizer | None, special: SpecialTokens,
-                 seq_len: int, target_len: int, add_eos: bool, label_names: list[str]):
+                 seq_len: int, target_len: int, add_eos: bool, label_names: list[str], chat: Any = None):
         self.kind, self.fields, self.tokenizer, self.special = kind, fields, tokenizer, special
+        self.chat = chat  # a data.chat.ChatRenderer when the sft rows are conversations
         self.seq_len, self.target_len, self.add_eos = seq_len, target_len, add_eos
         self.label_ids = {name: i for i, name in enumerate(label_names)}
         self.counters = Counters()
@@ -82,6 +83,13 @@ class ExampleBuilder:
         return [{"tokens": ids[i:i + self.seq_len]} for i in range(0, len(ids), self.seq_len)]
 
     def _sft(self, record: dict[str, Any]) -> list[Piece]:
+        if self.chat is not None:  # a whole conversation, assistant turns in the loss
+            from llmjax.data.chat import conversation_piece
+
+            ids, mask = self.chat.encode(record["messages"], record.get("where", ""))
+            piece, cut = conversation_piece(ids, mask, self.seq_len)
+            self.counters.truncated_examples += int(cut)
+            return [piece]
         prompt, response = self._ids(record, "input"), self._ids(record, "target") + self._eos()
         if len(prompt) + len(response) > self.seq_len:
             self.counters.truncated_examples += 1

@@ -342,10 +342,15 @@ def make_iterator(
     source = open_source(config, split, fields=list(fields.values()), first_id=special.num_special,
                          vocab_size=vocab_size or (tokenizer.vocab_size if tokenizer is not None else None))
     target = target_len or seq_len
+    chat = None
+    if config.source == "chat":
+        from llmjax.data.chat import ChatRenderer
+
+        chat = ChatRenderer(tokenizer, config.chat_template)
 
     def make_builder() -> ExampleBuilder:
         return ExampleBuilder(kind, fields, tokenizer, special, seq_len, target, config.add_eos,
-                              list(config.label_names))
+                              list(config.label_names), chat)
 
     return BatchIterator(source, make_builder, kind, seq_len, target, global_batch_size, process_index,
                          process_count, shuffle=config.shuffle and split == "train", seed=config.seed,

@@ -411,4 +411,8 @@ def open_source(config: DataConfig, split: str, fields: Sequence[str] = (), firs
         from llmjax.data.preference import open_preference
 
         return open_preference(config, split)
-    raise ValueError(f"data.source={config.source!r} is not one of synthetic, text, tfds, labelled, preference.")
+    if config.source == "chat":
+        from llmjax.data.chat import open_chat
+
+        return open_chat(config, split)
+    raise ValueError(f"data.source={config.source!r} is not one of synthetic, text, tfds, labelled, preference, chat.")
