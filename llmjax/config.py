@@ -345,6 +345,10 @@ class PeftConfig:
     num_virtual_tokens: int = 20  # prompt_tuning / prefix_tuning
     prompt_init: str = "vocab"  # prompt_tuning: vocab (random rows of the embedding) | random
     adapter_dim: int = 64  # adapters: bottleneck width
+    # QLoRA: store the frozen base block-quantized ("nf4" 4-bit NormalFloat or "int8") and
+    # dequantize it inside the jitted step; "" keeps it in its dtype (llmjax/peft/quantize.py)
+    base_quantization: str = ""
+    quantization_block: int = 64  # elements per quantization block (one absmax scale each)
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.method.split("+") if m.strip()]
@@ -360,6 +364,15 @@ class PeftConfig:
             raise ConfigError(f"peft.num_virtual_tokens={self.num_virtual_tokens} must be positive")
         if self.adapter_dim <= 0:
             raise ConfigError(f"peft.adapter_dim={self.adapter_dim} must be positive")
+        if self.base_quantization not in ("", "nf4", "int8"):
+            raise ConfigError(f"peft.base_quantization={self.base_quantization!r} must be '', "
+                              "'nf4' or 'int8'")
+        if self.quantization_block < 2 or self.quantization_block % 2:
+            raise ConfigError(f"peft.quantization_block={self.quantization_block} must be an "
+                              "even number >= 2")
+        if self.base_quantization and self.methods() == ["full"]:
+            raise ConfigError("peft.base_quantization quantizes the frozen base, but "
+                              "peft.method=full trains every parameter; use e.g. peft.method=lora")
         if self.prompt_init not in ("vocab", "random"):
             raise ConfigError(f"peft.prompt_init={self.prompt_init!r} must be 'vocab' or 'random'")
         if self.lora_dropout != 0.0:

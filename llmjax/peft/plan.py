@@ -15,7 +15,7 @@ import jax
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.api import abstract_params
 # The method modules register themselves in METHODS when imported.
-from llmjax.peft import adapters, ia3, lora, masks, prompt  # noqa: F401
+from llmjax.peft import adapters, ia3, lora, masks, prompt, quantize  # noqa: F401
 from llmjax.peft.config import PeftConfig
 from llmjax.peft.methods import METHODS, Method, register  # noqa: F401 - re-exported
 from llmjax.peft.reference import REFERENCE
@@ -73,6 +73,9 @@ class ComposedPlan:
             raise ConfigError(f"peft.method={self.cfg.method!r} leaves nothing to train in this "
                               f"model; check peft.targets / peft.trainable")
         trainable.update(peft)
+        if self.cfg.base_quantization:  # QLoRA: the frozen base stored block-quantized
+            frozen = quantize.quantize_flat(frozen, self.cfg.base_quantization,
+                                            self.cfg.quantization_block)
         return unflatten_parts(trainable), unflatten_parts(frozen)
 
     def merge(self, trainable: Params, frozen: Params) -> Params:
@@ -85,12 +88,17 @@ class ComposedPlan:
         flat_t = flatten_parts(trainable)
         peft = {p: v for p, v in flat_t.items() if self.owns(p)}
         flat = dict(flatten_parts(frozen))
+        if self.cfg.base_quantization:  # dequantized here, inside the jitted step
+            flat = quantize.dequantize_flat(flat, self.cfg.base_quantization,
+                                            self.cfg.quantization_block)
         flat.update({p: v for p, v in flat_t.items() if p not in peft})
         for method in self.methods:
             flat = method.apply(flat, peft)
         return unflatten_parts(flat)
 
     def axes(self, path: tuple, shape: tuple) -> Optional[tuple]:
+        if path and path[-1] in (quantize.CODES, quantize.SCALE):
+            return quantize.axes(path, shape, self.names())
         for method in self.methods:
             if method.owns(path):
                 return method.axes(path, shape, self.names())
