@@ -412,7 +412,7 @@ class DataConfig:
     validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled / preference files
     paths: list[str] = dataclasses.field(default_factory=list)  # globs of local UTF-8 text files (source=text)
     validation_paths: list[str] = dataclasses.field(default_factory=list)  # globs held out as validation (source=text)
-    validation_fraction: float = 0.0  # fraction of documents held out when validation_paths is empty (source=text)
+    validation_fraction: float = 0.0  # fraction of documents held out when validation_paths is empty (source=text; chat and preference: of the rows, when validation_files is empty)
     document_unit: str = "file"  # "file": one document per file; "paragraph": per blank-line-separated block
     name: str = ""  # TFDS catalogue name, e.g. "c4/en", "lm1b", "wikipedia/20230601.en" (source=tfds)
     data_dir: str = ""  # TFDS data_dir holding prepared datasets (local path or gs://); text source builds into it

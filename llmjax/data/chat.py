@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from llmjax import paths
 from llmjax.data.chat_template import render_chat_template
-from llmjax.errors import ConfigError, ConversionError, MissingInputError
+from llmjax.errors import ConfigError, ConversionError
 
 # A ChatML template for models trained with llmjax (its tokenizers have no template).
 CHATML = (
@@ -71,33 +70,11 @@ def read_conversations(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-class ChatSource:
-    """Random access to the checked conversations of some JSONL files."""
+def open_chat(config, split: str):
+    """The checked rows of data.train_files / data.validation_files (or a held-out share)."""
+    from llmjax.data.jsonl_rows import open_rows
 
-    def __init__(self, rows: Sequence[dict[str, Any]], description: str):
-        self.rows, self.description = list(rows), description
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
-
-
-def open_chat(config, split: str) -> ChatSource:
-    """data.train_files (split "train") or data.validation_files (split "validation")."""
-    key = "data.train_files" if split == "train" else "data.validation_files"
-    patterns = config.train_files if split == "train" else config.validation_files
-    if not patterns:
-        raise ConfigError(f"{key} is empty: set it to JSONL files of chat conversations")
-    files: list[str] = []
-    for pattern in patterns:
-        matched = paths.glob(pattern, key)
-        if not matched:
-            raise MissingInputError(f"{key} pattern {pattern!r} matches no file; fix the path or glob")
-        files.extend(matched)
-    rows = [row for path in sorted(set(files)) for row in read_conversations(path)]
-    return ChatSource(rows, f"{key}={list(patterns)}")
+    return open_rows(config, split, read_conversations, "chat conversations")
 
 
 class ChatRenderer:

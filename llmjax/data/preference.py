@@ -12,13 +12,12 @@ A pair becomes one row of the "preference" batch kind: `chosen` and `rejected` t
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from llmjax import paths
-from llmjax.errors import ConfigError, MissingInputError
+from llmjax.errors import ConfigError
 
 FIELDS = ("prompt", "chosen", "rejected")
 KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")  # host batch arrays [B, seq_len]
@@ -61,36 +60,11 @@ def read_pairs(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-class PreferenceSource:
-    """Random access to the checked rows of some JSONL files."""
+def open_preference(config, split: str):
+    """The checked rows of data.train_files / data.validation_files (or a held-out share)."""
+    from llmjax.data.jsonl_rows import open_rows
 
-    def __init__(self, rows: Sequence[dict[str, Any]], description: str):
-        self.rows, self.description = list(rows), description
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
-
-    def __repr__(self) -> str:
-        return f"PreferenceSource({self.description}, {len(self)} pairs)"
-
-
-def open_preference(config, split: str) -> PreferenceSource:
-    """data.train_files (split "train") or data.validation_files (split "validation")."""
-    key = "data.train_files" if split == "train" else "data.validation_files"
-    patterns = config.train_files if split == "train" else config.validation_files
-    if not patterns:
-        raise ConfigError(f"{key} is empty: set it to JSONL files of preference pairs")
-    files: list[str] = []
-    for pattern in patterns:
-        matched = paths.glob(pattern, key)
-        if not matched:
-            raise MissingInputError(f"{key} pattern {pattern!r} matches no file; fix the path or glob")
-        files.extend(matched)
-    rows = [row for path in sorted(set(files)) for row in read_pairs(path)]
-    return PreferenceSource(rows, f"{key}={list(patterns)}")
+    return open_rows(config, split, read_pairs, "preference pairs")
 
 
 def pair_piece(prompt: list[int], chosen: list[int], rejected: list[int],
