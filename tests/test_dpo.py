@@ -307,3 +307,36 @@ def test_preference_rows_masks_and_truncation(tmp_path):
     assert batch["chosen"][1].tolist() == list(range(22, 30)) + list(range(40, 48))
     assert batch["rejected_mask"][1].tolist() == [1] * 8 + [2] + [0] * 7
     assert it.stats()["truncated_examples"] == 1
+
+
+def test_chunked_scores_equal_whole_logits():
+    """train.logits_chunk: the completion log-probs computed chunk by chunk (the head applied
+    inside a rematerialised scan) equal those of the whole logits, padding chunk included."""
+    from llmjax.objectives.base import ChunkedLogits
+    from llmjax.objectives.preference import sequence_logprobs
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(4, 10, 8)), jnp.float32)
+    head_w = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+    head = lambda h: h @ head_w  # noqa: E731
+    targets = jnp.asarray(rng.integers(0, 32, (4, 10)))
+    weights = jnp.asarray(rng.integers(0, 2, (4, 10)), jnp.float32)
+    whole = sequence_logprobs(head(hidden), targets, weights)
+    chunked = sequence_logprobs(ChunkedLogits(hidden, head, 4), targets, weights)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6)
+
+
+def test_pairs_stay_together_in_micro_batches(lora_run):
+    """With train.grad_accum=k the step splits the prepared batch into rows i, i+k, ...:
+    each micro-batch holds its pairs' chosen rows, then the same pairs' rejected rows."""
+    from llmjax.train.step import _micro_batches
+    batch = lora_run.exp.objective.prepare(jax.tree.map(jnp.asarray, lora_run.first),
+                                           jax.random.key(0))
+    first = lora_run.first
+    for k in (2, 4):
+        micro = host(_micro_batches({"tokens": batch["tokens"], "pair_valid": batch["pair_valid"]}, k))
+        for i in range(k):
+            pairs = np.arange(i, BATCH, k)
+            n = len(pairs)
+            assert np.array_equal(micro["tokens"][i][:n], first["chosen"][pairs])
+            assert np.array_equal(micro["tokens"][i][n:], first["rejected"][pairs])
+            assert micro["pair_valid"][i].shape == (n,)
