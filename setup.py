@@ -48,7 +48,9 @@ setup(
         "tf": ["tensorflow-cpu"],
         # The TensorBoard UI for the event files every run writes (tensorboardX writes them).
         "tensorboard": ["tensorboard"],
-        "tpu": ["jax[tpu]", *GCS],  # pods keep runs, data and exports in buckets
+        # libtpu matched to jax: `llmjax plan --target` compiles for Cloud TPU topologies with it;
+        # pods keep runs, data and exports in buckets.
+        "tpu": ["jax[tpu]==0.10.2", *GCS],
         "gpu": ["jax[cuda12]", *GCS],
     },
     entry_points={"console_scripts": ["llmjax=llmjax.cli:main"]},

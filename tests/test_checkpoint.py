@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import compile_cache, config
+from llmjax import config
 from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, TrainCheckpoints
 from llmjax.train.experiment import build
 from llmjax.train.resume import restore_state
@@ -76,20 +76,6 @@ CHILD = textwrap.dedent('''
     print("EXIT", result.exit_code, result.checkpoint_step, flush=True)
     sys.exit(result.exit_code)
 ''')
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jax_cache")
-    compile_cache.enable(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def child_script(tmp_path_factory):
-    path = tmp_path_factory.mktemp("child") / "child.py"
-    path.write_text(CHILD)
-    return path
 
 
 def spawn(child_script, cache_dir, run_dir, **spec):

@@ -13,12 +13,11 @@ from llmjax.config import ConfigError
 from llmjax.data.device import to_global
 from llmjax.data.pipeline import make_iterator
 from llmjax.train.experiment import build
-from test_kernels import _close_trees
-from test_parallel import FAST_COMPILE, compiled_step, config, fast_init, host
+from helpers import FAST_COMPILE, close_trees, compiled_step, fast_init, host, sgd_config
 
 
 def one_step(preset, objective, chunk, mesh=(1, 1, 1), objective_cfg=None):
-    cfg = config(preset, objective, mesh, train={"logits_chunk": chunk})
+    cfg = sgd_config(preset, objective, mesh, train={"logits_chunk": chunk})
     cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective,
                                                                  **(objective_cfg or {})))
     exp = build(cfg, devices=jax.devices()[:math.prod(mesh)])
@@ -44,7 +43,7 @@ def test_chunked_head_equals_whole_logits(preset, objective, chunk, extra):
     got, grads, got_eval = one_step(preset, objective, chunk, objective_cfg=extra)
     for key in ref:
         np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, atol=1e-7, err_msg=key)
-    _close_trees(ref_grads, grads, 1e-5)
+    close_trees(ref_grads, grads, 1e-5)
     for name in ref_eval:
         np.testing.assert_allclose(got_eval[name], ref_eval[name], rtol=2e-5, err_msg=name)
     assert float(ref["grad_norm"]) > 0.1
@@ -54,13 +53,13 @@ def test_chunked_head_sharded_equals_single_device_whole():
     ref, ref_grads, _ = one_step("gpt-tiny", "clm", 0)
     got, grads, _ = one_step("gpt-tiny", "clm", 8, mesh=(2, 2, 2))
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
-    _close_trees(ref_grads, grads, 1e-5)
+    close_trees(ref_grads, grads, 1e-5)
 
 
 def test_chunking_shrinks_the_compiled_temporaries():
     """vocab 8192, batch 8 x seq 128: whole logits are 32 MiB (and their gradient as much)."""
     def temp_bytes(chunk):
-        cfg = config("gpt-tiny", "clm", model={"vocab_size": 8192},
+        cfg = sgd_config("gpt-tiny", "clm", model={"vocab_size": 8192},
                      train={"logits_chunk": chunk, "seq_len": 128})
         exp = build(cfg, devices=jax.devices()[:1])
         spec = {"tokens": jax.ShapeDtypeStruct((8, 128), np.int32),
@@ -75,6 +74,6 @@ def test_chunking_shrinks_the_compiled_temporaries():
 
 def test_bad_logits_chunk_is_a_config_error():
     with pytest.raises(ConfigError, match="train.logits_chunk=-1"):
-        build(config("gpt-tiny", "clm", train={"logits_chunk": -1}), devices=jax.devices()[:1])
+        build(sgd_config("gpt-tiny", "clm", train={"logits_chunk": -1}), devices=jax.devices()[:1])
     with pytest.raises(ConfigError, match="MLM head"):
-        build(config("bert-tiny", "mlm", train={"logits_chunk": 8}), devices=jax.devices()[:1])
+        build(sgd_config("bert-tiny", "mlm", train={"logits_chunk": 8}), devices=jax.devices()[:1])

@@ -20,6 +20,7 @@ from llmjax.config import model_config
 from llmjax.models import (Transformer, abstract_params, param_count, stack_layers,
                            unstack_layers)
 from llmjax.models.attention import Attention, make_mask
+from llmjax.models.context import Context
 
 DECODERS = ("gpt-tiny", "palm-tiny", "llama-tiny")
 FAMILIES = DECODERS + ("bert-tiny", "t5-tiny")
@@ -204,7 +205,7 @@ def layer_params(params, layer=0):
 
 
 def run_attention(cfg, p, x, mask, positions):
-    return Attention(cfg).apply({"params": p}, x, x, mask, None, positions, positions)
+    return Attention(cfg).apply({"params": p}, x, Context(positions=positions, mask=mask))
 
 
 def random_attention_params(cfg, seed):

@@ -12,11 +12,11 @@ import pytest
 
 from llmjax import peft
 from llmjax.config import ConfigError, from_dict, model_config
-from llmjax.models import Transformer
 from llmjax.models.api import init_params
 from llmjax.peft import PeftConfig
 from llmjax.peft.lora import merge_lora, unmerge_lora
 from llmjax.tree import flatten_parts, unflatten_parts
+from helpers import initial_params, jitted_apply
 
 HOOK_LEAVES = ("prompt", "prefix_key", "prefix_value")
 
@@ -31,38 +31,17 @@ def _inputs(cfg, batch=2, length=12, seed=3):
     return out
 
 
-_APPLY = {}
-
-
-def _apply_fn(cfg):
-    """One jitted forward per model config (ModelConfig is not hashable: key by repr)."""
-    if repr(cfg) not in _APPLY:
-        _APPLY[repr(cfg)] = jax.jit(
-            lambda params, inputs: Transformer(cfg).apply({"params": params}, **inputs))
-    return _APPLY[repr(cfg)]
-
-
 def _base_params(params):
     """Drop the hook leaves (adapters, prompt, prefixes): the base model's tree."""
     return unflatten_parts({p: v for p, v in flatten_parts(params).items()
                       if not (p[-1] in HOOK_LEAVES or any(k.endswith("_adapter") for k in p))})
 
 
-_PARAMS = {}
-
-
-def _init(cfg):
-    """Jitted init (eager init dispatches op by op: slow on 2 cores), cached per config."""
-    if repr(cfg) not in _PARAMS:
-        _PARAMS[repr(cfg)] = jax.jit(lambda rng: init_params(cfg, rng))(jax.random.key(0))
-    return _PARAMS[repr(cfg)]
-
-
 def _setup(family, method, **kw):
     plan = peft.build(PeftConfig(method=method, **kw))
     base_cfg = model_config(family)
     cfg = plan.model_config(base_cfg)
-    params = _init(cfg)
+    params = initial_params(cfg)
     trainable, frozen = jax.jit(plan.split)(params, jax.random.key(1))
     return plan, base_cfg, cfg, params, trainable, frozen
 
@@ -72,12 +51,12 @@ def _setup(family, method, **kw):
 def test_zero_init_methods_leave_outputs_unchanged(family, method):
     plan, base_cfg, cfg, params, trainable, frozen = _setup(family, method, adapter_dim=8)
     inputs = _inputs(cfg)
-    reference = _apply_fn(base_cfg)(_base_params(params), inputs)["logits"]
-    got = _apply_fn(cfg)(plan.merge(trainable, frozen), inputs)["logits"]
+    reference = jitted_apply(base_cfg)(_base_params(params), inputs)["logits"]
+    got = jitted_apply(cfg)(plan.merge(trainable, frozen), inputs)["logits"]
     np.testing.assert_allclose(np.asarray(got), np.asarray(reference), rtol=1e-6, atol=1e-6)
     # ... and the PEFT leaves are not trivially absent: perturbing them changes the output
     bumped = jax.tree.map(lambda x: x + 0.05, trainable)
-    moved = _apply_fn(cfg)(plan.merge(bumped, frozen), inputs)["logits"]
+    moved = jitted_apply(cfg)(plan.merge(bumped, frozen), inputs)["logits"]
     assert float(jnp.max(jnp.abs(moved - reference))) > 1e-4
 
 
@@ -90,8 +69,8 @@ def test_prompt_tuning_adds_positions_only(family):
     for row in np.asarray(trainable["prompt"]):  # vocab init: every row is a vocabulary row
         assert np.any(np.all(table == row, axis=1))
     inputs = _inputs(cfg)
-    base = _apply_fn(base_cfg)(_base_params(params), inputs)
-    got = _apply_fn(cfg)(plan.merge(trainable, frozen), inputs)
+    base = jitted_apply(base_cfg)(_base_params(params), inputs)
+    got = jitted_apply(cfg)(plan.merge(trainable, frozen), inputs)
     for key in base:
         assert got[key].shape == base[key].shape, key
     assert float(jnp.max(jnp.abs(got["logits"] - base["logits"]))) > 1e-6  # the prompt acts
@@ -106,11 +85,11 @@ def test_prompt_tuning_matches_tokens_prepended_to_a_causal_decoder():
     prompt_id = int(np.argmax(np.all(np.asarray(params["embed"]["token"]["embedding"])
                                      == np.asarray(trainable["prompt"][0]), axis=1)))
     tokens = jax.random.randint(jax.random.key(5), (2, 10), 5, cfg.vocab_size)
-    got = _apply_fn(cfg)(plan.merge(trainable, frozen), {"tokens": tokens})["logits"]
+    got = jitted_apply(cfg)(plan.merge(trainable, frozen), {"tokens": tokens})["logits"]
     prepended = jnp.concatenate([jnp.full((2, 1), prompt_id), tokens], axis=1)
     positions = jnp.concatenate([jnp.zeros((2, 1), jnp.int32),
                                  jnp.broadcast_to(jnp.arange(10), (2, 10))], axis=1)
-    want = _apply_fn(base_cfg)(_base_params(params), {"tokens": prepended,
+    want = jitted_apply(base_cfg)(_base_params(params), {"tokens": prepended,
                                                       "positions": positions})["logits"][:, 1:]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -148,8 +127,8 @@ def test_lora_layout_axes_and_merge_unmerge():
                                    atol=1e-5)
     # merged weights and the unmerged (in-step) transform give the same logits
     inputs = _inputs(cfg)
-    unmerged_logits = _apply_fn(cfg)(plan.merge(trainable, frozen), inputs)["logits"]
-    merged_logits = _apply_fn(cfg)(merged, inputs)["logits"]
+    unmerged_logits = jitted_apply(cfg)(plan.merge(trainable, frozen), inputs)["logits"]
+    merged_logits = jitted_apply(cfg)(merged, inputs)["logits"]
     np.testing.assert_allclose(np.asarray(merged_logits), np.asarray(unmerged_logits),
                                rtol=1e-5, atol=1e-5)
     restored = unmerge_lora(merged, trainable, plan.cfg)
@@ -228,7 +207,7 @@ def test_config_errors(section, message):
     with pytest.raises(ConfigError, match=message):
         plan = peft.build(PeftConfig(**section))
         cfg = plan.model_config(model_config("gpt-tiny"))
-        jax.eval_shape(plan.split, _init(cfg), jax.random.key(1))
+        jax.eval_shape(plan.split, initial_params(cfg), jax.random.key(1))
 
 
 def test_bitfit_refuses_models_without_biases():

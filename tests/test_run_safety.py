@@ -1,7 +1,7 @@
 """Run lifecycle safety: preflight checks, NaN guard, signals (Ctrl-C, start-up SIGTERM),
 metrics after kill -9, disk errors, finished runs, time-based checkpoints (tiny GPT, seq 32,
 batch 8, 8 CPU devices). Subprocesses only where a process is the behaviour (exit codes,
-signals, kill -9); they share the module's persistent compilation cache.
+signals, kill -9); they share the session's persistent compilation cache.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import compile_cache, config
+from llmjax import config
 from llmjax.checkpoint import EXIT_PREEMPTED, CheckpointError, TrainCheckpoints
 from llmjax.config import ConfigError
 from llmjax.train.guard import NonFiniteError
@@ -89,20 +89,6 @@ CHILD = textwrap.dedent('''
     result = train(config.load(spec["config"], spec["overrides"]), on_step=on_step)
     sys.exit(result.exit_code)
 ''')
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jax_cache")
-    compile_cache.enable(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def child_script(tmp_path_factory):
-    path = tmp_path_factory.mktemp("child") / "child.py"
-    path.write_text(CHILD)
-    return path
 
 
 def spawn(child_script, cache_dir, run_dir, *extra, **spec):

@@ -13,10 +13,11 @@ import pytest
 
 from llmjax.config import ConfigError, from_dict, model_config
 from llmjax.generate import generate
-from llmjax.models import Transformer, attention, splash
+from llmjax.models import Transformer, ops
+from llmjax.models.ops import splash
 from llmjax.train.experiment import build
-from test_kernels import _close_trees
-from test_parallel import MeshRuns, host
+from helpers import MeshRuns, host
+from helpers import close_trees as _close_trees
 
 
 def _real_outputs_and_grads(preset: str, length: int, **overrides):
@@ -108,15 +109,15 @@ def test_what_splash_cannot_express_is_a_config_error():
 
 def test_auto_picks_splash_on_tpu_only_where_it_fits(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert attention.resolve_impl(model_config("llama-tiny", attention_impl="auto")) == "splash"
-    assert attention.resolve_impl(model_config("t5-tiny", attention_impl="auto")) == "xla"
-    assert attention.resolve_impl(
+    assert ops.resolve_attention(model_config("llama-tiny", attention_impl="auto")) == "splash"
+    assert ops.resolve_attention(model_config("t5-tiny", attention_impl="auto")) == "xla"
+    assert ops.resolve_attention(
         model_config("gpt-tiny", attention_impl="auto", prefix_tokens=2)) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attention.resolve_impl(
+    assert ops.resolve_attention(
         model_config("gpt-tiny", attention_impl="auto", dtype="bfloat16")) == "cudnn"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert attention.resolve_impl(model_config("gpt-tiny", attention_impl="auto")) == "xla"
+    assert ops.resolve_attention(model_config("gpt-tiny", attention_impl="auto")) == "xla"
     assert splash.unsupported(model_config("palm-tiny")) is None
 
 
@@ -127,7 +128,7 @@ def test_cudnn_asks_for_its_dtype_and_a_gpu(monkeypatch):
     with pytest.raises(ConfigError, match="needs a GPU .this backend: cpu"):
         jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attention.resolve_impl(cfg) == "cudnn"
+    assert ops.resolve_attention(cfg) == "cudnn"
 
 
 def test_plan_of_a_gpu_config_runs_on_cpu(capsys):

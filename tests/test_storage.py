@@ -15,9 +15,9 @@ import pytest
 from llmjax import cli, config, paths
 from llmjax.config import ConfigError
 from llmjax.errors import MissingInputError
+from helpers import TEXT
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = ("The quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 4
 
 
 @pytest.mark.parametrize("bad, fixed", [("gs:/bucket/run", "gs://bucket/run"),
@@ -90,25 +90,6 @@ def test_epath_and_glob_on_the_bucket(gcs_bucket):
     assert paths.glob(f"{base}/**/*.txt") == [f"{base}/a.txt", f"{base}/b.txt", f"{base}/sub/c.txt"]
     with pytest.raises(MissingInputError, match="does not exist"):
         paths.require(f"{base}/none.txt", "data.tokenizer")
-
-
-@pytest.fixture(scope="module")
-def prepared(gcs_bucket, tmp_path_factory):
-    """Text files and a tokenizer in the bucket, and `llmjax data prepare` into a gs:// data_dir."""
-    from llmjax.data.tokenizer import train_sentencepiece
-
-    local = tmp_path_factory.mktemp("text")
-    base = f"{gcs_bucket}/{local.name}"  # one prefix per instantiation (test_storage_train has its own)
-    for i in range(3):
-        (local / f"doc{i}.txt").write_text(TEXT.replace("fox", f"fox{i}"))
-        paths.upload(local / f"doc{i}.txt", f"{base}/text/doc{i}.txt")
-    tok = f"{base}/tok"
-    train_sentencepiece([f"{base}/text/doc0.txt", f"{base}/text/doc1.txt"], tok, 400)
-    code = cli.main(["data", "prepare", "--paths", f"{base}/text/*.txt", "--validation-fraction", "0.3",
-                     "--document-unit", "paragraph", "--data-dir", f"{base}/data", "--tokenizer", tok,
-                     "--seq-len", "32"])
-    assert code == 0  # (it prints `dataset: gs://.../data/llmjax_text/<name>/1.0.0`)
-    return {"local": local, "tok": tok, "data_dir": f"{base}/data", "text": f"{base}/text/*.txt"}
 
 
 def test_prepare_writes_the_dataset_into_the_bucket(prepared):

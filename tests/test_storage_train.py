@@ -1,5 +1,5 @@
 """A training run whose data_dir, text files and tokenizer are all on the GCS server (the
-dataset `llmjax data prepare` built there by test_storage's `prepared` fixture): preflight,
+dataset `llmjax data prepare` built there by conftest's `prepared` fixture): preflight,
 the text source and the tokenizer read the bucket, and the run trains. Its own module because
 the compile makes it a `slow` one (~20-40 s on 2 cores)."""
 from __future__ import annotations
@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from llmjax import config, metrics_files
-from test_storage import prepared  # noqa: F401  (the fixture: text, tokenizer, data_dir on gs://)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_a_run_trains_from_a_bucket_data_dir(prepared, tmp_path, monkeypatch):  # noqa: F811
+def test_a_run_trains_from_a_bucket_data_dir(prepared, tmp_path, monkeypatch):
     from llmjax.train.trainer import train
 
     monkeypatch.setenv("LLMJAX_CACHE", str(tmp_path / "fresh-cache"))  # nothing mirrored yet

@@ -27,14 +27,9 @@ from llmjax.models import abstract_params
 from llmjax.train import optim
 from llmjax.train.experiment import build
 from llmjax.tree import flatten_parts
+from helpers import FAST_COMPILE, host
 
 BATCH, SEQ = 8, 32
-# LLVM -O0 for these tiny programs: half the compile time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 def experiment(preset, objective, model=None, optimizer=None, train=None):

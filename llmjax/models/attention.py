@@ -3,22 +3,23 @@
 The seed's formula, per head: softmax(Q K^T / sqrt(d_k)) V with Q = X W^Q,
 K = X W^K, V = X W^V; heads are concatenated and projected by W^O. Grouped
 query attention shares each key/value head among num_heads / num_kv_heads
-query heads; MQA is the case of one key/value head.
+query heads; MQA is the case of one key/value head. The softmax(..) V computation is the
+attention op that `ops.attention_op` picks (llmjax/models/ops/).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.config import ConfigError, ModelConfig
-from llmjax.models import cpu_kernels, splash
+from llmjax.config import ModelConfig
+from llmjax.models import ops
+from llmjax.models.context import Context
 from llmjax.models.layers import Dense, constrain, dtype_of, normal_init, param, rotary
 
 Array = jax.Array
-NEG_INF = -1e30  # finite, so fully masked (padding) rows give a uniform softmax, not NaN
 
 
 def make_mask(q_segments: Array, k_segments: Array, causal: bool,
@@ -44,59 +45,6 @@ def make_mask(q_segments: Array, k_segments: Array, causal: bool,
     return allowed[:, None]
 
 
-def resolve_impl(cfg: ModelConfig) -> str:
-    """model.attention_impl for this backend; `auto` picks the safe default:
-    cuDNN flash attention on GPU for bf16/fp16 (jax.nn.dot_product_attention),
-    the Pallas splash kernel on TPU when the model's masks fit it, XLA's own math
-    elsewhere. An explicit `splash` the model cannot use is a ConfigError."""
-    impl = cfg.attention_impl
-    if impl == "auto":
-        backend = jax.default_backend()
-        if backend == "gpu" and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16):
-            return "cudnn"
-        if backend == "tpu" and splash.unsupported(cfg) is None:
-            return "splash"
-        return "xla"
-    if impl == "splash":
-        splash.check(cfg)  # PEFT hooks may have been set after the config was validated
-    if impl == "cudnn" and jax.default_backend() != "gpu":
-        # Checked here, not in validate(): `llmjax plan` of a GPU config runs on any host.
-        raise ConfigError(f"model.attention_impl=cudnn needs a GPU (this backend: "
-                          f"{jax.default_backend()}); use attention_impl=auto or xla")
-    return impl
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array],
-                          bias: Optional[Array], scale: float, impl: str = "xla",
-                          probs_dropout: Optional[Callable[[Array], Array]] = None) -> Array:
-    """softmax(q k^T * scale + bias, masked) v, for any number of key/value heads.
-
-    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; mask: [b, 1, t, s] bool;
-    bias: [b, heads, t, s] or None. Returns [b, t, heads, d]. `probs_dropout` (training
-    with model.attention_dropout) drops attention probabilities, as BERT / GPT-2 / T5 do.
-    """
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                            implementation="cudnn")
-    if impl == "cpu_custom_vjp":
-        return cpu_kernels.attention(q, k, v, mask, bias, scale)
-    b, t, heads, d = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    q = q.reshape(b, t, kv_heads, group, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if bias is not None:
-        scores = scores + bias.reshape(b, kv_heads, group, t, -1).astype(jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask[:, :, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if probs_dropout is not None:
-        probs = probs_dropout(probs)
-    probs = probs.astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, heads, d).astype(v.dtype)
-
-
 class Attention(nn.Module):
     """Self- or cross-attention with optional RoPE, learned prefixes and a KV cache.
 
@@ -110,13 +58,19 @@ class Attention(nn.Module):
     causal: bool = False  # (self-attention) the mask is causal: lets the splash kernel skip blocks
 
     @nn.compact
-    def __call__(self, x: Array, kv_input: Array, mask: Optional[Array], bias: Optional[Array],
-                 q_positions: Array, k_positions: Array,
-                 q_segments: Optional[Array] = None, prefix: Optional[Array] = None,
-                 deterministic: bool = True) -> Array:
-        """`mask` is the dense form of the masking; the splash kernel rebuilds it from
-        `q_segments` and `causal`. `prefix` (a prefix-LM's bidirectional prefix, already in
-        `mask`) is a mask splash cannot express."""
+    def __call__(self, x: Array, ctx: Context, deterministic: bool = True) -> Array:
+        """x [b, t, d] -> [b, t, d]. Self-attention reads its mask, bias, positions, segments
+        and prefix from `ctx`; cross-attention (cross=True) attends to `ctx.encoded` under
+        `ctx.cross_mask`. The splash kernel rebuilds the mask from the segments and `causal`;
+        `ctx.prefix` (a prefix-LM's bidirectional prefix, already in the mask) is a mask splash
+        cannot express."""
+        if self.cross:
+            kv_input, mask, bias, prefix = ctx.encoded, ctx.cross_mask, None, None
+            q_positions, k_positions, q_segments = ctx.positions, ctx.encoded_positions, None
+        else:
+            kv_input, mask, bias, prefix = x, ctx.mask, ctx.bias, ctx.prefix
+            q_positions = k_positions = ctx.positions
+            q_segments = ctx.segments
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
 
@@ -126,7 +80,8 @@ class Attention(nn.Module):
                          name=name)
 
         std = cfg.initializer_range
-        q = proj(heads, ("embed", "heads", "kv"), "query", std)(x)
+        q = proj(heads, ("embed", "heads", "kv"), "query", std)(x)  # [b, t, heads, kv]
+        # k, v: [b, s, kv_heads, kv]
         k = proj(kv_heads, ("embed", "kv_heads", "kv"), "key", std)(kv_input)
         v = proj(kv_heads, ("embed", "kv_heads", "kv"), "value", std)(kv_input)
         q = constrain(q, ("batch", "length", "heads", "kv"))
@@ -145,26 +100,18 @@ class Attention(nn.Module):
             k, v, mask, bias = self._prepend_prefix(k, v, mask, bias)
 
         scale = head_dim ** -0.5 if cfg.scale_attention else 1.0
-        impl = resolve_impl(cfg)
-        if impl == "splash" and (self.decode or self.cross or prefix is not None):
-            if prefix is not None and cfg.attention_impl == "splash":
-                raise ConfigError("model.attention_impl=splash cannot run the prefix-LM mask "
-                                  "(a per-example bidirectional prefix): use auto or xla")
-            # KV-cache decoding steps, cross-attention (T5 only, bias elsewhere) and auto's
-            # prefix-LM calls run XLA's math.
-            impl = "xla"
-        probs_dropout = None
+        dropout = None
         if cfg.attention_dropout and not deterministic:
-            # Only XLA's math exposes the probabilities: the fused kernels cannot drop them.
             drop = nn.Dropout(cfg.attention_dropout, name="probs_dropout")
-            probs_dropout = lambda p: drop(p, deterministic=False)  # noqa: E731
-            impl = "xla"
-        elif impl == "xla" and cpu_kernels.use_custom(cfg.kernels):
-            impl = "cpu_custom_vjp"
-        if impl == "splash":
-            out = splash.attention(q, k, v, q_segments, q_segments, self.causal, scale)
-        else:
-            out = dot_product_attention(q, k, v, mask, bias, scale, impl, probs_dropout)
+            dropout = lambda p: drop(p, deterministic=False)  # noqa: E731
+        attend = ops.attention_op(cfg, decode=self.decode, cross=self.cross,
+                                  prefix_lm=prefix is not None, dropout=dropout is not None)
+        # `causal` lets a kernel skip hidden keys: a decoding step's cache mask and a
+        # prefix LM's bidirectional prefix are not the causal pattern.
+        causal = self.causal and not self.decode and prefix is None
+        segments = None if q_segments is None else (q_segments, q_segments)
+        out = attend(q, k, v, mask=mask, bias=bias, segments=segments, causal=causal,
+                     scale=scale, dropout=dropout)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return Dense((cfg.d_model,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.use_bias,
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels,

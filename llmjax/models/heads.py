@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
+from llmjax.models import ops
 from llmjax.models.layers import ACTIVATIONS, Dense, constrain, make_norm, param
 
 Array = jax.Array
@@ -44,11 +45,12 @@ class Heads(nn.Module):
         cfg = self.cfg
         dense = lambda n, axes, name, bias=True: Dense(  # noqa: E731
             (n,), axes, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            stddev=cfg.initializer_range, name=name)
+            stddev=cfg.initializer_range, kernels=cfg.kernels, name=name)
         out = {}
         if cfg.mlm_head:  # transform -> norm -> tied decoder + bias (BERT)
             h = dense(cfg.d_model, ("embed", "mlp"), "mlm_transform")(hidden)
-            h = ACTIVATIONS["gelu_exact"](h.astype(jnp.float32)).astype(h.dtype)
+            h = ops.kernels(cfg.kernels).activation(ACTIVATIONS["gelu_exact"], h, None,
+                                                    dtype=h.dtype)
             h = make_norm(cfg, "mlm_norm")(h)
             bias = param(self, "mlm_bias", nn.initializers.zeros, (cfg.vocab_size,), ("vocab",),
                          jnp.dtype(cfg.param_dtype))

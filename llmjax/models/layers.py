@@ -2,7 +2,8 @@
 
 Every parameter is created with logical axis names (`embed`, `heads`, `kv`,
 `mlp`, `vocab`, ...). How those map onto a device mesh lives only in
-llmjax/parallel.py.
+llmjax/parallel.py. The math runs in llmjax/models/ops/: a layer asks
+`ops.kernels(model.kernels)` for its op and knows nothing of backends.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
-from llmjax.models import cpu_kernels
+from llmjax.models import ops
+from llmjax.models.ops.reference import ACTIVATIONS
 
 Array = jax.Array
 
@@ -53,7 +55,7 @@ class Dense(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     stddev: float = 0.02
-    kernels: str = "xla"  # model.kernels: auto | xla | cpu_custom_vjp (cpu_kernels.py)
+    kernels: str = "xla"  # model.kernels: auto | xla | cpu_custom_vjp (models/ops/)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -61,24 +63,12 @@ class Dense(nn.Module):
         out_shape = tuple(self.out_shape)
         kernel = param(self, "kernel", normal_init(self.stddev), in_shape + out_shape,
                        self.kernel_axes, dtype_of(self.param_dtype))
-        dtype = dtype_of(self.dtype)
-        if cpu_kernels.use_custom(self.kernels):
-            if not self.use_bias:
-                return cpu_kernels.dense(x, kernel, self.in_dims, dtype)
-            y = cpu_kernels.dense_f32(x, kernel, self.in_dims, dtype)
-        else:
-            letters = "abcdefghijklmnopqrstuvwxyz"
-            batch = letters[: x.ndim - self.in_dims]
-            contract = letters[x.ndim - self.in_dims: x.ndim]
-            out = letters[x.ndim: x.ndim + len(out_shape)].upper()
-            y = jnp.einsum(f"{batch}{contract},{contract}{out}->{batch}{out}",
-                           x.astype(dtype), kernel.astype(dtype),
-                           preferred_element_type=jnp.float32)
+        bias = None
         if self.use_bias:
             bias = param(self, "bias", nn.initializers.zeros, out_shape,
                          self.kernel_axes[self.in_dims:], dtype_of(self.param_dtype))
-            y = y + bias.astype(jnp.float32)
-        return y.astype(dtype)
+        return ops.kernels(self.kernels).dense(x, kernel, bias, in_dims=self.in_dims,
+                                               dtype=dtype_of(self.dtype))
 
 
 class Norm(nn.Module):
@@ -94,26 +84,14 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
-        if cpu_kernels.use_custom(self.kernels):
-            scale = param(self, "scale", nn.initializers.ones, (features,), ("norm",),
-                          dtype_of(self.param_dtype))
-            bias = None
-            if self.kind == "layernorm" and self.use_bias:
-                bias = param(self, "bias", nn.initializers.zeros, (features,), ("norm",),
-                             dtype_of(self.param_dtype))
-            return cpu_kernels.norm(x, scale, bias, self.kind, self.eps, dtype_of(self.dtype))
-        x32 = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         scale = param(self, "scale", nn.initializers.ones, (features,), ("norm",),
                       dtype_of(self.param_dtype))
-        y = y * scale.astype(jnp.float32)
+        bias = None
         if self.kind == "layernorm" and self.use_bias:
             bias = param(self, "bias", nn.initializers.zeros, (features,), ("norm",),
                          dtype_of(self.param_dtype))
-            y = y + bias.astype(jnp.float32)
-        return y.astype(dtype_of(self.dtype))
+        return ops.kernels(self.kernels).norm(x, scale, bias, kind=self.kind, eps=self.eps,
+                                              dtype=dtype_of(self.dtype))
 
 
 def make_norm(cfg: ModelConfig, name: str) -> Norm:
@@ -145,19 +123,7 @@ class Embed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """Logits x E^T in fp32 (the tied LM head)."""
-        dtype = dtype_of(self.dtype)
-        if cpu_kernels.use_custom(self.kernels):
-            return cpu_kernels.attend(x, self.embedding, dtype)
-        return jnp.einsum("...d,vd->...v", x.astype(dtype), self.embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)
-
-
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
+        return ops.kernels(self.kernels).attend(x, self.embedding, dtype=dtype_of(self.dtype))
 
 
 class Mlp(nn.Module):
@@ -177,11 +143,7 @@ class Mlp(nn.Module):
             b = dense((cfg.d_ff,), ("embed", "mlp"), "wi_1")(x)
         else:
             a, b = dense((cfg.d_ff,), ("embed", "mlp"), "wi")(x), None
-        if cpu_kernels.use_custom(cfg.kernels):
-            h = cpu_kernels.activation(act, a, b, dtype_of(cfg.dtype))
-        else:
-            h = act(a.astype(jnp.float32))
-            h = (h if b is None else h * b.astype(jnp.float32)).astype(dtype_of(cfg.dtype))
+        h = ops.kernels(cfg.kernels).activation(act, a, b, dtype=dtype_of(cfg.dtype))
         h = constrain(h, ("batch", "length", "mlp"))
         if cfg.family == "t5":  # T5's DenseReluDense drops out between wi and wo; BERT, GPT-2, LLaMA do not
             h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
@@ -199,10 +161,11 @@ class Adapter(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         h = Dense((self.dim,), ("embed", "adapter"), use_bias=True, dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, stddev=1e-3, name="down")(x)
-        h = jax.nn.gelu(h.astype(jnp.float32)).astype(x.dtype)
+                  param_dtype=cfg.param_dtype, stddev=1e-3, kernels=cfg.kernels,
+                  name="down")(x)
+        h = ops.kernels(cfg.kernels).activation(ACTIVATIONS["gelu"], h, None, dtype=x.dtype)
         up = Dense((x.shape[-1],), ("adapter", "embed"), use_bias=True, dtype=cfg.dtype,
-                   param_dtype=cfg.param_dtype, stddev=0.0, name="up")(h)
+                   param_dtype=cfg.param_dtype, stddev=0.0, kernels=cfg.kernels, name="up")(h)
         return x + up
 
 

@@ -7,7 +7,7 @@ untied head, encoder, decoder or encoder-decoder.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
 from llmjax.models.attention import Attention, make_mask
+from llmjax.models.context import Context
 from llmjax.models.heads import Heads
 from llmjax.models.layers import (Adapter, Dense, Embed, Mlp, RelativeBias, constrain, dtype_of,
                                   make_norm, normal_init)
@@ -28,19 +29,6 @@ REMAT_POLICIES = {
 }
 
 
-class Context(NamedTuple):
-    """What every layer of a stack sees besides the residual stream (broadcast by scan)."""
-
-    mask: Optional[Array]  # [b, 1, t, s] self-attention mask
-    bias: Optional[Array]  # [b, heads, t, s] relative position bias (T5)
-    positions: Array  # [b, t]
-    segments: Array  # [b, t]
-    encoded: Optional[Array] = None  # encoder output, for cross-attention
-    cross_mask: Optional[Array] = None  # [b, 1, t, s_enc]
-    encoded_positions: Optional[Array] = None
-    prefix: Optional[Array] = None  # [b, t] prefix-LM bidirectional prefix (already in mask)
-
-
 class Block(nn.Module):
     """One layer: attention (+ cross-attention) and MLP with residuals."""
 
@@ -51,38 +39,36 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, ctx: Context, deterministic: bool = True):
+        """x [b, t, d] -> (x [b, t, d], None) (the (carry, output) pair nn.scan expects)."""
         cfg = self.cfg
         drop = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=deterministic)  # noqa: E731
         adapt = lambda h, name: Adapter(cfg.adapter_dim, cfg, name=name)(h) if cfg.adapter_dim else h  # noqa: E731,E501
 
         def self_attention(h):
             h = Attention(cfg, decode=self.decode, causal=self.causal, name="attention")(
-                h, h, ctx.mask, ctx.bias, ctx.positions, ctx.positions, ctx.segments, ctx.prefix,
-                deterministic)
+                h, ctx, deterministic)
             return adapt(h, "attention_adapter")
+
+        def cross_attention(h):
+            return Attention(cfg, cross=True, name="cross_attention")(h, ctx, deterministic)
 
         def mlp(h):
             return adapt(Mlp(cfg, name="mlp")(h, deterministic), "mlp_adapter")
 
-        if cfg.parallel_block:
+        def residual(x, sublayer, norm):
+            """x + sublayer(norm(x)) (pre-norm), or norm(x + sublayer(x)) (post-norm, BERT)."""
+            if cfg.norm_position == "pre":
+                return x + drop(sublayer(make_norm(cfg, norm)(x)))
+            return make_norm(cfg, norm)(x + drop(sublayer(x)))
+
+        if cfg.parallel_block:  # attention and MLP read the same normed input (PaLM)
             h = make_norm(cfg, "attention_norm")(x)
             x = x + drop(self_attention(h)) + drop(mlp(h))
-        elif cfg.norm_position == "pre":
-            x = x + drop(self_attention(make_norm(cfg, "attention_norm")(x)))
+        else:
+            x = residual(x, self_attention, "attention_norm")
             if self.cross:
-                h = make_norm(cfg, "cross_attention_norm")(x)
-                x = x + drop(Attention(cfg, cross=True, name="cross_attention")(
-                    h, ctx.encoded, ctx.cross_mask, None, ctx.positions, ctx.encoded_positions,
-                    deterministic=deterministic))
-            x = x + drop(mlp(make_norm(cfg, "mlp_norm")(x)))
-        else:  # post-norm (BERT)
-            x = make_norm(cfg, "attention_norm")(x + drop(self_attention(x)))
-            if self.cross:
-                x = make_norm(cfg, "cross_attention_norm")(x + drop(Attention(
-                    cfg, cross=True, name="cross_attention")(
-                        x, ctx.encoded, ctx.cross_mask, None, ctx.positions,
-                        ctx.encoded_positions, deterministic=deterministic)))
-            x = make_norm(cfg, "mlp_norm")(x + drop(mlp(x)))
+                x = residual(x, cross_attention, "cross_attention_norm")
+            x = residual(x, mlp, "mlp_norm")
         x = constrain(x, ("batch", "length", "embed"))
         return x, None
 
@@ -98,6 +84,7 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, ctx: Context, deterministic: bool = True) -> Array:
+        """x [b, t, d] -> [b, t, d]; every layer sees the same `ctx`."""
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
@@ -139,7 +126,7 @@ class Embedder(nn.Module):
             self.norm = make_norm(cfg, "norm")
 
     def __call__(self, tokens: Array, positions: Array, token_types: Optional[Array]) -> Array:
-        x = self.token(tokens)
+        x = self.token(tokens)  # [b, t, d]
         if self.cfg.position == "learned":
             x = x + self.position(positions)
         if self.cfg.num_token_types:
@@ -219,64 +206,46 @@ class Transformer(nn.Module):
                 raise ValueError("an encoder-decoder model needs decoder_tokens")
             return self.decode_step(decoder_tokens, encoded, enc_segments, enc_positions,
                                     decoder_segment_ids, decoder_positions, deterministic, logits)
-        segments, positions = self._defaults(tokens, segment_ids, positions)
-        x = self.embed(tokens, positions, token_types)
-        x, segments, positions, prefix_mask = self._prepend_prompt(x, segments, positions,
-                                                                   prefix_mask)
-        x = self.dropout(x, deterministic=deterministic)
-        x = constrain(x, ("batch", "length", "embed"))
         causal = cfg.architecture == "decoder"
-        mask = None if self.decode else make_mask(segments, segments, causal, prefix_mask,
-                                                  visible=cfg.prompt_tokens)
-        bias = None
-        if cfg.position == "relative":
-            bias = self.relative_bias(positions, positions)
+        x, segments, positions, prefix_mask = self._inputs(
+            tokens, segment_ids, positions, token_types, prefix_mask, deterministic)
+        bias = self.relative_bias if cfg.position == "relative" else None
+        ctx = self._context(segments, positions, causal, bias, prefix_mask, cfg.prompt_tokens)
         stack = self.decoder if causal else self.encoder
-        hidden = stack(x, Context(mask, bias, positions, segments, prefix=prefix_mask),
-                       deterministic)
+        hidden = stack(x, ctx, deterministic)  # [b, prompt + t, d]
         if cfg.prompt_tokens:
-            hidden = hidden[:, cfg.prompt_tokens:]
+            hidden = hidden[:, cfg.prompt_tokens:]  # [b, t, d]
             segments = segments[:, cfg.prompt_tokens:]
         out = {"hidden": hidden}
         if causal and logits:
-            out["logits"] = self.lm_logits(hidden)
+            out["logits"] = self.lm_logits(hidden)  # [b, t, vocab]
         out.update(self.heads(hidden, segments, self.embed, deterministic, pool_index))
         return out
 
     def encode(self, tokens: Array, segment_ids: Optional[Array] = None,
                positions: Optional[Array] = None, deterministic: bool = True):
-        """Encoder half of an encoder-decoder: (hidden, segments, positions)."""
-        cfg = self.cfg
-        segments, positions = self._defaults(tokens, segment_ids, positions)
-        x = self.embed(tokens, positions, None)
-        x, segments, positions, _ = self._prepend_prompt(x, segments, positions, None)
-        x = self.dropout(x, deterministic=deterministic)
-        mask = make_mask(segments, segments, causal=False, visible=cfg.prompt_tokens)
-        bias = self.encoder_bias(positions, positions)
-        hidden = self.encoder(x, Context(mask, bias, positions, segments), deterministic)
-        return hidden, segments, positions
+        """Encoder half of an encoder-decoder: (hidden [b, s, d], segments, positions)."""
+        x, segments, positions, _ = self._inputs(tokens, segment_ids, positions, None, None,
+                                                 deterministic)
+        ctx = self._context(segments, positions, False, self.encoder_bias,
+                            visible=self.cfg.prompt_tokens)
+        return self.encoder(x, ctx, deterministic), segments, positions
 
     def decode_step(self, decoder_tokens: Array, encoded: Array, encoder_segments: Array,
                     encoder_positions: Array, decoder_segment_ids: Optional[Array] = None,
                     decoder_positions: Optional[Array] = None,
                     deterministic: bool = True, logits: bool = True) -> dict[str, Array]:
         """Decoder half of an encoder-decoder: logits over the target vocabulary."""
-        cfg = self.cfg
-        segments, positions = self._defaults(decoder_tokens, decoder_segment_ids,
-                                             decoder_positions)
-        x = self.embed(decoder_tokens, positions, None)
-        x = self.dropout(x, deterministic=deterministic)
-        if self.decode:
-            mask = None
-            bias = self.decoder_bias(positions, jnp.broadcast_to(
-                jnp.arange(cfg.max_len)[None], (positions.shape[0], cfg.max_len)))
-        else:
-            mask = make_mask(segments, segments, causal=True)
-            bias = self.decoder_bias(positions, positions)
+        x, segments, positions, _ = self._inputs(decoder_tokens, decoder_segment_ids,
+                                                 decoder_positions, None, None, deterministic,
+                                                 prompt=False)
+        ctx = self._context(segments, positions, True, self.decoder_bias)
         # Decoder tokens of packed document k attend to encoder tokens of document k.
-        cross_mask = make_mask(segments, encoder_segments, causal=False, visible=cfg.prompt_tokens)
-        hidden = self.decoder(x, Context(mask, bias, positions, segments, encoded, cross_mask,
-                                         encoder_positions), deterministic)
+        cross_mask = make_mask(segments, encoder_segments, causal=False,
+                               visible=self.cfg.prompt_tokens)  # [b, 1, t, s]
+        ctx = ctx.replace(encoded=encoded, cross_mask=cross_mask,
+                          encoded_positions=encoder_positions)
+        hidden = self.decoder(x, ctx, deterministic)  # [b, t, d]
         return {"hidden": hidden, **({"logits": self.lm_logits(hidden)} if logits else {})}
 
     def lm_logits(self, hidden: Array) -> Array:
@@ -289,12 +258,45 @@ class Transformer(nn.Module):
             logits = logits * self.cfg.logits_scale
         return constrain(logits, ("batch", "length", "vocab"))
 
-    def _defaults(self, tokens, segment_ids, positions):
+    def _inputs(self, tokens, segment_ids, positions, token_types, prefix_mask,
+                deterministic, prompt=True):
+        """The one input path of every stack: default segments and positions, token
+        (+ position, + token type) embeddings, the soft prompt (encoder-decoders put it before
+        the encoder only: `prompt=False` for the decoder), dropout.
+        Returns (x [b, t', d], segments [b, t'], positions [b, t'], prefix_mask), with t' the
+        length after the prompt."""
         segments = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
-        segments = segments.astype(jnp.int32)
+        segments = segments.astype(jnp.int32)  # [b, t]
         if positions is None:
             positions = default_positions(segments)
-        return segments, positions.astype(jnp.int32)
+        positions = positions.astype(jnp.int32)  # [b, t]
+        x = self.embed(tokens, positions, token_types)  # [b, t, d]
+        if prompt:
+            x, segments, positions, prefix_mask = self._prepend_prompt(x, segments, positions,
+                                                                       prefix_mask)
+        x = self.dropout(x, deterministic=deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+        return x, segments, positions, prefix_mask
+
+    def _context(self, segments, positions, causal, relative_bias=None, prefix_mask=None,
+                 visible=0):
+        """The self-attention Context of a stack: its mask (None while decoding with a KV
+        cache, which masks by the cached segments; the first `visible` keys, a soft prompt,
+        are seen by every token) and relative bias."""
+        cfg = self.cfg
+        decoding = self.decode and causal  # only decoder stacks hold a KV cache
+        mask = None
+        if not decoding:
+            mask = make_mask(segments, segments, causal, prefix_mask, visible)  # [b, 1, t, t]
+        bias = None
+        if relative_bias is not None:
+            keys = positions
+            if decoding:  # against every cache slot: 0 .. max_len - 1
+                keys = jnp.broadcast_to(jnp.arange(cfg.max_len)[None],
+                                        (positions.shape[0], cfg.max_len))
+            bias = relative_bias(positions, keys)  # [b, heads, t, s]
+        return Context(positions=positions, segments=segments, mask=mask, bias=bias,
+                       prefix=prefix_mask)
 
     def _prepend_prompt(self, x, segments, positions, prefix_mask):
         """Soft prompt: virtual tokens (segment -1) every real token may attend to."""

@@ -1,8 +1,8 @@
-"""Backend-specific kernels behind `model.kernels` (auto | xla | cpu_custom_vjp).
+"""The CPU custom-VJP ops (`model.kernels: cpu_custom_vjp`, `auto` on the CPU backend).
 
-The model's default math (layers.py, attention.py) is plain jnp/einsum and lets
-XLA differentiate and fuse it; that is what TPU and GPU want. On XLA:CPU the
-automatic backward loses a lot of time (see benchmarks/NOTES.md):
+The reference math (reference.py) is plain jnp/einsum and lets XLA differentiate and fuse
+it; that is what TPU and GPU want. On XLA:CPU the automatic backward loses a lot of time
+(see benchmarks/NOTES.md):
 
 * XLA fuses elementwise backward ops (GELU', LayerNorm') with the transposed
   write that feeds the weight-gradient dot, which then runs at a small
@@ -13,15 +13,12 @@ automatic backward loses a lot of time (see benchmarks/NOTES.md):
 * it has no 16-bit float dynamic-update-slice, so each bf16 residual that the
   layer scan stacks is converted to f32 and back around every update.
 
-The functions here compute the same values with `jax.custom_vjp`: every dot
-is a (batched) row-major matmul whose transposed operand is materialised
-first (_t, _tn), residuals cross the scan bit-cast to uint16 (_stash), the
-MLP activation keeps only its inputs, and LayerNorm/attention backward use
-the closed-form formulas. tests/test_kernels.py checks outputs and gradients
-against the XLA path for every model family, in fp32 and bf16.
-
-`resolve(kernels)` maps "auto" to "cpu_custom_vjp" on the CPU backend and to
-"xla" everywhere else.
+The functions here compute the reference's values with `jax.custom_vjp`: every dot is a
+(batched) row-major matmul whose transposed operand is materialised first (_t, _tn),
+residuals cross the scan bit-cast to uint16 (_stash), the MLP activation keeps only its
+inputs, and the norm backward uses the closed-form formula. Attention is blockwise.py.
+They share reference.py's signatures; tests/test_kernels.py checks outputs and gradients
+against it for every model family, in fp32 and bf16.
 """
 from __future__ import annotations
 
@@ -31,21 +28,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from llmjax.models.ops import reference
+
 Array = jax.Array
-
-KERNELS = ("auto", "xla", "cpu_custom_vjp")
-NEG_INF = -1e30
-
-
-def resolve(kernels: str) -> str:
-    """'auto' -> the backend's default; other names are returned unchanged."""
-    if kernels == "auto":
-        return "cpu_custom_vjp" if jax.default_backend() == "cpu" else "xla"
-    return kernels
-
-
-def use_custom(kernels: str) -> bool:
-    return resolve(kernels) == "cpu_custom_vjp"
 
 
 def _physical(x: Array) -> Array:
@@ -137,14 +122,12 @@ def _dense2d_bwd(dtype, out_dtype, res, g):
 _dense2d.defvjp(_dense2d_fwd, _dense2d_bwd)
 
 
-def dense(x: Array, kernel: Array, in_dims: int, dtype) -> Array:
-    """Same value as einsum over the trailing in_dims of x (f32 accumulation), in `dtype`."""
-    return _dense(x, kernel, in_dims, dtype, dtype)
-
-
-def dense_f32(x: Array, kernel: Array, in_dims: int, dtype) -> Array:
-    """dense() returning f32 (for logits and biases added before the cast)."""
-    return _dense(x, kernel, in_dims, dtype, jnp.float32)
+def dense(x: Array, kernel: Array, bias: Optional[Array], *, in_dims: int, dtype) -> Array:
+    """reference.dense: the bias is added in f32 to an f32 product, before the cast."""
+    if bias is None:
+        return _dense(x, kernel, in_dims, dtype, dtype)
+    y = _dense(x, kernel, in_dims, dtype, jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(dtype)
 
 
 def _dense(x, kernel, in_dims, dtype, out_dtype):
@@ -179,8 +162,8 @@ def _attend2d_bwd(dtype, res, g):
 _attend2d.defvjp(_attend2d_fwd, _attend2d_bwd)
 
 
-def attend(x: Array, table: Array, dtype) -> Array:
-    """x E^T in f32 (the tied LM head), table [vocab, d]."""
+def attend(x: Array, table: Array, *, dtype) -> Array:
+    """reference.attend: x E^T in f32 (the tied LM head), table [vocab, d]."""
     lead = x.shape[:-1]
     y = _attend2d(x.reshape(-1, x.shape[-1]), table, jnp.dtype(dtype))
     return y.reshape(lead + (table.shape[0],))
@@ -195,11 +178,7 @@ def _norm(x, scale, bias, kind, eps, out_dtype):
 
 
 def _norm_fwd(x, scale, bias, kind, eps, out_dtype):
-    x32 = x.astype(jnp.float32)
-    if kind == "layernorm":
-        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    xhat = x32 * rstd
+    xhat, rstd = reference.standardize(x.astype(jnp.float32), kind, eps)
     y = xhat * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
@@ -226,92 +205,10 @@ def _norm_bwd(kind, eps, out_dtype, res, g):
 _norm.defvjp(_norm_fwd, _norm_bwd)
 
 
-def norm(x: Array, scale: Array, bias: Optional[Array], kind: str, eps: float, dtype) -> Array:
-    """LayerNorm (kind='layernorm', bias optional) or RMSNorm (kind='rmsnorm')."""
+def norm(x: Array, scale: Array, bias: Optional[Array], *, kind: str, eps: float,
+         dtype) -> Array:
+    """reference.norm with the closed-form backward."""
     return _norm(x, scale, bias, kind, float(eps), jnp.dtype(dtype))
-
-
-# ----------------------------------------------------------------------------
-# Attention: softmax(q k^T * scale + bias, masked) v with an explicit backward.
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, mask, bias, scale, dtype):
-    return _attention_fwd(q, k, v, mask, bias, scale, dtype)[0]
-
-
-# The attention dots run on [b, kh, g*t, .] views of the [b, kh, g, t, .] tensors, so every
-# one of them is a batched [m, k] @ [k, n] dot (see _t).
-
-def _rows(x: Array) -> Array:
-    """[b, kh, g, t, n] -> [b, kh, g*t, n]."""
-    return x.reshape(x.shape[:2] + (-1, x.shape[-1]))
-
-
-def _scores(q, k, mask, bias, scale):
-    # q: [b, kh, g, t, d]; k: [b, kh, s, d] -> [b, kh, g, t, s] in f32.
-    scores = _mm(_rows(q), _t(k)).reshape(q.shape[:-1] + k.shape[-2:-1]) * scale
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask, scores, NEG_INF)
-    return scores
-
-
-def _attention_fwd(q, k, v, mask, bias, scale, dtype):
-    probs = jax.nn.softmax(_scores(q, k, mask, bias, scale), axis=-1)
-    pc = probs.astype(dtype)
-    out = _mm(_rows(pc), v).reshape(q.shape[:-1] + v.shape[-1:]).astype(dtype)
-    return out, (_stash(q), _stash(k), _stash(v), _stash(pc), _stash(out), mask, bias)
-
-
-def _attention_bwd(scale, dtype, res, g):
-    q, k, v, pc, out, mask, bias = res
-    q, k, v, pc, out = (_unstash(x, dtype) for x in (q, k, v, pc, out))
-    g = g.astype(dtype)
-    # Softmax backward: ds = p * (dp - rowsum(dp * p)), and rowsum(dp * p) = rowsum(g * out)
-    # (FlashAttention's D): a [.., t, d] product instead of a [.., t, s] one, which XLA:CPU
-    # fused into the dp dot and ran slowly (attention fwd + bwd -19% in bf16, -10% in f32).
-    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    g = _rows(g)  # [b, kh, g*t, d]
-    dv = _tn(_rows(pc), g)
-    dp = _mm(g, _t(v)).reshape(pc.shape)
-    ds = pc.astype(jnp.float32) * (dp - row)
-    if mask is not None:  # fully masked (padding) rows: uniform probs, but no gradient
-        ds = jnp.where(mask, ds, 0.0)
-    dbias = None if bias is None else _sum_to(ds, bias.shape).astype(bias.dtype)
-    dsc = (ds * scale).astype(dtype)
-    dq = _mm(_rows(dsc), k).reshape(q.shape)
-    dk = _tn(_rows(dsc), _rows(q))
-    return (dq.astype(dtype), dk.astype(dtype), dv.astype(dtype), None, dbias)
-
-
-def _sum_to(x: Array, shape) -> Array:
-    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
-    return jnp.sum(x, axis=axes, keepdims=True)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def attention(q: Array, k: Array, v: Array, mask: Optional[Array], bias: Optional[Array],
-              scale: float) -> Array:
-    """Same contract as attention.dot_product_attention (q [b,t,h,d], k/v [b,s,kh,d],
-    mask [b,1,t,s] bool, bias [b,h,t,s]); heads are moved ahead of time so every
-    batched matmul has its batch dimensions leading."""
-    b, t, heads, d = q.shape
-    kv_heads = k.shape[2]
-    group = heads // kv_heads
-    qh = _physical(jnp.transpose(q.reshape(b, t, kv_heads, group, d), (0, 2, 3, 1, 4)))
-    kh = _physical(jnp.transpose(k, (0, 2, 1, 3)))
-    vh = _physical(jnp.transpose(v, (0, 2, 1, 3)))
-    m = None if mask is None else mask[:, :, None]  # [b, 1, 1, t, s]
-    bh = None
-    if bias is not None:
-        bh = bias.reshape((bias.shape[0], kv_heads, group) + bias.shape[2:]) \
-            if bias.shape[1] == heads else bias[:, :, None]
-    # q, k and v share the compute dtype (the model casts all three).
-    out = _attention(qh, kh, vh, m, bh, float(scale), jnp.dtype(q.dtype))  # [b, kh, g, t, d]
-    return _physical(jnp.transpose(out, (0, 3, 1, 2, 4))).reshape(b, t, heads, d)
 
 
 # ----------------------------------------------------------------------------
@@ -323,8 +220,7 @@ def _activation(fn, dtype, a, b):
 
 
 def _activation_value(fn, dtype, a, b):
-    h = fn(a.astype(jnp.float32))
-    return (h if b is None else h * b.astype(jnp.float32)).astype(dtype)
+    return reference.activation(fn, a, b, dtype=dtype)
 
 
 def _activation_fwd(fn, dtype, a, b):
@@ -348,6 +244,6 @@ def _activation_bwd(fn, dtype, res, g):
 _activation.defvjp(_activation_fwd, _activation_bwd)
 
 
-def activation(fn, a: Array, b: Optional[Array], dtype) -> Array:
-    """fn(a) (* b when gated) in f32, cast to `dtype`; a and b share one dtype."""
+def activation(fn, a: Array, b: Optional[Array], *, dtype) -> Array:
+    """reference.activation (a and b share one dtype), keeping only its inputs."""
     return _activation(fn, jnp.dtype(dtype), a, b)

@@ -1,4 +1,4 @@
-"""Pallas splash attention (TPU flash attention with block-sparse masks) for the model.
+"""Pallas splash attention (TPU flash attention with block-sparse masks): the attention op.
 
 The kernel (jax.experimental.pallas.ops.tpu.splash_attention) works on one example:
 q [heads, t, d], k/v [kv_heads or 1, s, d], a static mask (causal or full) and
@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-from llmjax.config import ConfigError, ModelConfig, splash_unsupported
+from llmjax.config import ModelConfig, splash_unsupported
+from llmjax.errors import ConfigError
+from llmjax.models.ops import platform
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -119,16 +121,22 @@ def _mesh_axes(name: str, size: int, mesh) -> Optional[tuple[str, ...]]:
     return axes if axes and size % n == 0 else None
 
 
-def attention(q: Array, k: Array, v: Array, q_segments: Array, k_segments: Array,
-              causal: bool, scale: float) -> Array:
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              bias: Optional[Array] = None, segments=None, causal: bool = False,
+              scale: float, dropout=None) -> Array:
     """softmax(q k^T * scale, segment (+ causal) mask) v on the splash kernel.
 
-    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; segments: [b, t] / [b, s]
-    (0 = padding, which only padding sees). Returns [b, t, heads, d].
+    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; segments (q_segments [b, t], k_segments
+    [b, s]), 0 = padding, which only padding sees; they and `causal` restate `mask`, which
+    the kernel does not read. Returns [b, t, heads, d].
     """
-    interpret = jax.default_backend() != "tpu"
+    del mask
+    if bias is not None or dropout is not None or segments is None:
+        raise ValueError("splash attention takes segment ids, no bias and no dropout")
+    q_segments, k_segments = segments
+    interpret = platform.platform() != "tpu"  # compiled for a TPU mesh even from a CPU host
     if interpret:
-        _warn_interpreted(jax.default_backend())
+        _warn_interpreted(platform.platform())
     q = (q * scale).astype(q.dtype)  # the kernel has no scale argument
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     q_segments, k_segments = q_segments.astype(jnp.int32), k_segments.astype(jnp.int32)

@@ -1,0 +1,225 @@
+"""`llmjax plan --target`: llmjax's train step compiled for Cloud TPU topologies by the real
+TPU compiler (libtpu, no TPU), its memory per chip, roofline and collectives.
+
+Tests that compile need libtpu (the `tpu` extra, installed in CI) and skip without it;
+compiled plans are shared through module fixtures (each compile costs seconds)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+
+from llmjax import cli, config
+from llmjax.plan import aot, hlo, topology
+from llmjax.plan.topology import parse
+
+needs_libtpu = pytest.mark.skipif(
+    not aot.libtpu_available(),
+    reason="libtpu is not installed (pip install 'llmjax[tpu]'); CI installs it")
+
+# Tile-aligned llama: every array's two minor dims fill (8, 128) tiles, so the compiler's
+# argument bytes carry no layout padding and can be checked exactly.
+ALIGNED_LLAMA = ["model.d_model=256", "model.num_heads=2", "model.num_kv_heads=1",
+                 "model.d_ff=512", "model.vocab_size=1024", "mesh.data=1", "mesh.fsdp=4",
+                 "mesh.tensor=1", "train.batch_size=32"]
+
+
+def _plan(path, overrides, target="v5e:2x2", slices=1, steps=("train",), save_hlo=None):
+    return aot.plan(config.load(path, overrides), parse(target, slices), steps=steps,
+                    save_hlo=save_hlo)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The plans several tests read, compiled once."""
+    if not aot.libtpu_available():
+        pytest.skip("libtpu is not installed (pip install 'llmjax[tpu]'); CI installs it")
+    return {
+        "gpt-v5e": _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=1", "mesh.fsdp=2",
+                                                              "mesh.tensor=2"]),
+        "gpt-v4": _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=2", "mesh.fsdp=2"],
+                        "v4:2x2x1"),
+        "llama-v4": _plan("configs/experiments/llama-tiny.yaml",
+                          ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"], "v4:2x2x1"),
+        "llama-aligned-v5e": _plan("configs/experiments/llama-tiny.yaml", ALIGNED_LLAMA),
+    }
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["gpt-v5e", "gpt-v4", "llama-v4", "llama-aligned-v5e"])
+def test_train_steps_compile_for_tpu(compiled, name):
+    p = compiled[name]
+    assert p.fits and p.train is not None
+    assert p.target.chip.generation == name.split("-")[-1]
+    m = p.train.memory
+    assert m.arguments >= m.arithmetic and m.total > m.arguments
+    r = p.train.roofline
+    assert r.flops > 0 and r.hbm_bytes > 0 and p.step_seconds > 0 and 0 < p.mfu < 1
+    # The layer scan runs num_layers times: counted, unlike cost_analysis's body-once flops.
+    assert r.flops > 0.5 * p.model_flops
+
+
+@needs_libtpu
+def test_argument_bytes_equal_hand_computation(compiled):
+    """fsdp 4 on a v5e 2x2: each weight matrix (all have a d_model axis) is split 4 ways,
+    norm scales are replicated; fp32 params + Adam mu + nu; scalars (step, Adam count,
+    schedule count, RNG key) take one 128-lane tile (512 bytes) each on TPU."""
+    p = compiled["llama-aligned-v5e"]
+    d, h, kv, dh, f, v, layers = 256, 2, 1, 128, 512, 1024, 2
+    matrices = 2 * v * d + layers * (2 * d * h * dh + 2 * d * kv * dh + 3 * d * f)
+    norms = layers * 2 * d + d
+    params = (matrices // 4 + norms) * 4
+    scalars = 4 * 512
+    batch = 3 * (32 // 4) * 128 * 4  # tokens, segment_ids, positions: int32 [32, 128] / 4
+    assert p.memory.params == params
+    assert p.memory.optimizer == 2 * params + 4 + 4  # mu, nu and two int32 counts
+    assert p.train.memory.arguments == 3 * params + scalars + batch
+
+
+@needs_libtpu
+def test_splash_compiles_for_tpu_inside_the_train_step(tmp_path):
+    """attention_impl=auto on a TPU target is the Mosaic splash kernel (packed segments +
+    causal), compiled for the chip, not interpreted; --save-hlo writes the optimized HLO."""
+    p = _plan("configs/experiments/llama-tiny.yaml",
+              ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "model.attention_impl=auto",
+               "train.seq_len=256", "model.max_len=256"], save_hlo=tmp_path / "hlo")
+    assert p.attention_impl == "splash"
+    text = p.train.hlo_text
+    assert "tpu_custom_call" in p.train.roofline.custom_calls
+    assert "splash_mqa_fwd_segmented" in text and "splash_mqa_dkv_segmented" in text
+    assert p.train.attention_flops > 0
+    assert (tmp_path / "hlo" / "train_step.v5e_2x2.hlo.txt").read_text() == text
+
+
+@needs_libtpu
+def test_llama2_70b_adam_on_v5e_8_does_not_fit():
+    p = _plan("configs/experiments/llama-tiny.yaml",
+              ["model=llama2-70b", "mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1",
+               "train.seq_len=2048", "train.batch_size=8"], "v5e-8")
+    assert not p.fits and p.train is None
+    # fp32 params + Adam: 12 bytes per parameter over 8 chips, against 16 GiB.
+    assert p.memory.arithmetic > 12 * 68e9 / 8
+    assert p.shortfall == p.memory.arithmetic - 16 * 2 ** 30 > 80 * 2 ** 30
+
+
+@needs_libtpu
+def test_two_slices_put_the_data_axis_over_dcn():
+    p = _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=1", "mesh.fsdp=4",
+                                                   "mesh.tensor=1"], "v5e:2x2", slices=2)
+    assert p.target.num_chips == 8 and p.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    dcn = [c for c in p.train.roofline.collectives if c.cross_slice]
+    assert dcn and all(c.kind in ("all-reduce", "reduce-scatter", "all-gather") for c in dcn)
+    assert p.times()["dcn"] > 0
+
+
+@needs_libtpu
+def test_same_config_and_target_give_the_same_figures(compiled):
+    again = _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=1", "mesh.fsdp=2",
+                                                       "mesh.tensor=2"])
+    first = compiled["gpt-v5e"]
+    assert again.train.memory == first.train.memory
+    assert again.times() == first.times()
+    assert again.train.roofline.collectives == first.train.roofline.collectives
+
+
+@needs_libtpu
+def test_sweep_ranks_what_fits_and_writes_a_loadable_config(tmp_path, capsys):
+    out = tmp_path / "best.yaml"
+    code = cli.main(["plan", "configs/experiments/gpt-tiny.yaml", "train.seq_len=64", "--target",
+                     "v5e:2x2",
+                     "--sweep", "--max-configs", "2", "--best-out", str(out)])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert "rank" in text.out and "[2/2]" in text.err
+    cfg = config.load(out)
+    assert cfg.train.batch_size % 4 == 0 and cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor == 4
+
+
+def test_target_names():
+    assert parse("v5e-256").shape == (16, 16) and parse("v5litepod-16").num_chips == 16
+    assert parse("v4-32").num_chips == 16 and parse("v5p-128").shape == (4, 4, 4)
+    assert parse("v6e-256").chip.peak_flops == 918e12
+    assert parse("v5e:4x4", 2).num_chips == 32 and parse("v4:2x2x1").topology_name == "v4:2x2x1"
+
+
+def _error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmjax: error: ") and "\n" not in err
+    return err
+
+
+def test_unknown_topology_lists_the_known_ones(capsys):
+    err = _error(capsys, ["plan", "configs/experiments/gpt-tiny.yaml", "--target", "v9x-64"])
+    assert "v9x-64" in err and "v5e-" in err and "v5p-" in err and "v6e-" in err
+
+
+def test_without_libtpu_names_the_extra(capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real(name, *a))
+    err = _error(capsys, ["plan", "configs/experiments/gpt-tiny.yaml", "--target", "v5e-4"])
+    assert "pip install 'llmjax[tpu]'" in err
+
+
+@needs_libtpu
+def test_mesh_that_does_not_match_the_chips_names_both_numbers(capsys):
+    err = _error(capsys, ["plan", "configs/experiments/gpt-tiny.yaml", "mesh.data=2",
+                          "mesh.fsdp=4", "--target", "v5e-4"])
+    assert "4 chips" in err and "= 8" in err
+
+
+HLO = """\
+%cond (p: (s32[], f32[8,128])) -> pred[] {
+  %p = (s32[], f32[8,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%fused (a: f32[8,128], b: f32[128,256]) -> f32[8,256] {
+  %a = f32[8,128]{1,0} parameter(0)
+  %b = f32[128,256]{1,0} parameter(1)
+  ROOT %c = f32[8,256]{1,0} convolution(%a, %b), window={size=1}, dim_labels=bf_io->bf
+}
+
+%body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %p = (s32[], f32[8,128]{1,0}) parameter(0)
+  %w = f32[128,256]{1,0} constant({...})
+  %x = f32[8,128]{1,0} get-tuple-element(%p), index=1
+  %y = f32[8,256]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused
+  %g = f32[16,256]{1,0} all-gather(%y), replica_groups=[2,2]<=[4], dimensions={0}
+  ROOT %t = (s32[], f32[8,128]{1,0}) tuple(%i, %x)
+}
+
+ENTRY %main (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[8,128]{1,0}) tuple(%z, %x)
+  ROOT %loop = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_roofline_counts_loop_trips_matmul_flops_and_collectives():
+    r = hlo.analyze(HLO, peak_flops=1e12, hbm_bandwidth=1e9, slice_of=[0, 0, 1, 1])
+    assert r.flops == 6 * 2 * 8 * 256 * 128  # the fusion's matmul, six trips
+    per_trip = (8 * 128 + 128 * 256 + 8 * 256) * 4  # operands + output, f32
+    assert r.hbm_bytes == 6 * per_trip
+    assert math.isclose(r.compute_seconds, 6 * max(2 * 8 * 256 * 128 / 1e12, per_trip / 1e9))
+    (gather,) = r.collectives
+    assert (gather.kind, gather.group, gather.count, gather.bytes) == ("all-gather", 2, 6,
+                                                                       16 * 256 * 4)
+    assert not gather.cross_slice  # groups {0,1} and {2,3} each stay in one slice
+
+
+def test_compiler_out_of_memory_verdicts_are_read():
+    """The TPU compiler refuses a program that does not fit; plan() reports its figures
+    (a real one: gpt2-small, 16 x 1024 tokens per chip, no remat, on v5e-256)."""
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+               "HLO temporaries (22.12G) exceeds available HBM (15.75G).")
+    assert aot._oom_bytes(message) == (int(22.12 * 2 ** 30), int(15.75 * 2 ** 30))
+    assert aot._oom_bytes("Used 20.5G of 15.75G hbm") == (int(20.5 * 2 ** 30),
+                                                          int(15.75 * 2 ** 30))
+    assert aot._oom_bytes("INTERNAL: something else") is None
