@@ -48,7 +48,7 @@ def summary(trainable: Any, frozen: Any, opt_state: Optional[Any] = None,
         g = group_of(path)
         groups[g] = groups.get(g, 0) + math.prod(leaf.shape)
         examples.setdefault(g, path_str(path))
-    n_train, n_frozen = count(trainable), _base_count(frozen)
+    n_train, n_frozen = count(trainable), base_count(frozen)
     total = max(n_train + n_frozen, 1)
     pct = lambda n: f"{100.0 * n / total:.3g}%"  # noqa: E731
     head = f"peft {method}: " if method else "peft: "
@@ -69,7 +69,7 @@ def summary(trainable: Any, frozen: Any, opt_state: Optional[Any] = None,
     return "\n".join(lines)
 
 
-def _base_count(frozen: Any) -> int:
+def base_count(frozen: Any) -> int:
     """Frozen parameters as the model sees them: a QLoRA-quantized leaf counts its weights
     (codes hold two nf4 weights per byte; scales are not parameters), a dpo reference copy
     (peft/reference.py) is not counted."""
