@@ -492,6 +492,11 @@ class DataConfig:
 
 def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
     """The record fields a batch kind reads, checked to be set; raises ConfigError naming the missing key."""
+    wants = {"chat": "sft", "preference": "preference"}.get(config.source)
+    if wants and kind != wants:
+        raise ConfigError(f"data.source={config.source!r} feeds objectives whose batch kind is {wants!r} "
+                          f"({'sft' if wants == 'sft' else 'dpo, orpo, simpo'}), not {kind!r}; change "
+                          "objective.name or data.source")
     if kind in ("lm", "nsp"):
         return {"text": config.text_field}
     if kind == "sft" and config.source == "chat":  # conversations (llmjax/data/chat.py)

@@ -340,3 +340,9 @@ def test_pairs_stay_together_in_micro_batches(lora_run):
             assert np.array_equal(micro["tokens"][i][:n], first["chosen"][pairs])
             assert np.array_equal(micro["tokens"][i][n:], first["rejected"][pairs])
             assert micro["pair_valid"][i].shape == (n,)
+
+
+def test_source_and_objective_must_agree(pairs_file):
+    cfg = config(pairs_file)
+    with pytest.raises(ConfigError, match="data.source='preference' feeds objectives"):
+        make_iterator(cfg.data, "lm", SEQ, 2, process_index=0, process_count=1)
