@@ -52,6 +52,10 @@ setup(
         # pods keep runs, data and exports in buckets.
         "tpu": ["jax[tpu]==0.10.2", *GCS],
         "gpu": ["jax[cuda12]", *GCS],
+        # lm-evaluation-harness backend (`llmjax eval-tasks`); pulls datasets, pandas, sklearn.
+        # Not in CI's install: its pytablewriter -> typepy[datetime] wants python-dateutil<3,
+        # the test extra's kubernetes>=37 wants >=3 (tests/test_eval_tasks.py skips without it).
+        "eval": ["lm_eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["llmjax=llmjax.cli:main"]},
 )

@@ -23,7 +23,7 @@ from llmjax.config import ConfigError
 
 # Subcommand groups owned by other packages: module with add_subcommands(subparsers).
 _GROUPS = ("llmjax.data.cli", "llmjax.convert.cli", "llmjax.peft.cli", "llmjax.generate_cli",
-           "llmjax.export_cli", "llmjax.launch.cli")
+           "llmjax.export_cli", "llmjax.launch.cli", "llmjax.evaluation.cli")
 
 
 def _overrides(values: Sequence[str]) -> list[str]:
@@ -242,6 +242,7 @@ EXAMPLES = {
     "export": "llmjax export runs/gpt-tiny-peft-lora exports/lora-merged",
     "peft summary": "llmjax peft summary configs/experiments/peft-lora.yaml peft.rank=4",
     "generate": "llmjax generate runs/own-text --prompt 'ROMEO.' --max-new-tokens 60",
+    "eval-tasks": "llmjax eval-tasks runs/own-text --tasks tiny_mc --limit 4",
     "launch tpu-vm": "llmjax launch tpu-vm configs/experiments/llama2-7b-c4.yaml --tpu v5p-128 "
                      "--zone us-east5-a --spot --bucket gs://b/runs/7b --dry-run",
     "launch gke": "llmjax launch gke configs/experiments/llama2-7b-c4.yaml --tpu v5p-128 "

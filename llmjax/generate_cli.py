@@ -14,6 +14,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--stream", action="store_true",
+                   help="print each token as it is sampled (reads every token back to the host)")
     p.set_defaults(handler=run)
 
 
@@ -28,8 +30,45 @@ def run(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer to encode the prompt (set "
                           f"data.tokenizer in the run's config, or use Python with token ids)")
+    if args.stream:
+        return _stream(model, args)
     text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, chat=args.chat)
     print(args.prompt + text)
+    return 0
+
+
+def _stream(model, args: argparse.Namespace) -> int:
+    """Print the prompt, then the continuation as it grows (decoded from all new ids so far,
+    so multi-token characters appear whole)."""
+    import sys
+
+    from llmjax.generate import generate
+
+    tok = model.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat \
+        else args.prompt
+    special = tok.special_ids
+    ends = [e for e in (special.get("eos"),
+                        tok.token_to_id("<|im_end|>") if hasattr(tok, "token_to_id") else None)
+            if e is not None]
+    new: list[int] = []
+    shown = ""
+    sys.stdout.write(args.prompt)
+
+    def show(ids):
+        nonlocal shown
+        if ids[0] is None:
+            return
+        new.append(ids[0])
+        text = tok.decode(new)
+        sys.stdout.write(text[len(shown):] if text.startswith(shown) else "")
+        sys.stdout.flush()
+        shown = text
+
+    generate(model.config, model.params, [tok.encode(text)], max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+             eos_id=ends or None, pad_id=special.get("pad", 0) or 0, on_token=show)
+    sys.stdout.write("\n")
     return 0

@@ -40,7 +40,8 @@ LAYERS = [
     ("top: conversion, pretrained, command lines", [
         "llmjax", "llmjax.convert", "llmjax.pretrained", "llmjax.cli", "llmjax.data.cli",
         "llmjax.peft.cli", "llmjax.generate_cli", "llmjax.export_cli", "llmjax.demo",
-        "llmjax.config_reference", "llmjax.__main__", "llmjax.plan"]),
+        "llmjax.config_reference", "llmjax.__main__", "llmjax.plan",
+        "llmjax.evaluation"]),
 ]
 
 # Upward imports that remain (importer, imported): each is a function-level import.
