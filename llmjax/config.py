@@ -428,7 +428,7 @@ class DataConfig:
     label_names: list[str] = dataclasses.field(default_factory=list)
     max_segments: int = 0  # classification rows packed with pack=true: at most this many examples per row (0: seq_len // 8)
     tokenizer: str = ""  # directory of a tokenizer written by `llmjax tokenizer train`
-    chat_template: str = ""  # source=chat: "" = the tokenizer's own template, or a built-in name: chatml
+    chat_template: str = ""  # source=chat (and preference prompts given as messages): "" = the tokenizer's own template, or a built-in name: chatml
     pack: bool = True  # pack several documents / examples per row (lm, sft, classification); False: one per row, padded
     shuffle: bool = True  # shuffle documents each epoch (training split only)
     seed: int = 0  # seed of the document shuffle

@@ -129,3 +129,26 @@ def test_bad_conversation_rows(tmp_path):
     path.write_text("\n" + json.dumps({"messages": [{"role": "user"}]}) + "\n")
     with pytest.raises(ConfigError, match=r"bad.jsonl line 2: messages\[0\] needs a string 'role'"):
         read_conversations(str(path))
+
+
+def test_preference_prompt_as_messages(smollm2_tokenizer, hf_tokenizer, tmp_path):
+    """A preference row whose prompt is a list of messages: each side is the conversation
+    with the completion as the assistant's reply, as transformers renders it; the completion
+    mask starts after the generation prompt."""
+    prompt = CONVERSATIONS[0][:4]
+    row = {"prompt": prompt, "chosen": "4.", "rejected": "5."}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    cfg = DataConfig(source="preference", train_files=[str(path)],
+                     tokenizer=str(smollm2_tokenizer), shuffle=False)
+    batch = next(make_iterator(cfg, "preference", 96, 1, process_index=0, process_count=1))
+    start = len(hf_ids(hf_tokenizer, prompt, add_generation_prompt=True))
+    for side in ("chosen", "rejected"):
+        want = hf_ids(hf_tokenizer, prompt + [{"role": "assistant", "content": row[side]}])
+        mask = batch[side + "_mask"][0]
+        assert batch[side][0][:len(want)].tolist() == want
+        assert mask.tolist() == [1] * start + [2] * (len(want) - start) + [0] * (96 - len(want))
+    bad = {"prompt": prompt, "chosen": [5, 6], "rejected": "x"}
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ConfigError, match="pairs.jsonl line 1: field 'prompt'"):
+        make_iterator(cfg, "preference", 96, 1, process_index=0, process_count=1)

@@ -132,9 +132,13 @@ class ChatRenderer:
             spans.append((len(before), len(after)))
         return text, spans
 
-    def encode(self, messages: list[dict], where: str = "") -> tuple[list[int], list[int]]:
-        """(token ids of the whole conversation, 1 on assistant tokens else 0)."""
+    def encode(self, messages: list[dict], where: str = "",
+               last_turn_only: bool = False) -> tuple[list[int], list[int]]:
+        """(token ids of the whole conversation, 1 on assistant tokens else 0); with
+        last_turn_only, 1 on the last assistant turn only."""
         text, spans = self.spans(messages, where)
+        if last_turn_only:
+            spans = spans[-1:]
         with_offsets = getattr(self.tokenizer, "encode_with_offsets", None)
         if with_offsets is not None:
             ids, offsets = with_offsets(text)
@@ -153,6 +157,33 @@ class ChatRenderer:
                     mask += [flag] * len(part)
             cursor = end
         return ids, mask
+
+
+    def prompt_and_completion(self, prompt: list[dict], completion: str,
+                              where: str = "") -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) of `completion` as the assistant's reply to the prompt
+        messages: the completion is what the template adds for that reply (with its end-of-turn
+        marker), the prompt everything before it (with the generation prompt)."""
+        messages = list(prompt) + [{"role": "assistant", "content": completion}]
+        ids, mask = self.encode(messages, where, last_turn_only=True)
+        start = mask.index(1) if 1 in mask else len(ids)
+        return ids[:start], ids[start:]
+
+
+class LazyChatRenderer:
+    """A ChatRenderer made on first use (preference rows whose prompt is a list of messages;
+    rows with a text prompt never need a template)."""
+
+    def __init__(self, tokenizer, template_name: str = ""):
+        self.tokenizer, self.template_name, self._renderer = tokenizer, template_name, None
+
+    def __getattr__(self, name):
+        if self._renderer is None:
+            if self.tokenizer is None:
+                raise ConfigError("a prompt given as messages needs data.tokenizer (and its chat "
+                                  "template, or data.chat_template=chatml)")
+            self._renderer = ChatRenderer(self.tokenizer, self.template_name)
+        return getattr(self._renderer, name)
 
 
 def conversation_piece(ids: list[int], mask: list[int], seq_len: int) -> tuple[dict, bool]:

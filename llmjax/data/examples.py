@@ -106,8 +106,19 @@ class ExampleBuilder:
     def _preference(self, record: dict[str, Any]) -> list[Piece]:
         from llmjax.data.preference import pair_piece
 
-        chosen, rejected = self._ids(record, "chosen") + self._eos(), self._ids(record, "rejected") + self._eos()
-        piece, cut = pair_piece(self._ids(record, "prompt"), chosen, rejected, self.seq_len)
+        if isinstance(record["prompt"], list) and record["prompt"] and isinstance(record["prompt"][0], dict):
+            where = record.get("where", "")  # messages: rendered with the chat template
+            prompt, chosen = self.chat.prompt_and_completion(record["prompt"], record["chosen"], where)
+            prompt_r, rejected = self.chat.prompt_and_completion(record["prompt"], record["rejected"], where)
+            if prompt_r != prompt:
+                from llmjax.errors import ConfigError
+
+                raise ConfigError(f"{where}: the template renders the prompt differently before the "
+                                 "chosen and the rejected reply; give the prompt as text instead")
+        else:
+            prompt = self._ids(record, "prompt")
+            chosen, rejected = self._ids(record, "chosen") + self._eos(), self._ids(record, "rejected") + self._eos()
+        piece, cut = pair_piece(prompt, chosen, rejected, self.seq_len)
         if cut:
             self.counters.truncated_examples += 1
         return [piece]

@@ -347,6 +347,10 @@ def make_iterator(
         from llmjax.data.chat import ChatRenderer
 
         chat = ChatRenderer(tokenizer, config.chat_template)
+    elif config.source == "preference":  # prompts given as messages need the template
+        from llmjax.data.chat import LazyChatRenderer
+
+        chat = LazyChatRenderer(tokenizer, config.chat_template)
 
     def make_builder() -> ExampleBuilder:
         return ExampleBuilder(kind, fields, tokenizer, special, seq_len, target, config.add_eos,

@@ -1,6 +1,9 @@
 """Preference pairs: JSONL rows {"prompt", "chosen", "rejected"} (TRL's format).
 
-Each value is text (tokenized with data.tokenizer) or a list of token ids. Every row is
+Each value is text (tokenized with data.tokenizer) or a list of token ids; the prompt may
+also be a list of {role, content} messages: then prompt and completions are rendered with the
+chat template (data.chat_template or the tokenizer's, llmjax/data/chat.py), each completion
+as the assistant's reply with its end-of-turn marker. Every row is
 checked when the files are opened, so a bad row fails the run before any compile, naming
 the file and line: a missing or empty field, or chosen == rejected (a pair that teaches
 nothing and holds the loss at ln 2).
@@ -46,9 +49,12 @@ def read_pairs(path: str) -> list[dict[str, Any]]:
             value = record[field]
             ok = isinstance(value, str) or (isinstance(value, list) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value))
+            if field == "prompt" and is_messages(value):  # rendered with the chat template
+                ok = all(isinstance(record[f], str) for f in ("chosen", "rejected"))
             if not ok:
                 raise ConfigError(f"{where}: field {field!r} is a {type(value).__name__}; use "
-                                  "text or a list of token ids")
+                                  "text or a list of token ids (the prompt may also be a list of "
+                                  "{role, content} messages, with text completions)")
             if field != "prompt" and not value:
                 raise ConfigError(f"{where}: field {field!r} is empty; a completion needs tokens")
         if record["chosen"] == record["rejected"]:
@@ -58,6 +64,13 @@ def read_pairs(path: str) -> list[dict[str, Any]]:
     if not rows:
         raise ConfigError(f"{path} holds no rows; write one JSON object per line")
     return rows
+
+
+def is_messages(value) -> bool:
+    """A list of {"role": str, "content": str} messages."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value)
 
 
 def open_preference(config, split: str):
