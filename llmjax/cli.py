@@ -160,13 +160,16 @@ def _eval_classifier(run_dir, files, data) -> int:
 def cmd_models(args) -> int:
     from llmjax.config import model_config, preset_names
     from llmjax.models import abstract_params, param_count
+    from llmjax.models.moe import inactive_params
     rows = []
     for name in preset_names():
         cfg = model_config(name)
+        total = param_count(abstract_params(cfg))
         rows.append((name, cfg.family, cfg.architecture, cfg.num_layers, cfg.d_model,
-                     cfg.num_heads, cfg.kv_heads, param_count(abstract_params(cfg))))
-    header = ("preset", "family", "architecture", "layers", "d_model", "heads", "kv", "parameters")
-    table = [header] + [tuple(str(c) for c in r[:7]) + (f"{r[7]:,}",) for r in rows]
+                     cfg.num_heads, cfg.kv_heads, total, total - inactive_params(cfg)))
+    header = ("preset", "family", "architecture", "layers", "d_model", "heads", "kv", "parameters",
+              "active")  # active: per token (MoE: the routed experts only)
+    table = [header] + [tuple(str(c) for c in r[:7]) + (f"{r[7]:,}", f"{r[8]:,}") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.rjust(w) if i >= 3 else c.ljust(w)

@@ -84,6 +84,21 @@ class ModelConfig:
     prompt_tokens: int = 0  # soft prompt prepended to the input embeddings
     prefix_tokens: int = 0  # per-layer learned key/value prefixes
     adapter_dim: int = 0  # bottleneck adapters after attention and MLP
+    # RMS/LayerNorm on queries and keys before RoPE: head = over each head's features
+    # (Qwen3), full = over all query (key) features (OLMoE).
+    qk_norm: str = "none"  # none | head | full
+    qkv_bias: bool = False  # biases on the query/key/value projections even when use_bias is off (Qwen2)
+    # Mixture of experts (llmjax/models/moe.py, docs/moe.md); num_experts 0 = dense MLPs.
+    num_experts: int = 0  # routed SwiGLU experts per MoE layer (0: every MLP is dense)
+    experts_per_token: int = 2  # top-k experts each token is sent to
+    expert_d_ff: Optional[int] = None  # hidden width of each expert; None: d_ff
+    moe_renormalize: bool = True  # rescale the top-k router weights to sum to 1 (Mixtral)
+    moe_shared_d_ff: int = 0  # shared expert hidden width, gated by sigmoid(x w) (Qwen2-MoE); 0: none
+    moe_every: int = 1  # MoE on layers k-1, 2k-1, ... (every k-th layer); the others dense
+    moe_impl: str = "dropless"  # dropless (sort + ragged_dot) | dense (capacity dispatch/combine)
+    capacity_factor: float = 1.25  # dense: expert slots per row = ceil(cf * length * k / E)
+    router_balance_weight: float = 0.01  # objective weight of the Switch load-balancing loss
+    router_z_weight: float = 0.001  # objective weight of the router z-loss (logsumexp^2)
 
     @property
     def kv_heads(self) -> int:
@@ -97,6 +112,14 @@ class ModelConfig:
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
 
+    @property
+    def expert_hidden(self) -> int:
+        return self.expert_d_ff or self.d_ff
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i (0-based) has an MoE MLP: every moe_every-th layer, the last of each group."""
+        return self.num_experts > 0 and (i + 1) % self.moe_every == 0
+
     def validate(self) -> None:
         _choice("model.architecture", self.architecture, ARCHITECTURES)
         _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
@@ -108,6 +131,7 @@ class ModelConfig:
         _choice("model.param_dtype", self.param_dtype, DTYPES)
         _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "splash", "auto"))
         _choice("model.kernels", self.kernels, ("auto", "xla", "cpu_custom_vjp"))
+        _choice("model.qk_norm", self.qk_norm, ("none", "head", "full"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
@@ -145,9 +169,35 @@ class ModelConfig:
             raise ConfigError(f"model.attention_impl=cudnn runs in bfloat16 or float16, not "
                               f"model.dtype={self.dtype}: set model.dtype=bfloat16, or "
                               f"attention_impl=auto (cuDNN where it applies, XLA elsewhere)")
+        if self.num_experts:
+            self._validate_moe()
         if self.attention_impl == "splash" and (reason := splash_unsupported(self)):
             raise ConfigError(f"model.attention_impl=splash cannot run this model: {reason}; "
                               f"use model.attention_impl=auto or xla")
+
+
+    def _validate_moe(self) -> None:
+        _choice("model.moe_impl", self.moe_impl, ("dropless", "dense"))
+        if self.num_experts < 0:
+            raise ConfigError(f"model.num_experts={self.num_experts} must be >= 0 (0: dense)")
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"model.experts_per_token={self.experts_per_token} must be between 1 and "
+                f"model.num_experts={self.num_experts}")
+        if self.capacity_factor <= 0:
+            raise ConfigError(f"model.capacity_factor={self.capacity_factor} must be > 0 "
+                              f"(1.0: slots for a perfectly balanced load; 1.25 is usual)")
+        for key in ("expert_d_ff", "moe_every"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.moe_shared_d_ff < 0:
+            raise ConfigError(f"model.moe_shared_d_ff={self.moe_shared_d_ff} must be >= 0")
+        if self.moe_every > 1 and self.scan_layers:
+            raise ConfigError(f"model.moe_every={self.moe_every} mixes dense and MoE layers, "
+                              f"which nn.scan cannot stack: set model.scan_layers=false")
+        if self.architecture != "decoder":
+            raise ConfigError("model.num_experts: MoE MLPs are implemented for "
+                              "architecture=decoder only")
 
 
 def splash_unsupported(cfg: ModelConfig) -> Optional[str]:
@@ -171,13 +221,15 @@ class MeshConfig:
     data: int = -1  # data-parallel axis size (batch split, parameters replicated)
     fsdp: int = 1  # fully sharded data-parallel axis (batch and parameters split)
     tensor: int = 1  # tensor-parallel axis (heads and MLP width split)
+    expert: int = 1  # expert-parallel axis (MoE experts split; the batch too, outside experts)
     dcn_data: int = 1  # data parallelism across slices (multi-slice TPU)
     # Ordered logical-axis rules: [logical name, mesh axis or list of axes or null].
     # Empty = llmjax.parallel.DEFAULT_RULES.
     rules: list = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor,
+                 "expert": self.expert}
         if list(sizes.values()).count(-1) > 1:
             raise ConfigError(f"mesh: at most one axis may be -1 (the rest), got {sizes}")
         for key, size in sizes.items():
@@ -544,6 +596,13 @@ class Config:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len="
                               f"{self.model.max_len} (learned positions): raise model.max_len "
                               f"or lower train.seq_len")
+        if self.mesh.expert > 1 and not self.model.num_experts:
+            raise ConfigError(f"mesh.expert={self.mesh.expert} splits experts, but the model is "
+                              f"dense (model.num_experts=0): set mesh.expert=1")
+        if self.mesh.expert > 1 and self.model.num_experts % self.mesh.expert:
+            raise ConfigError(f"mesh.expert={self.mesh.expert} must divide model.num_experts="
+                              f"{self.model.num_experts}; choose mesh.expert among "
+                              f"{_divisors(self.model.num_experts)}")
         return self
 
     def to_dict(self) -> dict:

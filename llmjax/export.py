@@ -19,7 +19,8 @@ import yaml
 from etils import epath
 
 from llmjax import peft
-from llmjax.checkpoint.location import PathLike, as_path, step_dir_of
+from llmjax import paths
+from llmjax.checkpoint.location import PathLike, step_dir_of
 from llmjax.checkpoint.params import commit_staged, remove_staged, staging_dir, \
     write_params_export
 from llmjax.config import section_from_dict
@@ -32,7 +33,7 @@ def export_run(run: PathLike, out: PathLike, step: Optional[int] = None,
                adapter_only: bool = False, force: bool = False) -> epath.Path:
     """Write the export of a run's latest (or `step`) checkpoint to OUT; returns OUT."""
     source_dir = step_dir_of(run, step)
-    origin = {"run": str(as_path(run)), "step": _step_of(source_dir)}
+    origin = {"run": str(paths.absolute(run, "run")), "step": _step_of(source_dir)}
     if adapter_only:
         return _export_adapter(source_dir, out, force, origin)
     source = load_model(source_dir)
@@ -61,7 +62,7 @@ def _export_adapter(source_dir: epath.Path, out: PathLike, force: bool, origin: 
         raise CheckpointError(f"{source_dir} was not started from a base (train.init_from is "
                               f"empty), so an adapter alone cannot rebuild it: export the "
                               f"parameters (without --adapter-only)")
-    out = as_path(out)
+    out = paths.absolute(out, "output")
     staging = staging_dir(out, force)
     try:
         peft.save_adapter(staging, trainable, peft_cfg, model_cfg, base=base,

@@ -16,8 +16,8 @@ from typing import Any, Optional
 import jax
 from etils import epath
 
-from llmjax.checkpoint.location import CHECKPOINT_DIR, PathLike, as_path, read_step_meta, \
-    resolve_source
+from llmjax import paths
+from llmjax.checkpoint.location import CHECKPOINT_DIR, PathLike, read_step_meta, resolve_source
 from llmjax.checkpoint.params import TOKENIZER_SUBDIR, load_params
 from llmjax.checkpoint.trees import restore_leaves, tree_metadata
 from llmjax.config import ModelConfig, section_from_dict
@@ -40,14 +40,14 @@ class LoadedModel:
 
 def is_run(path: PathLike) -> bool:
     """A run directory (checkpoints/) or a checkpoint step directory (state/)."""
-    path = as_path(path)
+    path = paths.absolute(path)
     return (path / CHECKPOINT_DIR).is_dir() or (path / "state").is_dir()
 
 
 def load_model(path: PathLike) -> LoadedModel:
     """The model config, parameters (default device) and tokenizer directory of a run
     directory (latest checkpoint), a checkpoint step directory or a parameter export."""
-    path = as_path(path)
+    path = paths.absolute(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if is_run(path):
@@ -73,7 +73,7 @@ def load_run_trees(path: PathLike, with_base: bool = True
     (latest checkpoint) or a checkpoint step directory, on the default device; the frozen
     base leaves a PEFT checkpoint references are read from its base (fingerprint-checked)
     unless with_base=False (then frozen holds only the leaves the checkpoint stores)."""
-    return _run_trees(as_path(path), with_base)[:4]
+    return _run_trees(paths.absolute(path), with_base)[:4]
 
 
 def _run_trees(path: epath.Path, with_base: bool):
@@ -101,6 +101,6 @@ def _run_tokenizer(step_dir: epath.Path, config: dict) -> Optional[epath.Path]:
     recorded = (read_step_meta(step_dir).get("tokenizer") or {}).get("path")
     candidates = [c for c in (recorded, config.get("data", {}).get("tokenizer")) if c]
     for candidate in candidates:
-        if as_path(candidate).is_dir():
-            return as_path(candidate)
-    return as_path(candidates[-1]) if candidates else None
+        if paths.absolute(candidate, "tokenizer").is_dir():
+            return paths.absolute(candidate, "tokenizer")
+    return paths.absolute(candidates[-1], "tokenizer") if candidates else None

@@ -41,7 +41,8 @@ def embedding_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int,
                     target_len: Optional[int] = None) -> float:
     """Training FLOPs per token (forward + backward), formula in the module docstring."""
-    dense = num_params - embedding_params(cfg)
+    from llmjax.models.moe import inactive_params  # MoE: only the routed experts' FLOPs
+    dense = num_params - embedding_params(cfg) - inactive_params(cfg)
     if cfg.tie_embeddings or cfg.mlm_head:  # the output projection is a matmul too
         dense += cfg.vocab_size * cfg.d_model
     attn_width = cfg.num_heads * cfg.dim_per_head

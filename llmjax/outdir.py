@@ -8,7 +8,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from pathlib import Path
+
+from etils import epath
 
 from llmjax import paths
 from llmjax.config import ConfigError
@@ -27,7 +28,7 @@ KIND_NAMES = {"llmjax": "an llmjax export (config.yaml + params/)",
               "hf": "a Hugging Face directory (config.json)"}
 
 
-def kind_of(directory: Path) -> str | None:
+def kind_of(directory: epath.Path) -> str | None:
     """'run', 'llmjax', 'hf' or None (something else) for an existing, non-empty directory."""
     if any((directory / m).exists() for m in RUN_MARKERS) or any(directory.glob("events.out.*")):
         return "run"
@@ -38,11 +39,11 @@ def kind_of(directory: Path) -> str | None:
     return None
 
 
-def check_output_dir(out: str | Path, kind: str, force: bool, action: str = "convert",
+def check_output_dir(out: paths.PathLike, kind: str, force: bool, action: str = "convert",
                      force_name: str = "--force") -> None:
     """ConfigError unless `out` may receive an export of `kind` ('llmjax' or 'hf'); the
     messages name the `action` and how to force it (the CLI's flag or the API's argument)."""
-    out = _path(out, "output")
+    out = paths.resolve(out, "output")
     if not out.exists():
         return
     if not out.is_dir():
@@ -62,23 +63,18 @@ def check_output_dir(out: str | Path, kind: str, force: bool, action: str = "con
                           f"to replace it, or choose a new directory")
 
 
-def remove_export(out: str | Path, kind: str) -> None:
+def remove_export(out: paths.PathLike, kind: str) -> None:
     """Delete the files of an earlier export of `kind` in `out` (after check_output_dir
     allowed it), so the new export never mixes with stale weights or tokenizer files."""
-    out = _path(out, "output")
+    out = paths.resolve(out, "output")
     if not out.is_dir() or kind_of(out) != kind:
         return
     for pattern in EXPORT_FILES[kind]:
         for path in out.glob(pattern):
             if path.is_dir() and not os.path.islink(os.fspath(path)):
-                path.rmtree() if paths.is_remote(path) else shutil.rmtree(path)
+                path.rmtree()  # epath: shutil.rmtree locally, every object under it remotely
             else:
                 path.unlink()
-
-
-def _path(out, key: str):
-    """pathlib for a local directory, epath for object storage (pathlib would make gs:/...)."""
-    return paths.resolve(out, key) if paths.is_remote(paths.check(out, key)) else Path(out)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """Device mesh, logical-axis rules and the NamedShardings derived from them.
 
 Model code names axes (`embed`, `heads`, `mlp`, `vocab`, ...); this module
-alone says how those names map onto mesh axes (`data`, `fsdp`, `tensor`).
+alone says how those names map onto mesh axes (`data`, `fsdp`, `expert`, `tensor`). The `expert` axis splits MoE
+experts; outside the experts it splits the batch like `data`.
 `jax.jit` with NamedSharding in/out shardings is today's pjit.
 """
 from __future__ import annotations
@@ -21,12 +22,15 @@ from llmjax.tree import path_str
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # Ordered: the first rule whose mesh axis is still free in a given array wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
+    # Inside an MoE layer the expert dimension takes the expert axis, its rows the rest.
+    ("expert", "expert"),
+    ("expert_batch", ("data", "fsdp")),
     ("length", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -63,9 +67,10 @@ def rules_from_config(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
     return tuple(custom) + DEFAULT_RULES
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 ("the rest") and check the product equals the device count."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, expert, tensor): resolve -1 ("the rest"), check the product equals the
+    device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1) * cfg.dcn_data
     if -1 in sizes:
         if num_devices % known:
@@ -75,19 +80,20 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) * cfg.dcn_data != num_devices:
         raise ConfigError(
-            f"mesh: data*fsdp*tensor*dcn_data = {math.prod(sizes) * cfg.dcn_data} but there are "
+            f"mesh: data*fsdp*expert*tensor*dcn_data = {math.prod(sizes) * cfg.dcn_data} but there are "
             f"{num_devices} devices; set one axis to -1 or make the product {num_devices}")
     sizes[0] *= cfg.dcn_data
     return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; multi-slice meshes fold DCN parallelism into `data`."""
+    """A (data, fsdp, expert, tensor) mesh; multi-slice meshes fold DCN parallelism into
+    `data`."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
     if cfg.dcn_data > 1:
-        ici = (shape[0] // cfg.dcn_data, shape[1], shape[2])
-        grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1), devices)
+        ici = (shape[0] // cfg.dcn_data,) + tuple(shape[1:])
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1, 1), devices)
     else:
         try:  # topology-aware placement on TPU/GPU (ICI rings for the inner axes)
             grid = mesh_utils.create_device_mesh(shape, devices)
@@ -199,11 +205,22 @@ def mirror_shardings(tree: Any, params: Any, param_sh: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split: data * fsdp * expert."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_axes_label(mesh: Mesh) -> str:
+    """'data*fsdp', or 'data*fsdp*expert' on a mesh with an expert axis (for messages)."""
+    return "data*fsdp*expert" if mesh.shape["expert"] > 1 else "data*fsdp"
+
+
 def shard_batch_spec(mesh: Mesh, global_batch: int) -> None:
-    """Fail early when the global batch does not divide over data*fsdp."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    """Fail early when the global batch does not divide over data*fsdp*expert."""
+    n = batch_shards(mesh)
     if global_batch % n:
-        raise ConfigError(f"train.batch_size={global_batch} must be divisible by mesh data*fsdp={n}")
+        raise ConfigError(f"train.batch_size={global_batch} must be divisible by mesh "
+                          f"{batch_axes_label(mesh)}={n}")
 
 
 def initialize_distributed() -> bool:

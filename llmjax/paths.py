@@ -33,6 +33,10 @@ REMOTE_SCHEMES = ("gs", "s3")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(/*)(.*)$")
 _MISSPELLED = {"gcs": "gs", "google": "gs", "s3a": "s3", "s3n": "s3"}
 _EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# Google's bucket naming rules (3-63 characters; up to 222 with dots): checked here because
+# gcsfs accepts any name while tensorstore (orbax's array bytes) rejects a bad one only at the
+# first checkpoint save, after the run has trained.
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 
 
 def scheme(path: PathLike) -> str:
@@ -59,13 +63,24 @@ def check(path: PathLike, key: str = "path") -> str:
                           f"{fixed}://{rest.lstrip('/') or 'BUCKET/PATH'} (two slashes, scheme "
                           f"'{fixed}')")
     if slashes == "//" and name in REMOTE_SCHEMES:
-        if not rest.split("/")[0]:
+        bucket = rest.split("/")[0]
+        if not bucket:
             raise ConfigError(f"{key}={text!r} names no bucket; write it as {name}://BUCKET/PATH")
+        if name == "gs" and not _valid_gcs_bucket(bucket):
+            raise ConfigError(f"{key}={text!r}: {bucket!r} is not a valid GCS bucket name (3-63 "
+                              f"lowercase letters, digits, '-', '_' or '.', starting and ending "
+                              f"with a letter or digit); use the name of your bucket")
         return text
     if slashes == "//":
         raise ConfigError(f"{key}={text!r} uses the unsupported scheme {name!r}; use a local path, "
                           f"gs://BUCKET/PATH or s3://BUCKET/PATH")
     return text  # a local name that merely contains ':' (e.g. 'run:1')
+
+
+def _valid_gcs_bucket(bucket: str) -> bool:
+    if not _GCS_BUCKET.match(bucket) or ".." in bucket:
+        return False
+    return len(bucket) <= 63 or ("." in bucket and all(len(p) <= 63 for p in bucket.split(".")))
 
 
 def resolve(path: PathLike, key: str = "path", *, check_bucket: bool = True) -> epath.Path:
@@ -78,6 +93,13 @@ def resolve(path: PathLike, key: str = "path", *, check_bucket: bool = True) -> 
     if check_bucket:
         _check_bucket(scheme(text), bucket_of(text), key, text)
     return epath.Path(text)
+
+
+def absolute(path: PathLike, key: str = "path", *, check_bucket: bool = True) -> epath.Path:
+    """`resolve`, with a local path made absolute: what is recorded in checkpoints (a run's
+    tokenizer, an export's origin, a PEFT base) must not depend on the reader's directory."""
+    resolved = resolve(path, key, check_bucket=check_bucket)
+    return resolved if is_remote(resolved) else resolved.absolute()
 
 
 def bucket_of(path: str) -> str:
@@ -149,7 +171,20 @@ def filesystem(kind: str):
     except ImportError:
         raise ConfigError(f"{kind}:// paths need the Python package {package!r}: "
                           f"pip install 'llmjax[{'gcs' if kind == 'gs' else 's3'}]'") from None
-    return fsspec.filesystem(kind)
+    try:  # the very instance epath (and so orbax) uses: one listing cache, kept coherent
+        from etils.epath import backend
+        return backend.fsspec_backend.fs(f"{kind}://")
+    except (ImportError, AttributeError):  # another etils layout: a filesystem of our own
+        return fsspec.filesystem(kind)
+
+
+def forget_listings(path: PathLike) -> None:
+    """Drop this process's cached directory listings under `path` (object storage): gcsfs
+    caches listings per process, so after another process (host 0) changed a directory the
+    others must forget what they listed before. A no-op for local paths."""
+    text = os.fspath(path)
+    if is_remote(text):
+        filesystem(scheme(text)).invalidate_cache(text)
 
 
 def glob(pattern: str, key: str = "path") -> list[str]:
@@ -168,6 +203,31 @@ def glob(pattern: str, key: str = "path") -> list[str]:
 def join(base: PathLike, *parts: str) -> str:
     """`base/part/...` as a string, without pathlib's `//` collapsing for URLs."""
     return os.fspath(epath.Path(os.fspath(base)).joinpath(*parts))
+
+
+def move(source: PathLike, target: PathLike) -> epath.Path:
+    """Move the file or directory `source` to `target` (which must not exist). Local: one
+    atomic rename. Object storage has no rename: every object is copied (server side), then
+    the sources are deleted, through the fsspec filesystem epath uses (epath's own rename
+    insists that the target's parent "directory" exists, which on object storage it does
+    only once an object is under it). Copy-then-delete: a failure leaves the source whole."""
+    source_text, target_text = check(source), check(target)
+    if not is_remote(source_text) and not is_remote(target_text):
+        return epath.Path(source_text).rename(target_text)
+    if scheme(source_text) != scheme(target_text):
+        raise ValueError(f"cannot move {source_text} to {target_text}: another storage")
+    fs = filesystem(scheme(source_text))
+    if fs.exists(target_text):
+        raise FileExistsError(f"{target_text} already exists; cannot move {source_text} there")
+    if fs.isdir(source_text):  # copy everything first: a failure leaves the source whole
+        names = fs.find(source_text)  # bucket/key, without the scheme
+        prefix = source_text.split("://", 1)[1].rstrip("/")
+        fs.copy(names, [f"{target_text.rstrip('/')}/{n[len(prefix):].lstrip('/')}" for n in names])
+        fs.rm(source_text, recursive=True)
+    else:
+        fs.copy(source_text, target_text)
+        fs.rm(source_text)
+    return epath.Path(target_text)
 
 
 def exists(path: PathLike, key: str = "path") -> bool:

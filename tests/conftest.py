@@ -35,12 +35,12 @@ if "LLMJAX_CACHE" not in os.environ:
 # Markers, by module (seconds are test time on the 2-core machine; CI runs everything):
 # `-m "not slow and not multiprocess and not network"` is the contributors' inner loop.
 MARKERS = {
-    "slow": ("test_kernels", "test_peft_sharded", "test_docs_commands", "test_splash",
+    "slow": ("test_kernels", "test_moe_sharded", "test_convert_moe", "test_peft_sharded", "test_docs_commands", "test_splash",
              "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
              "test_convert_hf", "test_peft_storage", "test_storage_train",
-             "test_tpu_plan", "test_eval_tasks"),
+             "test_tpu_plan", "test_eval_tasks", "test_storage_runs"),
     "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
-                     "test_checkpoint"),
+                     "test_checkpoint", "test_storage_runs"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune"),
 }
 # tests/gcs_server.py's fake-gcs-server is local (127.0.0.1): test_storage is neither network

@@ -73,7 +73,7 @@ def sgd_config(preset: str, objective: str, mesh=(1, 1, 1), model=None, train=No
     return from_dict({
         "model": {"preset": preset, "num_heads": 8, "head_dim": 8, **(model or {})},
         "objective": {"name": objective},
-        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh)),
+        "mesh": dict(zip(("data", "fsdp", "tensor", "expert"), mesh)),  # expert: MoE meshes
         "train": {"batch_size": 8, "seq_len": 32, "steps": 10, **(train or {})},
         # SGD, lr 1, no clipping: the update is exactly minus the gradient.
         "optimizer": {"name": "sgd", "b1": 0.0, "learning_rate": 1.0, "schedule": "constant",

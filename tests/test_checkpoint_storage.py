@@ -9,14 +9,19 @@ from pathlib import Path
 import pytest
 
 from llmjax.checkpoint.integrity import step_problem
-from llmjax.checkpoint.location import as_path, step_numbers
+from llmjax import paths
+from llmjax.checkpoint.location import step_numbers
 
 FIXTURE = Path(__file__).resolve().parent / "data/pre_refactor"
 
 
+def as_path(path):
+    return paths.absolute(path, check_bucket=False)
+
+
 def test_urls_stay_urls_and_local_paths_become_absolute(monkeypatch, tmp_path):
     assert str(as_path("gs://bucket/run") / "checkpoints" / "4") == "gs://bucket/run/checkpoints/4"
-    assert str(as_path("s3://b/x").parent) == "s3://b"
+    assert str(as_path("s3://bkt/x").parent) == "s3://bkt"
     monkeypatch.chdir(tmp_path)
     assert str(as_path("runs/a")) == str(tmp_path / "runs/a")
     assert not Path("gs:").exists()

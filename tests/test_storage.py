@@ -40,6 +40,17 @@ def test_unsupported_scheme_and_missing_bucket_name():
     assert paths.check("runs/a:b", "train.run_dir") == "runs/a:b"  # a local name with ':'
 
 
+@pytest.mark.parametrize("bucket", ["b", "ab", "Bucket", "-bucket", "bucket-", "a" * 64, "my..bucket",
+                                    "my bucket"])
+def test_invalid_gcs_bucket_names_are_refused_up_front(bucket):
+    """tensorstore (the checkpoint arrays) refuses them only at the first save, after training."""
+    with pytest.raises(ConfigError, match="not a valid GCS bucket name") as err:
+        paths.check(f"gs://{bucket}/run", "train.run_dir")
+    assert "\n" not in str(err.value) and repr(bucket) in str(err.value)
+    for good in ("abc", "my-bucket_1", "a.b.c", "x" * 63):
+        assert paths.check(f"gs://{good}/run") == f"gs://{good}/run"
+
+
 def test_bad_scheme_in_a_run_fails_before_anything_is_created(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = cli.main(["train", str(REPO / "configs/experiments/gpt-tiny.yaml"), "train.run_dir=gs:/b/run"])
@@ -220,6 +231,62 @@ def test_gguf_from_the_bucket(gcs_bucket, tmp_path):
         flat = flatten(loaded.params)
         for key, value in flatten(params).items():
             np.testing.assert_allclose(np.asarray(flat[key], np.float32), value, rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_data_state_of_two_processes_continues_on_one_and_back():
+    """A checkpoint's per-process data states re-divided for another process count (what a
+    run moved between 2 hosts and 1 does, llmjax/checkpoint/data_state.py): the following
+    global batches are the same rows."""
+    from llmjax.config import DataConfig
+    from llmjax.data.pipeline import make_iterator
+
+    data = DataConfig(source="synthetic", synthetic_num_documents=50)
+
+    def iterators(count):
+        return [make_iterator(data, "lm", 16, 8, process_index=i, process_count=count,
+                              vocab_size=512) for i in range(count)]
+
+    def global_batch(its):
+        return np.concatenate([next(it)["tokens"] for it in its])
+
+    two, one = iterators(2), iterators(1)
+    for _ in range(5):
+        np.testing.assert_array_equal(global_batch(two), global_batch(one))
+    moved_to_one = iterators(1)
+    moved_to_one[0].set_state([it.get_state() for it in two])
+    moved_to_two = iterators(2)
+    for it in moved_to_two:
+        it.set_state([one[0].get_state()])
+    for _ in range(3):
+        want = global_batch(one)
+        np.testing.assert_array_equal(global_batch(moved_to_one), want)
+        np.testing.assert_array_equal(global_batch(moved_to_two), want)
+        global_batch(two)
+    with pytest.raises(ValueError, match="seq_len: saved 16 vs now 32"):
+        make_iterator(data, "lm", 32, 8, process_index=0, process_count=1,
+                      vocab_size=512).set_state([it.get_state() for it in two])
+
+
+def test_move_on_the_bucket_copies_then_deletes(gcs_bucket, tmp_path):
+    """What setting a torn checkpoint aside and committing an export do on object storage
+    (no rename there): the objects arrive under the new name, the old names are gone, and the
+    listing this process cached is not stale."""
+    base = f"{gcs_bucket}/move"
+    for name in ("3/a", "3/sub/b", "4/c"):
+        paths.resolve(f"{base}/checkpoints/{name}").write_text(name)
+    listing = paths.resolve(f"{base}/checkpoints")
+    assert sorted(p.name for p in listing.iterdir()) == ["3", "4"]
+    moved = paths.move(listing / "3", f"{base}/aside/3-1")
+    assert str(moved) == f"{base}/aside/3-1"
+    assert sorted(p.name for p in listing.iterdir()) == ["4"]
+    assert (moved / "sub" / "b").read_text() == "3/sub/b" and (moved / "a").read_text() == "3/a"
+    with pytest.raises(FileExistsError):
+        paths.move(f"{base}/checkpoints/4", f"{base}/aside/3-1")
+    paths.move(f"{base}/checkpoints/4/c", f"{base}/c")
+    assert paths.resolve(f"{base}/c").read_text() == "4/c"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    assert (paths.move(tmp_path / "d", tmp_path / "e") / "x").read_text() == "x"
 
 
 def test_no_local_path_named_gs_was_created(tmp_path_factory):

@@ -8,13 +8,13 @@
 - `run_meta`: the meta item and the compatibility checks a resume makes;
 - `integrity`: whether a committed step is complete (resume skips torn ones);
 - `trees`: orbax PyTree directories leaf by leaf (metadata, partial restore, diagnosis);
-- `location`: paths (etils.epath: local or gs://), step directories, what a path holds.
+- `location`: step directories, what a path holds (paths themselves: llmjax/paths.py).
 
 Storage only: building a train state from a checkpoint (resume, `train.init_from`) is
 llmjax/train/; a run's model with its PEFT plan merged is llmjax/loader.py.
 """
 from llmjax.checkpoint.data_state import DataRestore, DataSave, DataStateHandler
-from llmjax.checkpoint.location import CHECKPOINT_DIR, as_path, resolve_source
+from llmjax.checkpoint.location import CHECKPOINT_DIR, resolve_source
 from llmjax.checkpoint.params import load_params, read_config, save_params, write_params_export
 from llmjax.checkpoint.run_meta import FORMAT_VERSION, check_compatible, tokenizer_reference
 from llmjax.checkpoint.train_checkpoints import TrainCheckpoints, describe_os_error
@@ -28,5 +28,5 @@ EXIT_PREEMPTED = 75
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "DataRestore", "DataSave", "DataStateHandler",
            "EXIT_PREEMPTED", "FORMAT_VERSION", "TornCheckpointError", "TrainCheckpoints",
-           "as_path", "check_compatible", "describe_os_error", "load_params", "read_config",
+           "check_compatible", "describe_os_error", "load_params", "read_config",
            "resolve_source", "save_params", "tokenizer_reference", "write_params_export"]

@@ -1,6 +1,10 @@
 """The data item of a train checkpoint: each process's data-iterator state as JSON
 (checkpoints/<step>/data/process_<i>.json), written in the background with the arrays (the
-commit waits for every process's file)."""
+commit waits for every process's file).
+
+Restored by the same number of processes, each gets its own state; by another number (a run
+moved from 2 hosts x 4 devices to 1 x 8, or back), every process gets the list of all the
+saved states, in process order, for the data pipeline to re-divide (BatchIterator.set_state)."""
 from __future__ import annotations
 
 import asyncio
@@ -37,17 +41,19 @@ class DataStateHandler(ocp.AsyncCheckpointHandler):
     def restore(self, directory, args: "DataRestore" = None):
         directory = epath.Path(directory)
         path = directory / file_name(jax.process_index())
-        if not path.exists():
-            present = sorted(p.name for p in directory.glob("process_*.json"))
-            # integrity.step_problem checked every file the meta names: another process count
-            raise CheckpointError(f"{path} is missing (present: {present}): the checkpoint "
-                                  f"was written by another number of processes, or is "
-                                  f"incomplete")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise TornCheckpointError(f"{path} is unreadable or truncated: {err}") from None
-        return data["state"]
+        data = _read(path) if path.exists() else None
+        if data is not None and int(data.get("process_count", 1)) == jax.process_count():
+            return data["state"]
+        # Written by another number of processes: every process's state, in process order.
+        saved = [_read(p) for p in sorted(directory.glob("process_*.json"),
+                                          key=lambda p: int(p.stem.split("_")[1]))]
+        if not saved or [d.get("process_index") for d in saved] != list(range(len(saved))) \
+                or any(int(d.get("process_count", 1)) != len(saved) for d in saved):
+            # integrity.step_problem checked every file the meta names
+            raise CheckpointError(f"{directory} does not hold one data state per process of "
+                                  f"the run that wrote it ({[p.name for p in directory.glob('*')]})"
+                                  f": the checkpoint is incomplete")
+        return [d["state"] for d in saved]
 
     def metadata(self, directory):
         return None
@@ -62,6 +68,13 @@ class DataStateHandler(ocp.AsyncCheckpointHandler):
 def _payload(state: Any) -> dict:
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "state": state}
+
+
+def _read(path: epath.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TornCheckpointError(f"{path} is unreadable or truncated: {err}") from None
 
 
 def _write_json(path: epath.Path, data: dict) -> None:

@@ -1,7 +1,8 @@
 """Where things are in a run directory or an export, for local paths and URLs alike.
 
-Every storage path goes through `etils.epath.Path` (what orbax uses), never pathlib: a
-`gs://bucket/run` stays a URL (pathlib would turn it into the local directory `gs:/bucket/run`).
+Paths come from llmjax/paths.py (the one path abstraction: `etils.epath.Path`, what orbax
+uses, never pathlib, which would turn `gs://bucket/run` into the local directory
+`gs:/bucket/run`); `paths.absolute` makes local ones absolute, as checkpoints record them.
 """
 from __future__ import annotations
 
@@ -10,22 +11,11 @@ from typing import Any, Optional
 
 from etils import epath
 
+from llmjax import paths
 from llmjax.errors import CheckpointError
 
 CHECKPOINT_DIR = "checkpoints"  # run_dir/checkpoints/<step>/
 PathLike = Any  # str, os.PathLike or epath.Path
-
-
-def as_path(path: PathLike) -> epath.Path:
-    """An epath.Path: URLs as given; local paths with ~ expanded, made absolute."""
-    text = str(path)
-    if "://" in text:
-        return epath.Path(text)
-    return epath.Path(text).expanduser().absolute()
-
-
-def is_url(path: PathLike) -> bool:
-    return "://" in str(path)
 
 
 def step_numbers(directory: epath.Path) -> list[int]:
@@ -60,7 +50,7 @@ def resolve_source(path: PathLike, allow_base_ref: bool = False
     the frozen base leaves: reading it as a parameter source is an error unless the caller
     follows the reference (`allow_base_ref`, as the run loader does)."""
     from llmjax.checkpoint.params import read_config
-    path = as_path(path)
+    path = paths.absolute(path, "init_from")
     if not path.exists():
         raise FileNotFoundError(f"init_from={str(path)!r} does not exist")
     if (path / CHECKPOINT_DIR).is_dir():
@@ -89,7 +79,7 @@ def resolve_source(path: PathLike, allow_base_ref: bool = False
 
 def step_dir_of(run: PathLike, step: Optional[int] = None) -> epath.Path:
     """The checkpoint step directory of a run (latest, or `step`); a step dir is itself."""
-    run = as_path(run)
+    run = paths.absolute(run, "run")
     if (run / "state").is_dir() and step is None:
         return run
     directory = run / CHECKPOINT_DIR

@@ -18,7 +18,8 @@ import yaml
 from etils import epath
 from jax.experimental import multihost_utils
 
-from llmjax.checkpoint.location import CHECKPOINT_DIR, PathLike, as_path
+from llmjax import paths
+from llmjax.checkpoint.location import CHECKPOINT_DIR, PathLike
 from llmjax.config import Config, ConfigError, ModelConfig
 from llmjax.errors import CheckpointError
 
@@ -42,7 +43,7 @@ def save_params(directory: PathLike, params: Any, config: Config | ModelConfig |
     is refused: its config.yaml or files are never overwritten."""
     from llmjax.outdir import check_output_dir, remove_export
 
-    directory = as_path(directory)
+    directory = paths.absolute(directory, "output")
     check_output_dir(directory, "llmjax", force, action="save", force_name="force=True")
     if jax.process_count() > 1:  # every process checked before any writes
         multihost_utils.sync_global_devices("llmjax save_params: output checked")
@@ -62,7 +63,7 @@ def save_params(directory: PathLike, params: Any, config: Config | ModelConfig |
 
 def read_config(directory: PathLike) -> dict:
     """The config dict stored beside a parameter export or a run's checkpoints."""
-    path = as_path(directory) / "config.yaml"
+    path = paths.absolute(directory) / "config.yaml"
     if not path.exists():
         raise ConfigError(f"{str(directory)!r} has no config.yaml: not an llmjax checkpoint "
                           f"(convert HF/GGUF models with `llmjax convert`)")
@@ -85,7 +86,7 @@ def load_params(directory: PathLike, target: Any = None) -> tuple[Any, dict]:
     `target` is a tree of jax.ShapeDtypeStruct (with shardings) to restore onto
     a given mesh layout; without it, arrays come back on the default device.
     """
-    directory = as_path(directory)
+    directory = paths.absolute(directory)
     config = read_config(directory)
     path = directory / "params"
     if not path.exists():
@@ -106,7 +107,7 @@ def load_params(directory: PathLike, target: Any = None) -> tuple[Any, dict]:
 
 def is_export(path: PathLike) -> bool:
     """A parameter or adapter export (config.yaml + params/), not a run directory."""
-    path = as_path(path)
+    path = paths.absolute(path)
     return ((path / "config.yaml").is_file() and (path / "params").is_dir()
             and not (path / CHECKPOINT_DIR).exists())
 
@@ -129,8 +130,8 @@ def commit_staged(staging: epath.Path, out: epath.Path) -> epath.Path:
     """Swap the finished export into OUT (the old one is removed only afterwards)."""
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
     if out.exists():
-        out.rename(old)
-    staging.rename(out)
+        paths.move(out, old)  # object storage: copy, then delete (no rename there)
+    paths.move(staging, out)
     if old.exists():
         old.rmtree()
     return out
@@ -144,11 +145,11 @@ def remove_staged(staging: epath.Path) -> None:
 def copy_tokenizer(src: Optional[PathLike], out: PathLike) -> bool:
     """Copy the files of a tokenizer directory (llmjax sentencepiece or HF) into out/tokenizer,
     where from_pretrained looks; False when there is none to copy."""
-    if src is None or not as_path(src).is_dir():
+    if src is None or not paths.absolute(src, "tokenizer").is_dir():
         return False
-    dst = as_path(out) / TOKENIZER_SUBDIR
+    dst = paths.absolute(out, "output") / TOKENIZER_SUBDIR
     dst.mkdir(parents=True, exist_ok=True)
-    for f in as_path(src).iterdir():
+    for f in paths.absolute(src, "tokenizer").iterdir():
         if f.is_file():
             f.copy(dst / f.name, overwrite=True)
     return True
@@ -158,7 +159,7 @@ def write_params_export(out: PathLike, params: Any, model_cfg: ModelConfig,
                         tokenizer: Optional[PathLike] = None, force: bool = False,
                         extra: Optional[dict] = None) -> epath.Path:
     """A parameter export (config.yaml with the model section, params/, tokenizer/)."""
-    out = as_path(out)
+    out = paths.absolute(out, "output")
     staging = staging_dir(out, force)
     try:
         save_params(staging, params, model_cfg, extra=extra)

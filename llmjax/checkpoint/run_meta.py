@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import jax
 
-from llmjax.checkpoint.location import as_path
+from llmjax import paths
 from llmjax.config import Config, ModelConfig
 from llmjax.errors import CheckpointError
 
@@ -25,8 +25,8 @@ def tokenizer_reference(config: Config) -> Optional[dict]:
     directory = config.data.tokenizer
     if not directory:
         return None
-    ref: dict = {"path": str(as_path(directory))}
-    meta = as_path(directory) / "llmjax_tokenizer.json"
+    ref: dict = {"path": str(paths.absolute(directory, "data.tokenizer"))}
+    meta = paths.absolute(directory, "data.tokenizer") / "llmjax_tokenizer.json"
     if meta.exists():
         data = json.loads(meta.read_text())
         ref["model_sha256"] = data.get("model_sha256")

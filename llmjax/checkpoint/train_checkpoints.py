@@ -26,8 +26,8 @@ from jax.experimental import multihost_utils
 
 from llmjax.checkpoint.data_state import DataRestore, DataSave, DataStateHandler
 from llmjax.checkpoint.integrity import step_problem
-from llmjax.checkpoint.location import CHECKPOINT_DIR, PathLike, as_path, read_step_meta, \
-    step_numbers
+from llmjax import paths
+from llmjax.checkpoint.location import CHECKPOINT_DIR, PathLike, read_step_meta, step_numbers
 from llmjax.checkpoint.run_meta import build_meta
 from llmjax.checkpoint.trees import TornCheckpointError, check_tree, diagnose, root_cause, \
     tree_metadata
@@ -105,7 +105,7 @@ class TrainCheckpoints:
     def __init__(self, run_dir: PathLike, config: Config, read_only: bool = False):
         """read_only: for readers (eval) of a run that may be training and saving right now."""
         self.config = config
-        self.run_dir = as_path(run_dir)
+        self.run_dir = paths.absolute(run_dir, "train.run_dir")
         self.directory = self.run_dir / CHECKPOINT_DIR
         cc = config.checkpoint
         policies = [ocp.checkpoint_managers.LatestN(n=max(cc.keep, 1))]
@@ -243,17 +243,17 @@ class TrainCheckpoints:
 
     def set_aside(self, steps: list[int]) -> list[epath.Path]:
         """Move incomplete step directories out of checkpoints/ (never deleted: a person may
-        want them) so new saves can use their step numbers; returns where they went."""
+        want them) so new saves can use their step numbers; returns where they went. On
+        object storage a move is a copy of every object, then a delete (paths.move)."""
         moved = []
         if jax.process_index() == 0:
             aside = self.run_dir / SET_ASIDE_DIR
-            aside.mkdir(parents=True, exist_ok=True)
+            aside.mkdir(parents=True, exist_ok=True)  # a no-op on object storage
             for step in steps:
-                target = aside / f"{step}-{int(time.time())}"
-                self.step_dir(step).rename(target)
-                moved.append(target)
+                moved.append(paths.move(self.step_dir(step), aside / f"{step}-{int(time.time())}"))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("llmjax: incomplete checkpoints set aside")
+        paths.forget_listings(self.directory)  # the other hosts listed it before the move
         self.manager.reload()
         return moved
 

@@ -27,6 +27,10 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Mixtral-architecture files (general.architecture llama with llama.expert_count): stacked
+# experts [E, out, in] and the router, under the fused HF names the mixtral table reads.
+_EXPERT_NAMES = {"ffn_gate_inp": "mlp.gate.weight", "ffn_gate_exps": "gguf_gate_exps",
+                 "ffn_up_exps": "gguf_up_exps", "ffn_down_exps": "mlp.experts.down_proj"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
@@ -103,15 +107,23 @@ def gguf_config(reader) -> ModelConfig:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = count("vocab_size", len(tokens) if tokens else None)
     names = {t.name for t in reader.tensors}
+    experts = _field(reader, f"{arch}.expert_count", 0) or 0
+    moe = {}
+    if experts:
+        ff = count("feed_forward_length")
+        moe = dict(num_experts=count("expert_count"),
+                   experts_per_token=count("expert_used_count", 2), expert_d_ff=ff,
+                   moe_renormalize=True)
     return ModelConfig(
-        family="llama", architecture="decoder", vocab_size=vocab, d_model=d,
+        family="mixtral" if moe else "llama", architecture="decoder", vocab_size=vocab,
+        d_model=d,
         num_layers=count("block_count"), num_heads=heads, num_kv_heads=kv,
         head_dim=head_dim, d_ff=count("feed_forward_length"),
         max_len=count("context_length", 2048), norm="rmsnorm",
         norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
         activation="silu", gated_mlp=True, position="rope",
         rope_theta=number("rope.freq_base", 10000.0), use_bias=False,
-        tie_embeddings="output.weight" not in names, scan_layers=False)
+        tie_embeddings="output.weight" not in names, scan_layers=False, **moe)
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -130,6 +142,8 @@ def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
         match = re.match(r"^blk\.(\d+)\.(\w+)\.weight$", name)
         if match and match.group(2) in _LAYER_NAMES:
             hf = f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+        elif match and match.group(2) in _EXPERT_NAMES and cfg.num_experts:
+            hf = f"model.layers.{match.group(1)}.{_EXPERT_NAMES[match.group(2)]}"
         elif name in _GLOBAL_NAMES:
             hf = _GLOBAL_NAMES[name]
         else:
@@ -140,17 +154,25 @@ def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
         elif name.endswith("attn_k.weight"):
             w = _unpermute(w, cfg.kv_heads)
         out[hf] = w
+    for name in [n for n in out if n.endswith(".gguf_gate_exps")]:  # gate rows, then up rows
+        h = name[: -len(".gguf_gate_exps")]  # model.layers.N
+        up = out.pop(f"{h}.gguf_up_exps", None)
+        gate = out.pop(name)
+        if up is not None:
+            out[f"{h}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)
     return out
 
 
 def import_gguf(path: str | os.PathLike, scan_layers: bool = True,
                 **overrides: Any) -> tuple[ModelConfig, Params]:
-    """(ModelConfig, params) of a llama-architecture GGUF file (dequantised to fp32)."""
+    """(ModelConfig, params) of a llama-architecture GGUF file (dequantised to fp32);
+    Mixtral-architecture files (llama.expert_count) become an MoE model."""
     import dataclasses
 
     reader = _reader(path)
     cfg = gguf_config(reader)
-    params = tensors_to_params(FAMILIES["llama"], cfg, gguf_tensors(reader, cfg),
+    family = FAMILIES["mixtral" if cfg.num_experts else "llama"]
+    params = tensors_to_params(family, cfg, gguf_tensors(reader, cfg),
                                source=str(path))
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)

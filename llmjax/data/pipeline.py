@@ -276,8 +276,12 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return {**self._fingerprint(), "batches": self.batches, "tokens": self._tokens, "token_slots": self._slots,
                 "streams": [[s.document, s.piece] for s in self._streams]}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the iterator that produced `state` was."""
+    def set_state(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue exactly where the iterator that produced `state` was. A list holds the
+        states of every process of a run with another process count (in process order): the
+        global row streams are re-divided, so the run continues with the same global batches."""
+        if isinstance(state, list):
+            state = self._share_of(state)
         expected = self._fingerprint()
         mismatched = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if mismatched:
@@ -289,6 +293,32 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         for stream, (document, piece) in zip(self._streams, state["streams"]):
             stream.document, stream.piece = int(document), int(piece)
         self.batches, self._tokens, self._slots = int(state["batches"]), int(state["tokens"]), int(state["token_slots"])
+
+    def _share_of(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """This process's state from all the states of a run with len(states) processes: the
+        streams are global rows (stream g feeds row g of every global batch), so they are
+        concatenated in process order and sliced again. Token counters (statistics only)
+        are divided evenly."""
+        layout = ("process_index", "process_count")
+        mine = {k: v for k, v in self._fingerprint().items() if k not in layout}
+        for index, state in enumerate(states):
+            saved = {k: state.get(k) for k in mine}
+            if saved != mine or state.get("process_index") != index or \
+                    state.get("process_count") != len(states):
+                details = ", ".join(f"{k}: saved {saved[k]!r} vs now {v!r}" for k, v in mine.items()
+                                    if saved[k] != v) or "process indices out of order"
+                raise ValueError(f"data iterator states of {len(states)} processes do not match "
+                                 f"this pipeline ({details}); resume with the same data config, "
+                                 f"sequence length and batch size, or start the data afresh.")
+        if len({int(s["batches"]) for s in states}) != 1:
+            raise ValueError("data iterator states of different processes are at different "
+                             "batches: the checkpoint is inconsistent")
+        streams = [stream for state in states for stream in state["streams"]]
+        local = self.global_batch_size // self.process_count
+        return {**self._fingerprint(), "batches": int(states[0]["batches"]),
+                "tokens": sum(int(s["tokens"]) for s in states) // self.process_count,
+                "token_slots": sum(int(s["token_slots"]) for s in states) // self.process_count,
+                "streams": streams[self.process_index * local:(self.process_index + 1) * local]}
 
     def close(self) -> None:
         if self._pool is not None:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from llmjax.config import ModelConfig
 from llmjax.models import ops
 from llmjax.models.context import Context
-from llmjax.models.layers import Dense, constrain, dtype_of, normal_init, param, rotary
+from llmjax.models.layers import (Dense, constrain, dtype_of, make_norm, normal_init, param,
+                                  rotary)
 
 Array = jax.Array
 
@@ -75,7 +76,8 @@ class Attention(nn.Module):
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
 
         def proj(n, axes, name, stddev):
-            return Dense((n, head_dim), axes, use_bias=cfg.use_bias, dtype=cfg.dtype,
+            return Dense((n, head_dim), axes, use_bias=cfg.use_bias or cfg.qkv_bias,
+                         dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, stddev=stddev, kernels=cfg.kernels,
                          name=name)
 
@@ -87,6 +89,8 @@ class Attention(nn.Module):
         q = constrain(q, ("batch", "length", "heads", "kv"))
         k = constrain(k, ("batch", "length", "kv_heads", "kv"))
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+        if cfg.qk_norm != "none":
+            q, k = qk_norm(cfg, q, "query_norm"), qk_norm(cfg, k, "key_norm")
         if cfg.position == "rope" and not self.cross:
             q = rotary(q, q_positions, cfg.rope_theta)
             k = rotary(k, k_positions, cfg.rope_theta)
@@ -157,3 +161,12 @@ class Attention(nn.Module):
                 & (cached_seg.value[:, None, :] != 0)
                 & (k_index[None, None, :] <= q_index[None, :, None]))
         return cached_k.value, cached_v.value, mask[:, None]
+
+
+def qk_norm(cfg: ModelConfig, x: Array, name: str) -> Array:
+    """Norm of queries or keys [b, t, n, head_dim]: per head (Qwen3) or over all n * head_dim
+    features (OLMoE)."""
+    if cfg.qk_norm == "head":
+        return make_norm(cfg, name)(x)
+    b, t, n, hd = x.shape
+    return make_norm(cfg, name)(x.reshape(b, t, n * hd)).reshape(b, t, n, hd)

@@ -17,6 +17,7 @@ from llmjax.config import ModelConfig
 from llmjax.models.attention import Attention, make_mask
 from llmjax.models.context import Context
 from llmjax.models.heads import Heads
+from llmjax.models.moe import ROUTER, MoeMlp
 from llmjax.models.layers import (Adapter, Dense, Embed, Mlp, RelativeBias, constrain, dtype_of,
                                   make_norm, normal_init)
 
@@ -36,6 +37,7 @@ class Block(nn.Module):
     cross: bool = False
     decode: bool = False
     causal: bool = False
+    moe: bool = False  # a mixture-of-experts MLP (llmjax/models/moe.py) instead of the Mlp
 
     @nn.compact
     def __call__(self, x: Array, ctx: Context, deterministic: bool = True):
@@ -53,6 +55,9 @@ class Block(nn.Module):
             return Attention(cfg, cross=True, name="cross_attention")(h, ctx, deterministic)
 
         def mlp(h):
+            if self.moe:  # padding (segment 0) is routed nowhere
+                return adapt(MoeMlp(cfg, name="mlp")(h, ctx.segments != 0, deterministic),
+                             "mlp_adapter")
             return adapt(Mlp(cfg, name="mlp")(h, deterministic), "mlp_adapter")
 
         def residual(x, sublayer, norm):
@@ -92,14 +97,17 @@ class Stack(nn.Module):
                              prevent_cse=not cfg.scan_layers, static_argnums=(3,))
         kwargs = dict(cfg=cfg, cross=self.cross, decode=self.decode, causal=self.causal)
         if cfg.scan_layers:
-            layers = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+            # moe_every > 1 needs unrolled layers (config validation): scanned, all or none.
+            kwargs["moe"] = cfg.is_moe_layer(0)
+            layers = nn.scan(block, variable_axes={"params": 0, "cache": 0, ROUTER: 0},
                              split_rngs={"params": True, "dropout": True},
                              in_axes=nn.broadcast, length=self.num_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = layers(**kwargs, name="layers")(x, ctx, deterministic)
         else:
             for i in range(self.num_layers):
-                x, _ = block(**kwargs, name=f"layers_{i}")(x, ctx, deterministic)
+                x, _ = block(**kwargs, moe=cfg.is_moe_layer(i), name=f"layers_{i}")(
+                    x, ctx, deterministic)
         if cfg.final_norm:
             x = make_norm(cfg, "final_norm")(x)
         if cfg.family == "t5":  # T5Stack drops out after its final norm

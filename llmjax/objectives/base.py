@@ -203,11 +203,19 @@ def build(cfg: ObjectiveConfig, model: ModelConfig,
     if len(parts) == 1:
         obj = parts[0]
         obj.term_weights = {t: weights[0] for t in obj.terms}
-        return obj
+        return _with_router_loss(obj, model)
     kinds = {p.batch_kind for p in parts}
     if len(kinds - {"lm"}) > 1:
         raise ConfigError(f"objectives {names} need incompatible batches {sorted(kinds)}")
     comp = Composite(parts, weights)
     comp.term_weights = {t: w for p, w in zip(parts, weights) for t in p.terms}
     comp.terms = tuple(t for p in comp.parts for t in p.terms)
-    return comp
+    return _with_router_loss(comp, model)
+
+
+def _with_router_loss(obj: Objective, model: ModelConfig) -> Objective:
+    """Mixture-of-experts models add the router balance and z-loss terms."""
+    if not model.num_experts:
+        return obj
+    from llmjax.objectives.router import WithRouterLoss
+    return WithRouterLoss(obj, model)

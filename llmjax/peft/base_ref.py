@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from llmjax.checkpoint.location import as_path, resolve_source
+from llmjax import paths
+from llmjax.checkpoint.location import resolve_source
 from llmjax.checkpoint.trees import is_position_table, restore_leaves, tree_metadata
 from llmjax.errors import CheckpointError
 from llmjax.tree import flatten, unflatten
@@ -126,7 +127,7 @@ def restore_frozen(ref: BaseRef, abstract_frozen: dict, frozen_shardings: dict,
         candidates.append(str(init_from))
     seen, tried = set(), []
     for candidate in candidates:
-        path = as_path(candidate)
+        path = paths.absolute(candidate, "base")
         if not path.exists():
             tried.append(f"{path} is missing")
             continue
@@ -220,7 +221,7 @@ def load_leaves(tree_dir: epath.Path, wanted: dict[str, Any], shardings: dict[st
 
 def read_ref(step_dir) -> Optional[BaseRef]:
     """The BaseRef recorded in a checkpoint step directory's meta (None: self-contained)."""
-    path = as_path(step_dir) / "meta" / "metadata"
+    path = paths.absolute(step_dir) / "meta" / "metadata"
     if not path.exists():
         return None
     try:

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from llmjax.checkpoint.location import PathLike, as_path
+from llmjax import paths
+from llmjax.checkpoint.location import PathLike
 from llmjax.checkpoint.params import load_params, save_params, write_params_export
 from llmjax.checkpoint.trees import is_position_table
 from llmjax.config import ConfigError, ModelConfig, PeftConfig, section_from_dict
@@ -75,7 +76,7 @@ def merge_checkpoint(adapter_dir: PathLike, out: PathLike,
     if not base_dir:
         raise ConfigError(f"{str(adapter_dir)!r} does not record its base checkpoint: "
                           f"pass --base DIR")
-    if not as_path(base_dir).exists():
+    if not paths.absolute(base_dir, "--base").exists():
         raise CheckpointError(f"base {base_dir} of adapter {adapter_dir} does not exist: pass "
                               f"--base DIR where that base now lives")
     base = load_model(base_dir)

@@ -236,7 +236,8 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
         return result
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, state_sh)
-    rows = cfg.train.batch_size / (exp.mesh.shape["data"] * exp.mesh.shape["fsdp"])
+    from llmjax.parallel import batch_shards  # data * fsdp * expert
+    rows = cfg.train.batch_size / batch_shards(exp.mesh)
     for name in steps:
         fn = (exp.train_step if name == "train" else exp.eval_step)(list(shapes), state_sh)
         begin = time.perf_counter()

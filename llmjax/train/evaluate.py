@@ -45,7 +45,8 @@ def evaluate(exp: Experiment, state, eval_fn, sharding, num_batches: int) -> dic
     metrics = {}
     for name, (loss_sum, count, correct) in sums.items():
         metrics[f"{name}_loss"] = loss_sum / max(count, 1)
-        metrics[f"{name}_accuracy"] = correct / max(count, 1)
+        if not name.startswith("router_"):  # MoE router losses have no accuracy
+            metrics[f"{name}_accuracy"] = correct / max(count, 1)
     weights = exp.objective.term_weights
     metrics["loss"] = sum(weights[n] * metrics[f"{n}_loss"] for n in sums)
     if sums:

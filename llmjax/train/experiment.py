@@ -92,12 +92,12 @@ def build(config: Config, devices=None, special: Optional[SpecialTokens] = None)
     mesh = parallel.make_mesh(config.mesh, devices)
     rules = parallel.rules_from_config(config.mesh)
     parallel.shard_batch_spec(mesh, config.train.batch_size)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = parallel.batch_shards(mesh)
     micro = config.train.batch_size // config.train.grad_accum
     if micro % shards:
         raise ConfigError(f"train.batch_size={config.train.batch_size} / train.grad_accum="
                           f"{config.train.grad_accum} = {micro} rows per micro-batch must be "
-                          f"divisible by mesh data*fsdp={shards}")
+                          f"divisible by mesh {parallel.batch_axes_label(mesh)}={shards}")
     plan = peft.build(config.peft)
     model_cfg = plan.model_config(config.model)
     model_cfg.validate()

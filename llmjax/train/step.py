@@ -6,12 +6,14 @@ micro-batches give exactly the gradient of one step on the full batch.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from llmjax.models.moe import ROUTER_SUMS, apply_collecting, router_metrics
 from llmjax.objectives import MODEL_INPUTS, ChunkedLogits, Objective
 
 Batch = dict[str, jax.Array]
@@ -25,9 +27,12 @@ def forward(model, params, batch: Batch, logits_chunk: int = 0, **kwargs) -> dic
     """model.apply on the batch's model inputs. With `logits_chunk` > 0 the LM logits are
     left to the loss (ChunkedLogits: the head applied that many positions at a time)."""
     variables = {"params": params}
+    # MoE models: also collect the layers' router statistics into outputs["router"].
+    apply = (functools.partial(apply_collecting, model) if model.cfg.num_experts
+             else model.apply)
     if not logits_chunk:
-        return model.apply(variables, **model_inputs(batch), **kwargs)
-    outputs = model.apply(variables, **model_inputs(batch), logits=False, **kwargs)
+        return apply(variables, **model_inputs(batch), **kwargs)
+    outputs = apply(variables, **model_inputs(batch), logits=False, **kwargs)
     head = lambda hidden: model.apply(variables, hidden, method="lm_logits")  # noqa: E731
     return {**outputs, "logits": ChunkedLogits(outputs["hidden"], head, logits_chunk)}
 
@@ -56,7 +61,8 @@ def term_metrics(terms: dict, totals: dict, reports=()) -> dict[str, jax.Array]:
             out[name] = term.loss_sum / jnp.maximum(totals[name], 1.0)
             continue
         out[f"{name}_loss"] = term.loss_sum / jnp.maximum(totals[name], 1.0)
-        out[f"{name}_accuracy"] = term.correct / jnp.maximum(totals[name], 1.0)
+        if not name.startswith("router_"):  # MoE router losses have no accuracy
+            out[f"{name}_accuracy"] = term.correct / jnp.maximum(totals[name], 1.0)
     return out
 
 
@@ -86,7 +92,8 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
         outputs = with_reference(outputs, model, plan, objective, trainable, frozen, micro,
                                  logits_chunk)
         terms = objective.loss(outputs, micro)
-        return weighted_loss(terms, totals, objective.term_weights), terms
+        stats = {k: v for k, v in outputs.get("router", {}).items() if k in ROUTER_SUMS}
+        return weighted_loss(terms, totals, objective.term_weights), (terms, stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -96,20 +103,21 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
         batch = objective.prepare(batch, prepare_rng)
         totals = objective.counts(batch)
         if grad_accum == 1:
-            (loss, terms), grads = grad_fn(state.params, state.frozen, batch, dropout_rng, totals)
+            (loss, (terms, stats)), grads = grad_fn(state.params, state.frozen, batch,
+                                                    dropout_rng, totals)
         else:
             def body(carry, xs):
                 micro, i = xs
-                (loss, terms), grads = grad_fn(state.params, state.frozen, micro,
-                                               jax.random.fold_in(dropout_rng, i), totals)
-                return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+                (loss, aux), grads = grad_fn(state.params, state.frozen, micro,
+                                             jax.random.fold_in(dropout_rng, i), totals)
+                return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
             zero_terms = jax.eval_shape(lambda: grad_fn(
                 state.params, state.frozen, jax.tree.map(lambda x: x[0], _micro_batches(
                     batch, grad_accum)), dropout_rng, totals)[0][1])
             init = (jnp.zeros((), jnp.float32),
                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_terms),
                     jax.tree.map(jnp.zeros_like, state.params))
-            (loss, terms, grads), _ = jax.lax.scan(
+            (loss, (terms, stats), grads), _ = jax.lax.scan(
                 body, init, (_micro_batches(batch, grad_accum), jnp.arange(grad_accum)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -122,7 +130,7 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step), **term_metrics(terms, totals, getattr(objective, "reports", ())),
                    "tokens": jnp.sum(batch.get("segment_ids", batch["tokens"]) != 0),
-                   "nonfinite": (~finite).astype(jnp.int32)}
+                   "nonfinite": (~finite).astype(jnp.int32), **router_metrics(stats)}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

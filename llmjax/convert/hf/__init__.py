@@ -18,7 +18,7 @@ import numpy as np
 
 from llmjax.config import ConfigError, ModelConfig
 # Registers the families, in the order error messages list them.
-from llmjax.convert.hf import gpt2, bert, t5, llama  # noqa: F401,I001
+from llmjax.convert.hf import gpt2, bert, t5, llama, mixtral, olmoe  # noqa: F401,I001
 from llmjax.convert.hf.family import (FAMILIES, LLMJAX_FAMILY, Family, family_of_config,
                                       family_of_hf_config, supported_architectures)
 from llmjax.convert.hf.specs import Spec

@@ -55,6 +55,11 @@ class Family(abc.ABC):
     def export_prefix(self, cfg: ModelConfig) -> str:
         return self.prefix
 
+    def import_tensors(self, cfg: ModelConfig, tensors: dict) -> dict:
+        """The checkpoint's tensors as the specs name them (a family may rename or stack
+        alternative layouts, e.g. Mixtral's per-expert weights)."""
+        return tensors
+
     def export_tensors(self, cfg: ModelConfig, tensors: dict[str, np.ndarray]
                        ) -> dict[str, np.ndarray]:
         """The tensors to write, from those the specs produced (a family may add copies)."""

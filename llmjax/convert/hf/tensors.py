@@ -28,6 +28,7 @@ def tensors_to_params(family: Family, cfg: ModelConfig, tensors: dict[str, np.nd
                       source: str = "checkpoint") -> Params:
     """Map HF-named tensors onto the llmjax tree of `cfg`; errors name the tensor at fault."""
     flat, used, missing = {}, set(), []
+    tensors = family.import_tensors(cfg, tensors)
     for spec in family.specs(cfg, family.import_prefix(tensors)):
         name = next((n for n in spec.hf if n in tensors), None)
         if name is None:
