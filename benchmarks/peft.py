@@ -1,7 +1,9 @@
-"""PEFT on the reference GPT: trainable share, optimizer-state bytes and step time.
+"""PEFT on the reference GPT: trainable share, parameter and optimizer-state bytes, step time.
 
     python benchmarks/peft.py                      # full, lora (r=8, attention q/v), ia3, prompt
     python benchmarks/peft.py --methods lora ia3 --steps 20 --devices 1
+    python benchmarks/peft.py --methods full lora qlora      # QLoRA: the same LoRA on an NF4 base
+    python benchmarks/peft.py --methods full lora --objective dpo   # DPO vs SFT: --objective sft
 
 Reference GPT: 6 layers, d_model 384, 6 heads, d_ff 1536, vocab 8192, seq 256, batch 8,
 synthetic token ids, AdamW, fp32. Step time = median wall time of the timed steps (after
@@ -16,6 +18,8 @@ import time
 METHODS = {
     "full": {"method": "full"},
     "lora": {"method": "lora", "rank": 8, "alpha": 16, "targets": "attention/(query|value)/"},
+    "qlora": {"method": "lora", "rank": 8, "alpha": 16, "targets": "attention/(query|value)/",
+              "base_quantization": "nf4", "quantization_block": 64},
     "ia3": {"method": "ia3"},
     "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 20},
     "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 20},
@@ -27,18 +31,39 @@ MODEL = {"preset": "gpt-tiny", "vocab_size": 8192, "d_model": 384, "num_layers":
          "num_heads": 6, "d_ff": 1536, "max_len": 512}
 
 
-def run(method: str, steps: int, devices: int, seq_len: int, batch: int) -> dict:
+def preference_file(seq_len: int, vocab: int) -> str:
+    """A JSONL file of random token-id pairs (prompt a third of the row) for --objective dpo."""
+    import json
+    import random
+    import tempfile
+    rng = random.Random(0)
+    ids = lambda n: [rng.randrange(107, vocab) for _ in range(n)]  # noqa: E731
+    third = seq_len // 3
+    path = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+    for _ in range(256):
+        path.write(json.dumps({"prompt": ids(third), "chosen": ids(third), "rejected": ids(third)}) + "\n")
+    path.close()
+    return path.name
+
+
+def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
+        objective: str = "clm") -> dict:
     import jax
 
     from llmjax.config import from_dict
     from llmjax.data.device import to_global
     from llmjax.data.pipeline import make_iterator
-    from llmjax.peft.report import count, nbytes
+    from llmjax.peft.report import base_count, count, nbytes
     from llmjax.train.experiment import build
 
-    config = from_dict({"model": MODEL, "objective": {"name": "clm"},
+    data = {"source": "synthetic", "synthetic_vocab_size": 8192}
+    objective_cfg = {"name": objective}
+    if objective == "dpo":  # reference: the base without the delta, else a frozen copy
+        data = {"source": "preference", "train_files": [preference_file(seq_len, 8192)]}
+        objective_cfg["reference"] = "copy" if method == "full" else "adapter"
+    config = from_dict({"model": MODEL, "objective": objective_cfg,
                         "mesh": {"data": devices},
-                        "data": {"source": "synthetic", "synthetic_vocab_size": 8192},
+                        "data": data,
                         "optimizer": {"learning_rate": 1e-3, "warmup_steps": 0},
                         "train": {"batch_size": batch, "seq_len": seq_len, "steps": 1000},
                         "peft": METHODS[method]})
@@ -61,8 +86,9 @@ def run(method: str, steps: int, devices: int, seq_len: int, batch: int) -> dict
         state, metrics = step(state, data)
         float(metrics["loss"])
         times.append(time.perf_counter() - t0)
-    trainable, frozen = count(state.params), count(state.frozen)
+    trainable, frozen = count(state.params), base_count(state.frozen)
     return {"method": method, "trainable": trainable, "total": trainable + frozen,
+            "param_bytes": nbytes(state.params) + nbytes(state.frozen),
             "opt_bytes": nbytes(state.opt_state), "step_ms": 1e3 * statistics.median(times),
             "compile_s": compile_s, "loss": float(metrics["loss"])}
 
@@ -75,20 +101,23 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="data-parallel devices")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--objective", default="clm", choices=["clm", "sft", "dpo"],
+                        help="dpo: pairs of batch rows (2x the sequences) plus the reference")
     args = parser.parse_args()
     import jax
     print(f"backend {jax.default_backend()}, {args.devices} device(s), seq {args.seq_len}, "
-          f"batch {args.batch}, {args.steps} timed steps")
-    rows = [run(m, args.steps, args.devices, args.seq_len, args.batch) for m in args.methods]
+          f"batch {args.batch}, {args.steps} timed steps, objective {args.objective}")
+    rows = [run(m, args.steps, args.devices, args.seq_len, args.batch, args.objective)
+            for m in args.methods]
     full = next((r for r in rows if r["method"] == "full"), None)
-    print("| method | trainable params | % of total | optimizer state | vs full | "
+    print("| method | trainable params | % of total | parameter bytes | optimizer state | vs full | "
           "step time (ms) | vs full | compile (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rel_opt = f"{100 * r['opt_bytes'] / full['opt_bytes']:.2f}%" if full else "-"
         rel_t = f"{r['step_ms'] / full['step_ms']:.2f}x" if full else "-"
         print(f"| {r['method']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f}% "
-              f"| {r['opt_bytes'] / 2**20:.2f} MiB | {rel_opt} | {r['step_ms']:.1f} | {rel_t} "
+              f"| {r['param_bytes'] / 2**20:.2f} MiB | {r['opt_bytes'] / 2**20:.2f} MiB | {rel_opt} | {r['step_ms']:.1f} | {rel_t} "
               f"| {r['compile_s']:.1f} |")
 
 

@@ -254,6 +254,13 @@ class ObjectiveConfig:
     target_length: int = 0  # span_corruption / seq2seq decoder length (0: derived)
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM uses 1e-4)
     label_smoothing: float = 0.0  # share of target probability spread over the vocabulary
+    beta: float = 0.1  # dpo/simpo: scale of the implicit reward; orpo: weight of the odds-ratio term
+    dpo_label_smoothing: float = 0.0  # dpo/simpo: assumed chance a preference label is flipped (cDPO), in [0, 0.5)
+    simpo_gamma: float = 0.5  # simpo: target reward margin
+    # dpo's reference model: "adapter" (the base with the PEFT delta switched off: needs a
+    # peft method whose delta is a parameter transform, e.g. lora; no second copy of the
+    # weights) or "copy" (a frozen copy of the initial parameters, kept in the train state)
+    reference: str = "adapter"
 
     def validate(self) -> None:
         for key in ("mask_rate", "noise_density", "prefix_fraction"):
@@ -270,6 +277,8 @@ class ObjectiveConfig:
                               f"{len(names)} objectives in objective.name={self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.reference not in ("adapter", "copy"):
+            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter' or 'copy'")
 
 
 @dataclasses.dataclass
@@ -388,6 +397,10 @@ class PeftConfig:
     num_virtual_tokens: int = 20  # prompt_tuning / prefix_tuning
     prompt_init: str = "vocab"  # prompt_tuning: vocab (random rows of the embedding) | random
     adapter_dim: int = 64  # adapters: bottleneck width
+    # QLoRA: store the frozen base block-quantized ("nf4" 4-bit NormalFloat or "int8") and
+    # dequantize it inside the jitted step; "" keeps it in its dtype (llmjax/peft/quantize.py)
+    base_quantization: str = ""
+    quantization_block: int = 64  # elements per quantization block (one absmax scale each)
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.method.split("+") if m.strip()]
@@ -403,6 +416,15 @@ class PeftConfig:
             raise ConfigError(f"peft.num_virtual_tokens={self.num_virtual_tokens} must be positive")
         if self.adapter_dim <= 0:
             raise ConfigError(f"peft.adapter_dim={self.adapter_dim} must be positive")
+        if self.base_quantization not in ("", "nf4", "int8"):
+            raise ConfigError(f"peft.base_quantization={self.base_quantization!r} must be '', "
+                              "'nf4' or 'int8'")
+        if self.quantization_block < 2 or self.quantization_block % 2:
+            raise ConfigError(f"peft.quantization_block={self.quantization_block} must be an "
+                              "even number >= 2")
+        if self.base_quantization and self.methods() == ["full"]:
+            raise ConfigError("peft.base_quantization quantizes the frozen base, but "
+                              "peft.method=full trains every parameter; use e.g. peft.method=lora")
         if self.prompt_init not in ("vocab", "random"):
             raise ConfigError(f"peft.prompt_init={self.prompt_init!r} must be 'vocab' or 'random'")
         if self.lora_dropout != 0.0:
@@ -425,7 +447,7 @@ class PeftConfig:
 # are not here: they belong to the model and train sections and are passed to
 # `make_iterator` as arguments.
 
-SOURCES = ("synthetic", "text", "tfds", "labelled")
+SOURCES = ("synthetic", "text", "tfds", "labelled", "preference", "chat")
 DOCUMENT_UNITS = ("file", "paragraph")
 
 
@@ -435,12 +457,14 @@ class DataConfig:
 
     # "synthetic" (random token ids), "text" (local files), "tfds" (catalogue dataset) or
     # "labelled" (local CSV / TSV / JSONL files of text + label columns, for classification)
+    # or "preference" (JSONL files of prompt / chosen / rejected pairs, for dpo, orpo, simpo)
+    # or "chat" (JSONL files of {"messages": [{role, content}]} conversations, for sft)
     source: str = "synthetic"
-    train_files: list[str] = dataclasses.field(default_factory=list)  # globs of labelled files (source=labelled)
-    validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled files (source=labelled)
+    train_files: list[str] = dataclasses.field(default_factory=list)  # globs of labelled / preference files (source=labelled, preference)
+    validation_files: list[str] = dataclasses.field(default_factory=list)  # held-out labelled / preference files
     paths: list[str] = dataclasses.field(default_factory=list)  # globs of local UTF-8 text files (source=text)
     validation_paths: list[str] = dataclasses.field(default_factory=list)  # globs held out as validation (source=text)
-    validation_fraction: float = 0.0  # fraction of documents held out when validation_paths is empty (source=text)
+    validation_fraction: float = 0.0  # fraction of documents held out when validation_paths is empty (source=text; chat and preference: of the rows, when validation_files is empty)
     document_unit: str = "file"  # "file": one document per file; "paragraph": per blank-line-separated block
     name: str = ""  # TFDS catalogue name, e.g. "c4/en", "lm1b", "wikipedia/20230601.en" (source=tfds)
     data_dir: str = ""  # TFDS data_dir holding prepared datasets (local path or gs://); text source builds into it
@@ -456,6 +480,7 @@ class DataConfig:
     label_names: list[str] = dataclasses.field(default_factory=list)
     max_segments: int = 0  # classification rows packed with pack=true: at most this many examples per row (0: seq_len // 8)
     tokenizer: str = ""  # directory of a tokenizer written by `llmjax tokenizer train`
+    chat_template: str = ""  # source=chat (and preference prompts given as messages): "" = the tokenizer's own template, or a built-in name: chatml
     pack: bool = True  # pack several documents / examples per row (lm, sft, classification); False: one per row, padded
     shuffle: bool = True  # shuffle documents each epoch (training split only)
     seed: int = 0  # seed of the document shuffle
@@ -505,6 +530,12 @@ class DataConfig:
             from llmjax.data.labelled import check_labelled
 
             check_labelled(self)  # reads the files once (cached): label names, columns, rows
+        if self.source == "chat" and not (self.train_files and self.tokenizer):
+            raise ConfigError("data.source='chat' needs data.train_files (JSONL files of "
+                              '{"messages": [{"role": ..., "content": ...}]} rows) and data.tokenizer')
+        if self.source == "preference" and not self.train_files:
+            raise ConfigError("data.train_files is empty but data.source='preference'; set it to JSONL files "
+                              'of {"prompt", "chosen", "rejected"} rows, e.g. data.train_files=[pairs.jsonl].')
         if self.synthetic_vocab_size < 16:
             raise ConfigError(f"data.synthetic_vocab_size={self.synthetic_vocab_size} must be >= 16.")
         if self.synthetic_num_documents < 1:
@@ -513,8 +544,15 @@ class DataConfig:
 
 def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
     """The record fields a batch kind reads, checked to be set; raises ConfigError naming the missing key."""
+    wants = {"chat": "sft", "preference": "preference"}.get(config.source)
+    if wants and kind != wants:
+        raise ConfigError(f"data.source={config.source!r} feeds objectives whose batch kind is {wants!r} "
+                          f"({'sft' if wants == 'sft' else 'dpo, orpo, simpo'}), not {kind!r}; change "
+                          "objective.name or data.source")
     if kind in ("lm", "nsp"):
         return {"text": config.text_field}
+    if kind == "sft" and config.source == "chat":  # conversations (llmjax/data/chat.py)
+        return {"messages": "messages"}
     if kind in ("seq2seq", "sft"):
         missing = [k for k in ("input_field", "target_field") if not getattr(config, k)]
         if missing:
@@ -523,6 +561,8 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
                 "the input (prompt) and target (response) text."
             )
         return {"input": config.input_field, "target": config.target_field}
+    if kind == "preference":  # JSONL rows {"prompt", "chosen", "rejected"} (llmjax/data/preference.py)
+        return {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
     if kind == "classification":
         label = config.label_field or ("label" if config.source == "labelled" else "")
         if not label:
@@ -531,7 +571,7 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
         if config.pair_field:
             fields["pair"] = config.pair_field
         return fields
-    raise ConfigError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification.")
+    raise ConfigError(f"unknown batch kind {kind!r}; use one of lm, nsp, seq2seq, sft, classification, preference.")
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ class Counters:
     documents: int = 0
     empty_documents: int = 0  # no tokens at all: skipped
     split_documents: int = 0  # longer than a row: split into chunks (lm)
-    truncated_examples: int = 0  # longer than its fixed field: truncated (seq2seq, sft, classification, nsp)
+    truncated_examples: int = 0  # longer than its fixed field: truncated (seq2seq, sft, classification, nsp, preference)
     unpaired_documents: int = 0  # fewer than 2 tokens: no NSP pair possible
 
 
@@ -40,14 +40,15 @@ class ExampleBuilder:
     """Record -> pieces for one batch kind."""
 
     def __init__(self, kind: str, fields: dict[str, str], tokenizer: Tokenizer | None, special: SpecialTokens,
-                 seq_len: int, target_len: int, add_eos: bool, label_names: list[str]):
+                 seq_len: int, target_len: int, add_eos: bool, label_names: list[str], chat: Any = None):
         self.kind, self.fields, self.tokenizer, self.special = kind, fields, tokenizer, special
+        self.chat = chat  # a data.chat.ChatRenderer when the sft rows are conversations
         self.seq_len, self.target_len, self.add_eos = seq_len, target_len, add_eos
         self.label_ids = {name: i for i, name in enumerate(label_names)}
         self.counters = Counters()
         builders: dict[str, Callable[[dict[str, Any]], list[Piece]]] = {
             "lm": self._lm, "nsp": self._nsp, "seq2seq": self._seq2seq, "sft": self._sft,
-            "classification": self._classification,
+            "classification": self._classification, "preference": self._preference,
         }
         if kind not in builders:
             raise ValueError(f"unknown batch kind {kind!r}; use one of {sorted(builders)}.")
@@ -82,6 +83,13 @@ class ExampleBuilder:
         return [{"tokens": ids[i:i + self.seq_len]} for i in range(0, len(ids), self.seq_len)]
 
     def _sft(self, record: dict[str, Any]) -> list[Piece]:
+        if self.chat is not None:  # a whole conversation, assistant turns in the loss
+            from llmjax.data.chat import conversation_piece
+
+            ids, mask = self.chat.encode(record["messages"], record.get("where", ""))
+            piece, cut = conversation_piece(ids, mask, self.seq_len)
+            self.counters.truncated_examples += int(cut)
+            return [piece]
         prompt, response = self._ids(record, "input"), self._ids(record, "target") + self._eos()
         if len(prompt) + len(response) > self.seq_len:
             self.counters.truncated_examples += 1
@@ -94,6 +102,26 @@ class ExampleBuilder:
         tokens = np.asarray(prompt + response, np.int32)
         loss_mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)])
         return [{"tokens": tokens, "loss_mask": loss_mask}]
+
+    def _preference(self, record: dict[str, Any]) -> list[Piece]:
+        from llmjax.data.preference import pair_piece
+
+        if isinstance(record["prompt"], list) and record["prompt"] and isinstance(record["prompt"][0], dict):
+            where = record.get("where", "")  # messages: rendered with the chat template
+            prompt, chosen = self.chat.prompt_and_completion(record["prompt"], record["chosen"], where)
+            prompt_r, rejected = self.chat.prompt_and_completion(record["prompt"], record["rejected"], where)
+            if prompt_r != prompt:
+                from llmjax.errors import ConfigError
+
+                raise ConfigError(f"{where}: the template renders the prompt differently before the "
+                                 "chosen and the rejected reply; give the prompt as text instead")
+        else:
+            prompt = self._ids(record, "prompt")
+            chosen, rejected = self._ids(record, "chosen") + self._eos(), self._ids(record, "rejected") + self._eos()
+        piece, cut = pair_piece(prompt, chosen, rejected, self.seq_len)
+        if cut:
+            self.counters.truncated_examples += 1
+        return [piece]
 
     def _seq2seq(self, record: dict[str, Any]) -> list[Piece]:
         inputs, targets = self._ids(record, "input") + self._eos(), self._ids(record, "target") + self._eos()

@@ -25,10 +25,10 @@ from llmjax.data.examples import Counters, ExampleBuilder, Piece, nsp_lengths
 from llmjax.data.sources import DocumentSource, open_source
 from llmjax.data.tokenizer import SpecialTokens, Tokenizer, load_tokenizer
 
-KINDS = ("lm", "nsp", "seq2seq", "sft", "classification")
+KINDS = ("lm", "nsp", "seq2seq", "sft", "classification", "preference")
 PACKABLE = ("lm", "sft", "classification")
 _ROLES = {"lm": ("text",), "nsp": ("text",), "seq2seq": ("input", "target"), "sft": ("input", "target"),
-          "classification": ("input", "label")}
+          "classification": ("input", "label"), "preference": ("prompt", "chosen", "rejected")}
 NO_LABEL = -1  # label of an unused example slot of a packed classification row
 STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
@@ -142,8 +142,10 @@ def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int,
     Classification: labels [B] (one example per row), or [B, max_segments] when packed (the
     label of segment k+1 at k, NO_LABEL in unused slots)."""
     size = len(rows)
-    if kind in ("nsp", "seq2seq"):  # one piece per row: left-aligned fields, zero padded
-        if kind == "nsp":
+    if kind in ("nsp", "seq2seq", "preference"):  # one piece per row: left-aligned fields, zero padded
+        if kind == "preference":
+            widths = dict.fromkeys(("chosen", "chosen_mask", "rejected", "rejected_mask"), seq_len)
+        elif kind == "nsp":
             widths = dict(zip(("tokens_a", "tokens_b"), nsp_lengths(seq_len)))
         else:
             widths = {"inputs": seq_len, "targets": target_len}
@@ -182,7 +184,8 @@ def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int,
 
 def _real_tokens(kind: str, batch: dict[str, np.ndarray]) -> tuple[int, int]:
     """(non-padding tokens, token slots) of a batch, for packing efficiency."""
-    keys = {"nsp": ("tokens_a", "tokens_b"), "seq2seq": ("inputs", "targets")}.get(kind)
+    keys = {"nsp": ("tokens_a", "tokens_b"), "seq2seq": ("inputs", "targets"),
+            "preference": ("chosen_mask", "rejected_mask")}.get(kind)
     if keys:
         return sum(int(np.count_nonzero(batch[k])) for k in keys), sum(batch[k].size for k in keys)
     return int(np.count_nonzero(batch["segment_ids"])), batch["segment_ids"].size
@@ -369,10 +372,19 @@ def make_iterator(
     source = open_source(config, split, fields=list(fields.values()), first_id=special.num_special,
                          vocab_size=vocab_size or (tokenizer.vocab_size if tokenizer is not None else None))
     target = target_len or seq_len
+    chat = None
+    if config.source == "chat":
+        from llmjax.data.chat import ChatRenderer
+
+        chat = ChatRenderer(tokenizer, config.chat_template)
+    elif config.source == "preference":  # prompts given as messages need the template
+        from llmjax.data.chat import LazyChatRenderer
+
+        chat = LazyChatRenderer(tokenizer, config.chat_template)
 
     def make_builder() -> ExampleBuilder:
         return ExampleBuilder(kind, fields, tokenizer, special, seq_len, target, config.add_eos,
-                              list(config.label_names))
+                              list(config.label_names), chat)
 
     return BatchIterator(source, make_builder, kind, seq_len, target, global_batch_size, process_index,
                          process_count, shuffle=config.shuffle and split == "train", seed=config.seed,

@@ -407,4 +407,12 @@ def open_source(config: DataConfig, split: str, fields: Sequence[str] = (), firs
         from llmjax.data.labelled import open_labelled
 
         return open_labelled(config, split)
-    raise ValueError(f"data.source={config.source!r} is not one of synthetic, text, tfds, labelled.")
+    if config.source == "preference":
+        from llmjax.data.preference import open_preference
+
+        return open_preference(config, split)
+    if config.source == "chat":
+        from llmjax.data.chat import open_chat
+
+        return open_chat(config, split)
+    raise ValueError(f"data.source={config.source!r} is not one of synthetic, text, tfds, labelled, preference, chat.")

@@ -490,6 +490,11 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, [start, end) character offsets of each token) of `text` (chat loss masks)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
     def encode_pair(self, text: str, pair: Optional[str] = None) -> tuple[list[int], list[int]]:
         """(ids, token type ids) with the model's special tokens, e.g. [CLS] a [SEP] b [SEP]."""
         enc = self._tok.encode(text, pair, add_special_tokens=True)

@@ -15,9 +15,10 @@ import jax
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.api import abstract_params
 # The method modules register themselves in METHODS when imported.
-from llmjax.peft import adapters, ia3, lora, masks, prompt  # noqa: F401
+from llmjax.peft import adapters, ia3, lora, masks, prompt, quantize  # noqa: F401
 from llmjax.peft.config import PeftConfig
 from llmjax.peft.methods import METHODS, Method, register  # noqa: F401 - re-exported
+from llmjax.peft.reference import REFERENCE
 from llmjax.tree import flatten_parts, logical_names, path_str, unflatten_parts
 
 Params = dict
@@ -72,22 +73,32 @@ class ComposedPlan:
             raise ConfigError(f"peft.method={self.cfg.method!r} leaves nothing to train in this "
                               f"model; check peft.targets / peft.trainable")
         trainable.update(peft)
+        if self.cfg.base_quantization:  # QLoRA: the frozen base stored block-quantized
+            frozen = quantize.quantize_flat(frozen, self.cfg.base_quantization,
+                                            self.cfg.quantization_block)
         return unflatten_parts(trainable), unflatten_parts(frozen)
 
     def merge(self, trainable: Params, frozen: Params) -> Params:
         """The parameters the model applies: base leaves (trainable win) + PEFT transforms.
 
         Also turns an adapter-only tree plus a full base tree into merged parameters.
+        A dpo reference copy in `frozen` (peft/reference.py) is not part of the model.
         """
+        frozen = {k: v for k, v in frozen.items() if k != REFERENCE}
         flat_t = flatten_parts(trainable)
         peft = {p: v for p, v in flat_t.items() if self.owns(p)}
         flat = dict(flatten_parts(frozen))
+        if self.cfg.base_quantization:  # dequantized here, inside the jitted step
+            flat = quantize.dequantize_flat(flat, self.cfg.base_quantization,
+                                            self.cfg.quantization_block)
         flat.update({p: v for p, v in flat_t.items() if p not in peft})
         for method in self.methods:
             flat = method.apply(flat, peft)
         return unflatten_parts(flat)
 
     def axes(self, path: tuple, shape: tuple) -> Optional[tuple]:
+        if path and path[-1] in (quantize.CODES, quantize.SCALE):
+            return quantize.axes(path, shape, self.names())
         for method in self.methods:
             if method.owns(path):
                 return method.axes(path, shape, self.names())
@@ -127,7 +138,7 @@ class FullPlan(ComposedPlan):
         return params, {}
 
     def merge(self, trainable: Params, frozen: Params) -> Params:
-        if not frozen:
+        if not frozen or list(frozen) == [REFERENCE]:
             return trainable
         return super().merge(trainable, frozen)
 

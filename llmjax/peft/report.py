@@ -48,7 +48,7 @@ def summary(trainable: Any, frozen: Any, opt_state: Optional[Any] = None,
         g = group_of(path)
         groups[g] = groups.get(g, 0) + math.prod(leaf.shape)
         examples.setdefault(g, path_str(path))
-    n_train, n_frozen = count(trainable), count(frozen)
+    n_train, n_frozen = count(trainable), base_count(frozen)
     total = max(n_train + n_frozen, 1)
     pct = lambda n: f"{100.0 * n / total:.3g}%"  # noqa: E731
     head = f"peft {method}: " if method else "peft: "
@@ -67,6 +67,21 @@ def summary(trainable: Any, frozen: Any, opt_state: Optional[Any] = None,
     lines.append(f"  optimizer state {_human(opt)} ({how}); full fine-tuning with Adam: "
                  f"~{_human(full)}")
     return "\n".join(lines)
+
+
+def base_count(frozen: Any) -> int:
+    """Frozen parameters as the model sees them: a QLoRA-quantized leaf counts its weights
+    (codes hold two nf4 weights per byte; scales are not parameters), a dpo reference copy
+    (peft/reference.py) is not counted."""
+    from llmjax.peft.quantize import CODES, SCALE
+    from llmjax.peft.reference import REFERENCE
+    n = 0
+    for path, leaf in flatten_parts(frozen).items():
+        if path[0] == REFERENCE or path[-1] == SCALE:
+            continue
+        size = math.prod(leaf.shape)
+        n += 2 * size if path[-1] == CODES and str(leaf.dtype) == "uint8" else size
+    return n
 
 
 def _human(n: float) -> str:

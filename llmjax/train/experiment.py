@@ -109,6 +109,9 @@ def build(config: Config, devices=None, special: Optional[SpecialTokens] = None)
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} leaves no room beside "
                           f"{special.num_special} special tokens")
     objective = objectives.build(config.objective, model_cfg, special)
+    if getattr(objective, "needs_reference", False):  # dpo: the plan also yields the reference
+        from llmjax.peft.reference import ReferencePlan
+        plan = ReferencePlan(plan, config.objective.reference)
     check_num_labels(config.data, model_cfg)  # the classifier head fits the data's label names
     if config.train.logits_chunk and model_cfg.architecture == "encoder":
         raise ConfigError("train.logits_chunk chunks the LM head of decoders and encoder-"

@@ -37,15 +37,29 @@ def forward(model, params, batch: Batch, logits_chunk: int = 0, **kwargs) -> dic
     return {**outputs, "logits": ChunkedLogits(outputs["hidden"], head, logits_chunk)}
 
 
+def with_reference(outputs: dict, model, plan, objective, trainable, frozen, batch: Batch,
+                   logits_chunk: int) -> dict:
+    """outputs plus outputs["reference"]: the reference model's outputs (no dropout, no
+    gradients) when the objective compares against one (dpo; llmjax/peft/reference.py)."""
+    if not getattr(objective, "needs_reference", False):
+        return outputs
+    ref = forward(model, plan.reference(trainable, frozen), batch, logits_chunk,
+                  deterministic=True)
+    return {**outputs, "reference": ref}
+
+
 def weighted_loss(terms: dict, totals: dict, weights: dict) -> jax.Array:
-    """sum over terms of weight * loss_sum / global count."""
+    """sum over terms of weight * loss_sum / global count (report-only terms have no weight)."""
     return sum(weights[name] * term.loss_sum / jnp.maximum(totals[name], 1.0)
-               for name, term in terms.items())
+               for name, term in terms.items() if name in weights)
 
 
-def term_metrics(terms: dict, totals: dict) -> dict[str, jax.Array]:
+def term_metrics(terms: dict, totals: dict, reports=()) -> dict[str, jax.Array]:
     out = {}
     for name, term in terms.items():
+        if name in reports:  # a mean logged beside the loss (dpo rewards)
+            out[name] = term.loss_sum / jnp.maximum(totals[name], 1.0)
+            continue
         out[f"{name}_loss"] = term.loss_sum / jnp.maximum(totals[name], 1.0)
         if not name.startswith("router_"):  # MoE router losses have no accuracy
             out[f"{name}_accuracy"] = term.correct / jnp.maximum(totals[name], 1.0)
@@ -75,6 +89,8 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
         params = plan.merge(trainable, frozen)
         outputs = forward(model, params, micro, logits_chunk, deterministic=False,
                           rngs={"dropout": rng})
+        outputs = with_reference(outputs, model, plan, objective, trainable, frozen, micro,
+                                 logits_chunk)
         terms = objective.loss(outputs, micro)
         stats = {k: v for k, v in outputs.get("router", {}).items() if k in ROUTER_SUMS}
         return weighted_loss(terms, totals, objective.term_weights), (terms, stats)
@@ -112,7 +128,7 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
                 return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm,
-                   "learning_rate": schedule(state.step), **term_metrics(terms, totals),
+                   "learning_rate": schedule(state.step), **term_metrics(terms, totals, getattr(objective, "reports", ())),
                    "tokens": jnp.sum(batch.get("segment_ids", batch["tokens"]) != 0),
                    "nonfinite": (~finite).astype(jnp.int32), **router_metrics(stats)}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -129,7 +145,10 @@ def make_eval_step(model, objective: Objective, plan, logits_chunk: int = 0) -> 
         batch = objective.prepare(batch, rng)
         params = plan.merge(state.params, state.frozen)
         outputs = forward(model, params, batch, logits_chunk, deterministic=True)
-        return {name: tuple(term) for name, term in objective.loss(outputs, batch).items()}
+        outputs = with_reference(outputs, model, plan, objective, state.params, state.frozen,
+                                 batch, logits_chunk)
+        return {name: tuple(term) for name, term in objective.loss(outputs, batch).items()
+                if name in objective.term_weights}
 
     return eval_step
 
