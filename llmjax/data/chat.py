@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from llmjax import paths
 from llmjax.data.chat_template import render_chat_template
+from llmjax.data.jsonl_rows import json_lines
 from llmjax.errors import ConfigError, ConversionError
 
 # A ChatML template for models trained with llmjax (its tokenizers have no template).
@@ -38,17 +38,9 @@ ROLES = ("system", "user", "assistant", "tool")
 
 def read_conversations(path: str) -> list[dict[str, Any]]:
     """The checked rows of one JSONL file, each {"messages": [...], "where": "file line n"}."""
-    raw = paths.resolve(path, check_bucket=False).read_bytes().decode("utf-8-sig")
     rows = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: not JSON ({err.msg}); write one object per line, "
-                              '{"messages": [{"role": "user", "content": "..."}, ...]}') from None
+    example = '{"messages": [{"role": "user", "content": "..."}, ...]}'
+    for where, record in json_lines(path, example):
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages:
             raise ConfigError(f"{where}: no 'messages' list; a chat row is "

@@ -27,6 +27,21 @@ class RowSource:
         return f"RowSource({self.description}, {len(self)} rows)"
 
 
+def json_lines(path: str, example: str):
+    """(where, record) for each non-blank line of one JSONL file; `where` is "file line n".
+    A line that is not JSON is a ConfigError showing `example`, the row format expected."""
+    raw = paths.resolve(path, check_bucket=False).read_bytes().decode("utf-8-sig")
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: not JSON ({err.msg}); write one object per line, "
+                              f"{example}") from None
+
+
 def _held_out(row: dict[str, Any], fraction: float) -> bool:
     """A stable share of the rows, chosen by a hash of their content."""
     text = json.dumps({k: v for k, v in row.items() if k != "where"}, sort_keys=True)

@@ -14,12 +14,11 @@ A pair becomes one row of the "preference" batch kind: `chosen` and `rejected` t
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
-from llmjax import paths
+from llmjax.data.jsonl_rows import json_lines
 from llmjax.errors import ConfigError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -28,17 +27,8 @@ KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")  # host batch arra
 
 def read_pairs(path: str) -> list[dict[str, Any]]:
     """The checked rows of one JSONL file, each with its "where" ("file line n")."""
-    raw = paths.resolve(path, check_bucket=False).read_bytes().decode("utf-8-sig")
     rows = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: not JSON ({err.msg}); write one object per line, "
-                              '{"prompt": ..., "chosen": ..., "rejected": ...}') from None
+    for where, record in json_lines(path, '{"prompt": ..., "chosen": ..., "rejected": ...}'):
         if not isinstance(record, dict):
             raise ConfigError(f"{where}: a JSON {type(record).__name__}, not an object")
         missing = [f for f in FIELDS if f not in record]
