@@ -259,7 +259,9 @@ class ObjectiveConfig:
     simpo_gamma: float = 0.5  # simpo: target reward margin
     # dpo's reference model: "adapter" (the base with the PEFT delta switched off: needs a
     # peft method whose delta is a parameter transform, e.g. lora; no second copy of the
-    # weights) or "copy" (a frozen copy of the initial parameters, kept in the train state)
+    # weights), "copy" (a frozen copy of the initial parameters, kept in the train state) or
+    # "cached" (the initial parameters' log-probs of every pair, computed once before step 0
+    # and stored in train.run_dir/reference_logprobs/: no reference forward, no reference weights)
     reference: str = "adapter"
 
     def validate(self) -> None:
@@ -277,8 +279,9 @@ class ObjectiveConfig:
                               f"{len(names)} objectives in objective.name={self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.reference not in ("adapter", "copy"):
-            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter' or 'copy'")
+        if self.reference not in ("adapter", "copy", "cached"):
+            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter', 'copy' "
+                              "or 'cached'")
 
 
 @dataclasses.dataclass

@@ -346,3 +346,134 @@ def test_source_and_objective_must_agree(pairs_file):
     cfg = config(pairs_file)
     with pytest.raises(ConfigError, match="data.source='preference' feeds objectives"):
         make_iterator(cfg.data, "lm", SEQ, 2, process_index=0, process_count=1)
+
+
+# ------------------------------------------------------------------ cached reference (mode iii)
+
+
+@pytest.fixture(scope="module")
+def cached_run(pairs_file, copy_run, tmp_path_factory):
+    """reference=cached on the copy run's model and initial state (less its reference copy):
+    the scores computed once into a run directory, attached to fresh batches."""
+    from llmjax.peft.reference import without_reference
+    from llmjax.train import reference_cache
+    cfg = config(pairs_file, reference="cached")
+    cfg.train.run_dir = str(tmp_path_factory.mktemp("cached-run"))
+    cfg.train.eval_steps = 0  # train split only
+    exp = build(cfg, devices=jax.devices()[:1])
+    shardings = exp.state_shardings()
+    state = host_copy(copy_run.state)
+    state = state.replace(frozen=without_reference(state.frozen))
+    assert jax.tree.structure(state) == jax.tree.structure(exp.abstract_state())
+    reference_cache.prepare(exp, state, cfg.train.run_dir, resumed=False, progress=False)
+    run = Run.__new__(Run)
+    run.exp, run.shardings, run.state = exp, shardings, state
+    run.batches = fresh_batches(exp)
+    run.first = next(run.batches)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in run.first.items()}
+    run.compiled = exp.train_step(run.first.keys(), shardings).lower(
+        exp.abstract_state(), spec).compile(FAST_COMPILE)
+    return run
+
+
+def fresh_batches(exp):
+    from llmjax.train.evaluate import data_iterator
+    return data_iterator(exp, "train")
+
+
+def test_cached_reference_equals_copy_reference(cached_run, copy_run):
+    """The same steps from the same initial parameters: the cached scores give the losses,
+    rewards and updated parameters of the in-step frozen copy; step 0 is ln 2."""
+    assert set(cached_run.first) == {"chosen", "chosen_mask", "rejected", "rejected_mask",
+                                     "ref_chosen", "ref_rejected"}
+    assert cached_run.first["ref_chosen"].dtype == np.float32
+    copy_batches = make_iterator(copy_run.exp.config.data, "preference", SEQ, BATCH)
+    cached_batches = fresh_batches(cached_run.exp)
+    a, b = host_copy(copy_run.state), host_copy(cached_run.state)
+    for step in range(4):
+        copy_batch, cached_batch = next(copy_batches), next(cached_batches)
+        assert all(np.array_equal(copy_batch[k], cached_batch[k]) for k in copy_batch)
+        a, ma = copy_run.compiled(a, copy_run.put(copy_batch))
+        b, mb = cached_run.compiled(b, cached_run.put(cached_batch))
+        ma, mb = host(ma), host(mb)
+        if step == 0:
+            assert float(mb["dpo_loss"]) == pytest.approx(math.log(2), abs=1e-7)
+            assert f"{float(mb['dpo_loss']):.6f}" == "0.693147"
+            assert abs(float(mb["reward_margin"])) < 1e-6
+        for name in ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "loss"):
+            assert float(mb[name]) == pytest.approx(float(ma[name]), abs=1e-6), (step, name)
+    assert float(mb["dpo_loss"]) < math.log(2) - 1e-3  # it trained
+
+
+def test_cached_reference_holds_no_reference_params(cached_run, copy_run):
+    """The compiled step's arguments: the state (params + two Adam moments, no reference
+    copy) and the batch; the copy reference's are one parameter set larger."""
+    def nbytes(tree):
+        return sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")
+                   and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+    params = nbytes(cached_run.state.params)
+    assert REFERENCE not in cached_run.state.frozen and not cached_run.exp.objective.needs_reference
+    batch = sum(v.nbytes for v in cached_run.first.values())
+    args = cached_run.compiled.memory_analysis().argument_size_in_bytes
+    assert args <= 3 * params + batch + 1024, (args, params, batch)
+    copy_args = copy_run.compiled.memory_analysis().argument_size_in_bytes
+    assert copy_args - args >= params - 8 * BATCH - 1024
+
+
+def test_cached_reference_file_reuse_and_stale_detection(cached_run, pairs_file, tmp_path,
+                                                         monkeypatch, caplog):
+    """The file is reused when data and initial parameters fit (also on resume); other
+    initial parameters are detected and recomputed; a resumed run with other data is
+    refused naming the file."""
+    from llmjax.checkpoint import CheckpointError
+    from llmjax.train import reference_cache
+    exp, state = cached_run.exp, cached_run.state
+    run_dir = exp.config.train.run_dir
+    path = reference_cache.cache_path(run_dir, "train")
+    saved = reference_cache.read(path)
+    assert saved["chosen"].shape == (64,) and np.all(saved["chosen"] < 0)
+
+    def no_compute(*args):
+        raise AssertionError("recomputed a valid cache")
+    with monkeypatch.context() as patch:  # fitting file: read, not computed (fresh and resumed)
+        patch.setattr(reference_cache, "compute", no_compute)
+        for resumed in (False, True):
+            exp.reference_logprobs.clear()
+            reference_cache.prepare(exp, state, run_dir, resumed=resumed, progress=False)
+            np.testing.assert_array_equal(exp.reference_logprobs["train"]["ref_chosen"],
+                                          saved["chosen"])
+    # other initial parameters: a fresh run recomputes and replaces the file
+    moved = state.replace(params=jax.tree.map(lambda x: x * 1.01, state.params))
+    exp.reference_logprobs.clear()
+    with caplog.at_level("WARNING"):
+        reference_cache.prepare(exp, moved, run_dir, resumed=False, progress=False)
+    assert f"{path} was computed for other initial parameters" in caplog.text
+    again = reference_cache.read(path)
+    assert again["params"] != saved["params"] and again["data"] == saved["data"]
+    assert not np.allclose(again["chosen"], saved["chosen"])
+    # other data (one pair fewer) on resume: refused, naming the file
+    rows = open(pairs_file).read().splitlines()[1:]
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(rows) + "\n")
+    cfg = config(str(other), reference="cached")
+    cfg.train.run_dir, cfg.train.eval_steps = run_dir, 0
+    other_exp = build(cfg, devices=jax.devices()[:1])
+    with pytest.raises(CheckpointError, match=f"{path}: computed for other data"):
+        reference_cache.prepare(other_exp, state, run_dir, resumed=True, progress=False)
+
+
+def test_params_fingerprint_is_exact_and_mesh_independent():
+    """The uint32 sums are the same for a leaf on one device and sharded over 8, and change
+    with a single flipped bit."""
+    from llmjax.train.reference_cache import _leaf_sums
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 24)), jnp.float32)
+    one = np.asarray(jax.jit(_leaf_sums)(x))
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("d")))
+    assert np.array_equal(np.asarray(jax.jit(_leaf_sums)(sharded)), one)
+    flipped = np.asarray(x).copy().view(np.uint32)
+    flipped[3, 5] ^= 1
+    assert not np.array_equal(np.asarray(jax.jit(_leaf_sums)(jnp.asarray(flipped.view(np.float32)))), one)
+    swapped = np.asarray(x).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert not np.array_equal(np.asarray(jax.jit(_leaf_sums)(jnp.asarray(swapped))), one)
