@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -351,15 +352,35 @@ def test_source_and_objective_must_agree(pairs_file):
 # ------------------------------------------------------------------ cached reference (mode iii)
 
 
+def cached_config(pairs_file, run_dir, steps: int):
+    """reference=cached, validation on the same pairs; the trainer test's settings (the
+    fixture compiles the trainer's programs, so the trainer finds them in the cache)."""
+    c = config(pairs_file, reference="cached")
+    c.data.validation_files = [pairs_file]
+    c.train.steps, c.train.log_every, c.train.eval_steps = steps, 1, 1
+    c.train.run_dir, c.train.progress, c.train.tensorboard = str(run_dir), False, False
+    c.train.plot, c.checkpoint.every, c.checkpoint.async_save = False, 2, False
+    return c
+
+
 @pytest.fixture(scope="module")
-def cached_run(pairs_file, copy_run, tmp_path_factory):
+def cached_trained(pairs_file, tmp_path_factory):
+    """`llmjax train` with reference=cached, 2 steps (its programs land in the compilation
+    cache, where cached_run finds them)."""
+    from llmjax.train.trainer import train as run_train
+    run_dir = tmp_path_factory.mktemp("cached-trained")
+    result = run_train(cached_config(pairs_file, run_dir, 2), devices=jax.devices()[:1])
+    assert result.step == 2
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def cached_run(pairs_file, copy_run, cached_trained, tmp_path_factory):
     """reference=cached on the copy run's model and initial state (less its reference copy):
     the scores computed once into a run directory, attached to fresh batches."""
     from llmjax.peft.reference import without_reference
     from llmjax.train import reference_cache
-    cfg = config(pairs_file, reference="cached")
-    cfg.train.run_dir = str(tmp_path_factory.mktemp("cached-run"))
-    cfg.train.eval_steps = 0  # train split only
+    cfg = cached_config(pairs_file, tmp_path_factory.mktemp("cached-run"), steps=2)
     exp = build(cfg, devices=jax.devices()[:1])
     shardings = exp.state_shardings()
     state = host_copy(copy_run.state)
@@ -370,9 +391,8 @@ def cached_run(pairs_file, copy_run, tmp_path_factory):
     run.exp, run.shardings, run.state = exp, shardings, state
     run.batches = fresh_batches(exp)
     run.first = next(run.batches)
-    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in run.first.items()}
     run.compiled = exp.train_step(run.first.keys(), shardings).lower(
-        exp.abstract_state(), spec).compile(FAST_COMPILE)
+        state, run.put(run.first)).compile()  # as the trainer compiles it
     return run
 
 
@@ -381,28 +401,68 @@ def fresh_batches(exp):
     return data_iterator(exp, "train")
 
 
-def test_cached_reference_equals_copy_reference(cached_run, copy_run):
-    """The same steps from the same initial parameters: the cached scores give the losses,
-    rewards and updated parameters of the in-step frozen copy; step 0 is ln 2."""
+COMPARED = ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "loss")
+
+
+@pytest.fixture(scope="module")
+def copy_steps(copy_run):
+    """(state before, metrics) of the copy reference's first 4 steps on a fresh iterator."""
+    batches = make_iterator(copy_run.exp.config.data, "preference", SEQ, BATCH)
+    state, history = host_copy(copy_run.state), []
+    for _ in range(4):
+        before = host_copy(state)
+        state, metrics = copy_run.compiled(state, copy_run.put(next(batches)))
+        history.append((before, host(metrics)))
+    return history
+
+
+def test_cached_reference_equals_copy_reference(cached_run, copy_steps):
+    """Steps 0-3 of the copy reference's run, each also taken with the cached scores from the
+    same policy state: the same losses and rewards within 1e-6 (the reference scores agree);
+    step 0 is ln 2."""
+    from llmjax.peft.reference import without_reference
     assert set(cached_run.first) == {"chosen", "chosen_mask", "rejected", "rejected_mask",
                                      "ref_chosen", "ref_rejected"}
     assert cached_run.first["ref_chosen"].dtype == np.float32
-    copy_batches = make_iterator(copy_run.exp.config.data, "preference", SEQ, BATCH)
-    cached_batches = fresh_batches(cached_run.exp)
-    a, b = host_copy(copy_run.state), host_copy(cached_run.state)
-    for step in range(4):
-        copy_batch, cached_batch = next(copy_batches), next(cached_batches)
-        assert all(np.array_equal(copy_batch[k], cached_batch[k]) for k in copy_batch)
-        a, ma = copy_run.compiled(a, copy_run.put(copy_batch))
-        b, mb = cached_run.compiled(b, cached_run.put(cached_batch))
-        ma, mb = host(ma), host(mb)
-        if step == 0:
-            assert float(mb["dpo_loss"]) == pytest.approx(math.log(2), abs=1e-7)
-            assert f"{float(mb['dpo_loss']):.6f}" == "0.693147"
-            assert abs(float(mb["reward_margin"])) < 1e-6
-        for name in ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "loss"):
-            assert float(mb[name]) == pytest.approx(float(ma[name]), abs=1e-6), (step, name)
-    assert float(mb["dpo_loss"]) < math.log(2) - 1e-3  # it trained
+    batches = fresh_batches(cached_run.exp)
+    for step, (before, expected) in enumerate(copy_steps):
+        state = before.replace(frozen=without_reference(before.frozen))
+        _, metrics = cached_run.compiled(state, cached_run.put(next(batches)))
+        metrics = host(metrics)
+        if step == 0:  # (not to the bit: the scores come from another compiled program)
+            assert float(metrics["dpo_loss"]) == pytest.approx(math.log(2), abs=5e-7)
+            assert f"{float(metrics['dpo_loss']):.6f}" == "0.693147"
+            assert abs(float(metrics["reward_margin"])) < 1e-6
+        for name in COMPARED:
+            assert float(metrics[name]) == pytest.approx(float(expected[name]), abs=1e-6), (
+                step, name)
+    assert float(metrics["dpo_loss"]) < math.log(2) - 1e-3  # it trained
+
+
+def test_cached_reference_through_the_trainer_resumes_exactly(pairs_file, cached_trained,
+                                                              copy_steps, caplog):
+    """llmjax train with reference=cached, stopped after 2 steps and resumed to 4: the
+    resumed run reads the files (no recompute) and follows the copy reference's run. (Within
+    1e-4, not 1e-6: the trainer compiles with other XLA options than copy_run, and Adam's
+    first step, lr * sign(g), turns 1e-7 gradient noise into whole-lr differences.)"""
+    from llmjax.metrics import read_metrics
+    from llmjax.train import reference_cache
+    from llmjax.train.trainer import train as run_train
+
+    run_dir = cached_trained
+    assert sorted(os.listdir(run_dir / reference_cache.CACHE_DIR)) == ["train.npz",
+                                                                        "validation.npz"]
+    with caplog.at_level("INFO"):
+        result = run_train(cached_config(pairs_file, run_dir, 4), devices=jax.devices()[:1])
+    assert result.resumed_from == 2 and result.step == 4
+    assert "written to" not in caplog.text and "64 train pairs read from" in caplog.text
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "eval"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["dpo_loss"] == pytest.approx(math.log(2), abs=5e-7)
+    for row, (_, expected) in zip(rows, copy_steps):
+        for name in COMPARED:
+            assert row[name] == pytest.approx(float(expected[name]), abs=1e-4), (row["step"], name)
+    assert math.isfinite(result.eval_metrics["dpo_loss"])
 
 
 def test_cached_reference_holds_no_reference_params(cached_run, copy_run):

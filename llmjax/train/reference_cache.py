@@ -78,6 +78,7 @@ def prepare(exp, state, run_dir, resumed: bool, progress: bool = True) -> None:
 
     show = progress and jax.process_index() == 0
     params_key: Optional[str] = None
+    scores = score_fn(exp)  # one compile for every split (same batch shape)
     for split in splits(exp.config):
         it = data_iterator(exp, split, reference=False)
         try:
@@ -94,6 +95,8 @@ def prepare(exp, state, run_dir, resumed: bool, progress: bool = True) -> None:
                         "parameters are gone): restore the file and the run's data, or start "
                         "a new run (another train.run_dir)")
                 values = saved
+                log.info("reference log-probs of %d %s pairs read from %s", it.num_documents,
+                         split, path)
             else:
                 if params_key is None:
                     params_key = params_fingerprint(exp, state)
@@ -109,7 +112,7 @@ def prepare(exp, state, run_dir, resumed: bool, progress: bool = True) -> None:
                                    ("initial parameters", saved["params"], params_key)) if a != b]
                         log.warning("%s was computed for other %s: recomputing it", path,
                                     " and ".join(changed) or "settings")
-                    chosen, rejected = compute(exp, state, it, split, show)
+                    chosen, rejected = compute(exp, state, it, split, show, scores)
                     values = {"chosen": chosen, "rejected": rejected}
                     if jax.process_index() == 0:
                         write(path, chosen, rejected, data_key, params_key)
@@ -210,23 +213,29 @@ def params_fingerprint(exp, state) -> str:
 # ---------------------------------------------------------------- computing
 
 
-def compute(exp, state, it, split: str, show: bool) -> tuple[np.ndarray, np.ndarray]:
+def score_fn(exp):
+    """jit (trainable, frozen, batch) -> (chosen, rejected) scores [B], replicated: the merged
+    parameters' summed completion log-probs, no dropout."""
+    objective, plan, model = exp.objective, exp.plan, exp.model
+
+    def scores(trainable, frozen, batch):
+        batch = objective.prepare(batch, jax.random.key(0))  # (preference: no randomness)
+        outputs = forward(model, plan.merge(trainable, frozen), batch,
+                          exp.config.train.logits_chunk, deterministic=True)
+        return objective.reference_scores(outputs, batch)
+
+    replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(scores, out_shardings=(replicated, replicated))
+
+
+def compute(exp, state, it, split: str, show: bool, fn=None) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) reference scores of every pair of the split, float32 [N]: the
     state's merged parameters, no dropout, batches of train.batch_size pairs on the mesh."""
     import flax.linen as nn
     from tqdm import tqdm
 
     cfg = exp.config
-    objective, plan, model = exp.objective, exp.plan, exp.model
-
-    def scores(trainable, frozen, batch):
-        batch = objective.prepare(batch, jax.random.key(0))  # (preference: no randomness)
-        outputs = forward(model, plan.merge(trainable, frozen), batch, cfg.train.logits_chunk,
-                          deterministic=True)
-        return objective.reference_scores(outputs, batch)
-
-    replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
-    fn = jax.jit(scores, out_shardings=(replicated, replicated))
+    fn = fn or score_fn(exp)
     sharding = parallel.batch_sharding(exp.mesh)
     size, n = cfg.train.batch_size, it.num_documents
     local = size // jax.process_count()
