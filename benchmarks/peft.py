@@ -4,6 +4,7 @@ bytes, step time.
     python benchmarks/peft.py                      # full, lora (r=8, attention q/v), ia3, prompt
     python benchmarks/peft.py --methods lora ia3 --steps 20 --devices 1
     python benchmarks/peft.py --methods full lora qlora      # QLoRA: the same LoRA on an NF4 base
+    python benchmarks/peft.py --methods qlora qlora_dq       # ... with double quantization
     python benchmarks/peft.py --methods full lora --objective dpo   # DPO vs SFT: --objective sft
     python benchmarks/peft.py --model smollm2 --methods full lora qlora --seq-len 128 --batch 2 --steps 3
 
@@ -24,6 +25,8 @@ METHODS = {
     "lora": {"method": "lora", "rank": 8, "alpha": 16, "targets": "attention/(query|value)/"},
     "qlora": {"method": "lora", "rank": 8, "alpha": 16, "targets": "attention/(query|value)/",
               "base_quantization": "nf4", "quantization_block": 64},
+    "qlora_dq": {"method": "lora", "rank": 8, "alpha": 16, "targets": "attention/(query|value)/",
+                 "base_quantization": "nf4", "quantization_block": 64, "double_quantization": True},
     "ia3": {"method": "ia3"},
     "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 20},
     "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 20},
@@ -79,8 +82,12 @@ def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
     from llmjax.peft.report import base_count, count, nbytes
     from llmjax.train.experiment import build
 
-    model = {"preset": "smollm2-135m"} if init_from else MODEL
-    vocab = 49152 if init_from else MODEL["vocab_size"]
+    model = MODEL
+    if init_from:  # the export's own model section (the GGUF's values, e.g. its norm_eps)
+        import yaml
+        from pathlib import Path
+        model = yaml.safe_load((Path(init_from) / "config.yaml").read_text())["model"]
+    vocab = model["vocab_size"]
     data = {"source": "synthetic", "synthetic_vocab_size": vocab}
     objective_cfg = {"name": objective}
     if objective == "dpo":  # reference: the base without the delta, else a frozen copy
