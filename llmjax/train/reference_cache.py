@@ -32,6 +32,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -76,7 +77,8 @@ def prepare(exp, state, run_dir, resumed: bool, progress: bool = True) -> None:
         return
     from llmjax.train.evaluate import data_iterator  # (evaluate attaches what this fills)
 
-    show = progress and jax.process_index() == 0
+    # a bar on a terminal (as the trainer's); log lines otherwise
+    show = progress and jax.process_index() == 0 and sys.stderr.isatty()
     params_key: Optional[str] = None
     scores = score_fn(exp)  # one compile for every split (same batch shape)
     for split in splits(exp.config):
@@ -112,6 +114,9 @@ def prepare(exp, state, run_dir, resumed: bool, progress: bool = True) -> None:
                                    ("initial parameters", saved["params"], params_key)) if a != b]
                         log.warning("%s was computed for other %s: recomputing it", path,
                                     " and ".join(changed) or "settings")
+                    if jax.process_index() == 0:
+                        log.info("computing the reference log-probs of %d %s pairs (one "
+                                 "forward pass over them) ...", it.num_documents, split)
                     chosen, rejected = compute(exp, state, it, split, show, scores)
                     values = {"chosen": chosen, "rejected": rejected}
                     if jax.process_index() == 0:
