@@ -6,6 +6,7 @@ bytes, step time.
     python benchmarks/peft.py --methods full lora qlora      # QLoRA: the same LoRA on an NF4 base
     python benchmarks/peft.py --methods qlora qlora_dq       # ... with double quantization
     python benchmarks/peft.py --methods full lora --objective dpo   # DPO vs SFT: --objective sft
+    python benchmarks/peft.py --methods full --objective dpo --reference cached
     python benchmarks/peft.py --model smollm2 --methods full lora qlora --seq-len 128 --batch 2 --steps 3
 
 Reference GPT: 6 layers, d_model 384, 6 heads, d_ff 1536, vocab 8192, seq 256, batch 8,
@@ -73,7 +74,7 @@ def smollm2_export(gguf: str = "") -> str:
 
 
 def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
-        objective: str = "clm", init_from: str = "") -> dict:
+        objective: str = "clm", init_from: str = "", reference: str = "") -> dict:
     import jax
 
     from llmjax.config import from_dict
@@ -92,7 +93,7 @@ def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
     objective_cfg = {"name": objective}
     if objective == "dpo":  # reference: the base without the delta, else a frozen copy
         data = {"source": "preference", "train_files": [preference_file(seq_len, vocab)]}
-        objective_cfg["reference"] = "copy" if method == "full" else "adapter"
+        objective_cfg["reference"] = reference or ("copy" if method == "full" else "adapter")
     config = from_dict({"model": model, "objective": objective_cfg,
                         "mesh": {"data": devices},
                         "data": data,
@@ -105,8 +106,19 @@ def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
         state, _ = load(exp, init_from)
     else:
         state = exp.init_state()
-    it = make_iterator(config.data, exp.objective.batch_kind, seq_len, batch,
-                       vocab_size=config.model.vocab_size)
+    if reference == "cached":  # the scores once, before the timed steps (timed on their own)
+        import tempfile
+        from llmjax.train import reference_cache
+        from llmjax.train.evaluate import data_iterator
+        config.train.eval_steps = 0
+        t0 = time.perf_counter()
+        reference_cache.prepare(exp, state, tempfile.mkdtemp(), resumed=False, progress=False)
+        precompute_s = time.perf_counter() - t0
+        it = data_iterator(exp, "train")
+    else:
+        precompute_s = 0.0
+        it = make_iterator(config.data, exp.objective.batch_kind, seq_len, batch,
+                           vocab_size=config.model.vocab_size)
     host = next(it)
     step = exp.train_step(host.keys())
     data = to_global(host, next(iter(exp.batch_shardings(host.keys()).values())))
@@ -126,7 +138,8 @@ def run(method: str, steps: int, devices: int, seq_len: int, batch: int,
     return {"method": method, "trainable": trainable, "total": trainable + frozen,
             "param_bytes": nbytes(state.params) + nbytes(state.frozen),
             "opt_bytes": nbytes(state.opt_state), "step_ms": 1e3 * statistics.median(times),
-            "compile_s": compile_s, "loss": float(metrics["loss"])}
+            "compile_s": compile_s, "loss": float(metrics["loss"]),
+            "reference": objective_cfg.get("reference", ""), "precompute_s": precompute_s}
 
 
 def main() -> None:
@@ -139,6 +152,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--objective", default="clm", choices=["clm", "sft", "dpo"],
                         help="dpo: pairs of batch rows (2x the sequences) plus the reference")
+    parser.add_argument("--reference", default="", choices=["", "adapter", "copy", "cached"],
+                        help="dpo's reference (default: copy for full, adapter otherwise)")
     parser.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
                         help="gpt: the reference GPT, random init; smollm2: SmolLM2-135M's "
                              "real weights (from its GGUF, converted once)")
@@ -150,8 +165,8 @@ def main() -> None:
     print(f"{args.model}: backend {jax.default_backend()}, {args.devices} device(s), seq "
           f"{args.seq_len}, batch {args.batch}, {args.steps} timed steps, objective "
           f"{args.objective}")
-    rows = [run(m, args.steps, args.devices, args.seq_len, args.batch, args.objective, init_from)
-            for m in args.methods]
+    rows = [run(m, args.steps, args.devices, args.seq_len, args.batch, args.objective, init_from,
+                args.reference) for m in args.methods]
     full = next((r for r in rows if r["method"] == "full"), None)
     print("| method | trainable params | % of total | parameter bytes | optimizer state | vs full | "
           "step time (ms) | vs full | compile (s) |")
@@ -162,6 +177,10 @@ def main() -> None:
         print(f"| {r['method']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f}% "
               f"| {r['param_bytes'] / 2**20:.2f} MiB | {r['opt_bytes'] / 2**20:.2f} MiB | {rel_opt} | {r['step_ms']:.1f} | {rel_t} "
               f"| {r['compile_s']:.1f} |")
+    for r in rows:
+        if r["reference"] == "cached":
+            print(f"{r['method']}: reference log-probs of the data computed in "
+                  f"{r['precompute_s']:.1f} s before the first step")
 
 
 if __name__ == "__main__":
