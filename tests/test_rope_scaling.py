@@ -146,3 +146,62 @@ def test_unsupported_hf_rope_is_a_conversion_error(hf, message):
 def test_bad_rope_scaling_config_names_the_key(fields, key):
     with pytest.raises(ConfigError, match=key):
         model_config("llama-tiny", **fields).validate()
+
+
+def _gguf_config(path, scaling: dict, freqs=None):
+    """gguf_config of a header-only llama GGUF (head_dim 8, theta 5e5) with rope metadata."""
+    gguf = pytest.importorskip("gguf")
+    from llmjax.convert.gguf import _reader, gguf_config, gguf_tensors
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("embedding_length", 32), ("block_count", 1), ("feed_forward_length", 48),
+                       ("attention.head_count", 4), ("context_length", 131072),
+                       ("vocab_size", V)]:
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", 5e5)
+    for key, value in scaling.items():
+        (w.add_string if isinstance(value, str) else w.add_float32)(f"llama.rope.scaling.{key}",
+                                                                    value)
+    if freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(freqs, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = _reader(path)
+    cfg = gguf_config(reader)
+    assert not gguf_tensors(reader, cfg)  # rope_freqs is config, not a weight
+    return cfg
+
+
+def _llama_cpp_rope_freqs(theta, dim, factor, low, high, original):
+    """The rope_freqs tensor llama.cpp's convert_hf_to_gguf.py writes for llama3 scaling."""
+    import math
+    out = []
+    for freq in 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def test_gguf_rope_scaling_metadata_and_llama3_rope_freqs(tmp_path):
+    cfg = _gguf_config(tmp_path / "linear.gguf", {"type": "linear", "factor": 4.0})
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor) == ("linear", 4.0)
+    # Llama 3.1 (factor 8, low 1, high 4, original 8192); theta 5e5 and head_dim 8 give
+    # wavelengths 6, 167 (kept), 4450 (smoothed), 118000 (divided by 8).
+    freqs = _llama_cpp_rope_freqs(5e5, 8, 8.0, 1.0, 4.0, 8192)
+    assert freqs[0] == 1.0 and 1 < freqs[2] < 8 and freqs[3] == 8.0
+    cfg = _gguf_config(tmp_path / "llama3.gguf", {}, freqs)
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_len,
+            cfg.rope_low_freq_factor, cfg.rope_high_freq_factor) == ("llama3", 8.0, 8192, 1, 4)
+    with pytest.raises(ConversionError, match="rope_freqs.weight"):  # not Llama 3.1's bands
+        _gguf_config(tmp_path / "other.gguf", {}, _llama_cpp_rope_freqs(5e5, 8, 8.0, 1.0, 2.0,
+                                                                        8192))
+    with pytest.raises(ConversionError, match=r"rope\.scaling\.type='yarn'"):
+        _gguf_config(tmp_path / "yarn.gguf", {"type": "yarn", "factor": 4.0})
