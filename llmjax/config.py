@@ -522,6 +522,9 @@ class DataConfig:
     tokenizer: str = ""  # directory of a tokenizer written by `llmjax tokenizer train`
     chat_template: str = ""  # source=chat (and preference prompts given as messages): "" = the tokenizer's own template, or a built-in name: chatml
     pack: bool = True  # pack several documents / examples per row (lm, sft, classification); False: one per row, padded
+    # lm rows: a document that does not fit the rest of a row fills it and goes on in the next
+    # row (no padding; long seq_len over long documents, docs/long-context.md). False: it starts the next row.
+    pack_split: bool = False
     shuffle: bool = True  # shuffle documents each epoch (training split only)
     seed: int = 0  # seed of the document shuffle
     num_workers: int = 0  # 0: tokenize in the calling thread; N > 0: N threads tokenize rows in parallel

@@ -18,7 +18,7 @@ WORDS = "the king queen lord lady sword crown night day love death war peace foo
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Four files of paragraphs (~60K tokens in all), one paragraph longer than a row."""
+    """Four files of paragraphs (~270K tokens in all), one paragraph longer than a row."""
     root = tmp_path_factory.mktemp("long")
     rng = random.Random(3)
     (root / "texts").mkdir()
@@ -33,16 +33,16 @@ def corpus(tmp_path_factory):
                         document_unit="paragraph", data_dir=str(root / "tfds"),
                         tokenizer=str(root / "tok"), seed=5)
     tokenizer = load_tokenizer(root / "tok")
-    chunks = set()
+    documents = []
     for path in sorted((root / "texts").glob("*.txt")):
         for text in path.read_text(encoding="utf-8").split("\n\n"):
-            ids = tokenizer.encode(text) + [tokenizer.special_ids["eos"]]
-            chunks.update(tuple(ids[i:i + SEQ]) for i in range(0, len(ids), SEQ))
-    return config, chunks
+            documents.append(tokenizer.encode(text) + [tokenizer.special_ids["eos"]])
+    return config, documents, tokenizer
 
 
 def test_packed_32k_batch_has_per_document_segments_and_positions(corpus):
-    config, chunks = corpus
+    config, documents, _ = corpus
+    chunks = {tuple(ids[i:i + SEQ]) for ids in documents for i in range(0, len(ids), SEQ)}
     iterator = make_iterator(config, "lm", SEQ, 2, process_index=0, process_count=1)
     batch = next(iterator)
     assert {k: v.shape for k, v in batch.items()} == {k: (2, SEQ) for k in
@@ -58,6 +58,39 @@ def test_packed_32k_batch_has_per_document_segments_and_positions(corpus):
             np.testing.assert_array_equal(positions[where], np.arange(len(where)))
             assert tuple(tokens[where].tolist()) in chunks
     assert iterator.stats()["packing_efficiency"] > 0.5
+
+
+def test_pack_split_fills_every_row_and_resumes_mid_document(corpus):
+    """data.pack_split: rows hold no padding until the epoch's last; in stream order the
+    segments are the documents cut at row ends (every token once); a state saved with a
+    document half emitted resumes at the same token."""
+    import dataclasses
+
+    config, _, tokenizer = corpus
+    config = dataclasses.replace(config, pack_split=True, shuffle=False)
+    iterator = make_iterator(config, "lm", SEQ, 1, process_index=0, process_count=1,
+                             num_epochs=1)
+    rows = list(iterator)
+    assert all(np.count_nonzero(row["segment_ids"]) == SEQ for row in rows[:-1])
+    assert iterator.stats()["packing_efficiency"] > 0.9
+    emitted = np.concatenate([row["tokens"][0][row["segment_ids"][0] > 0] for row in rows])
+    source = iterator.source  # unshuffled: the documents in the prepared dataset's order
+    eos = [tokenizer.special_ids["eos"]]
+    expected = [tokenizer.encode(source[i]["text"]) + eos for i in range(len(source))]
+    np.testing.assert_array_equal(emitted, np.concatenate(expected))
+    for row in rows:  # positions restart in every segment, continuations included
+        segments, positions = row["segment_ids"][0], row["positions"][0]
+        for s in range(1, segments.max() + 1):
+            where = np.flatnonzero(segments == s)
+            np.testing.assert_array_equal(positions[where], np.arange(len(where)))
+
+    first = make_iterator(config, "lm", SEQ, 1, process_index=0, process_count=1)
+    next(first)
+    state = first.get_state()
+    assert state["pack_split"] and state["streams"][0][2] > 0  # mid-document
+    resumed = make_iterator(config, "lm", SEQ, 1, process_index=0, process_count=1)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["tokens"], rows[1]["tokens"])
 
 
 def test_train_seq_len_of_128k_validates_for_rope_models():
