@@ -1,7 +1,7 @@
 """Host pipeline throughput at long sequence lengths: tokens/s of packed `lm` batches from
 `make_iterator` (no model) at seq 2K, 8K, 32K and 128K, on the Shakespeare demo corpus
 (paragraph documents: many short segments per row; file documents: whole plays, split or
-several per row) and synthetic ids.
+several per row; the same with data.pack_split, rows filled to the end) and synthetic ids.
 
     python benchmarks/data_long.py --cache ~/.cache/llmjax [--seq-lens 2048 8192 32768 131072]
         [--row-tokens 131072] [--min-tokens 2000000] [--workers 0]
@@ -13,6 +13,7 @@ so the lengths are compared at equal work; each rate runs from a fresh iterator 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -60,6 +61,8 @@ def main() -> None:
         source="text", paths=train_files, validation_paths=validation_files, document_unit=unit,
         data_dir=os.path.join(work, "tfds"), tokenizer=tokenizer_dir, num_workers=args.workers)
         for unit in ("paragraph", "file")}
+    sources["shakespeare/file, pack_split"] = dataclasses.replace(sources["shakespeare/file"],
+                                                                  pack_split=True)
     sources["synthetic ids"] = DataConfig(source="synthetic", synthetic_vocab_size=args.vocab_size)
 
     for config in sources.values():  # prepare the TFDS datasets outside the timings
