@@ -28,7 +28,7 @@ from llmjax.errors import ConfigError  # defined there: llmjax.errors is the one
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
-ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")  # model.rope_scaling (HF rope_type)
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")  # model.rope_scaling (HF rope_type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +60,19 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base frequency (position=rope)
     # RoPE frequency scaling for long context, as HF's `rope_scaling` (docs/long-context.md):
     # linear = positions / factor; dynamic = NTK, the base grows with the longest position of
-    # each forward call beyond rope_original_max_len; llama3 = Llama 3.1 frequency bands.
-    rope_scaling: str = "none"  # none | linear | dynamic | llama3
+    # each forward call beyond rope_original_max_len; llama3 = Llama 3.1 frequency bands;
+    # yarn = YaRN (NTK-by-parts ramp between beta_fast and beta_slow, plus attention factor).
+    rope_scaling: str = "none"  # none | linear | dynamic | llama3 | yarn
     rope_scaling_factor: float = 1.0  # HF `factor`: how far the context is stretched (>= 1)
     # HF `original_max_position_embeddings` (llama3) or `max_position_embeddings` (dynamic):
     # the length the model was pretrained at; None: model.max_len.
     rope_original_max_len: Optional[int] = None
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original/low are divided by factor
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original/high are kept as they are
+    rope_yarn_beta_fast: float = 32.0  # yarn: rotations over the original length above which a frequency is kept
+    rope_yarn_beta_slow: float = 1.0  # yarn: rotations below which a frequency is divided by factor
+    # yarn: multiplies RoPE's cos and sin (HF attention_factor); None: 0.1 * ln(factor) + 1.
+    rope_attention_factor: Optional[float] = None
     relative_buckets: int = 32  # T5 relative position buckets (position=relative)
     relative_max_distance: int = 128  # T5: distances beyond this share the last bucket
     scale_attention: bool = True  # divide QK^T by sqrt(d_k); T5 folds it into init
@@ -212,6 +217,13 @@ class ModelConfig:
             raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} and "
                               f"model.rope_high_freq_factor={self.rope_high_freq_factor}: llama3 "
                               f"needs 0 < low < high (Llama 3.1: 1 and 4)")
+        if self.rope_scaling == "yarn" and not self.rope_yarn_beta_fast > self.rope_yarn_beta_slow > 0:
+            raise ConfigError(f"model.rope_yarn_beta_fast={self.rope_yarn_beta_fast} and "
+                              f"model.rope_yarn_beta_slow={self.rope_yarn_beta_slow}: yarn needs "
+                              f"beta_fast > beta_slow > 0 (defaults 32 and 1)")
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            raise ConfigError(f"model.rope_attention_factor={self.rope_attention_factor} must be "
+                              f"> 0 (or null: 0.1 * ln(factor) + 1 for yarn)")
         if self.rope_scaling == "dynamic" and self.dim_per_head <= 2:
             raise ConfigError(f"model.rope_scaling=dynamic needs a head dimension > 2, got "
                               f"{self.dim_per_head}")

@@ -1,5 +1,5 @@
-"""RoPE scaling (model.rope_scaling: linear, dynamic NTK, llama3) against transformers: one
-tiny random LlamaForCausalLM per type, run 64 tokens past an original length of 16 or 32 so
+"""RoPE scaling (model.rope_scaling: linear, dynamic NTK, llama3, yarn) against transformers:
+one tiny random LlamaForCausalLM per type, run 64 tokens past an original length of 16 or 32 so
 the scaling changes every logit; fp32 logits within the HF parity tolerance, export keeps
 rope_scaling, and bad configs fail naming the key. Needs the [hf] extra."""
 import json
@@ -28,6 +28,10 @@ SCALINGS = {
     "dynamic": ({"rope_type": "dynamic", "factor": 4.0}, 16),
     "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    # beta_slow 0.25: frequency 0 kept, 1 half-way on the ramp, 2 and 3 divided by 4; cos and
+    # sin times the default attention factor 0.1 ln 4 + 1.
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+              "beta_slow": 0.25}, 64),
 }
 
 
@@ -122,8 +126,20 @@ def test_old_style_rope_scaling_dict_reads_the_same():
         "rope_theta": 1e4, "rope_scaling": "linear", "rope_scaling_factor": 2.0}
 
 
+def test_yarn_mscale_pair_folds_into_the_attention_factor():
+    """DeepSeek-style yarn (mscale, mscale_all_dim) is stored as its attention factor."""
+    import math
+    fields = rope_fields({"max_position_embeddings": 4096, "rope_scaling": {
+        "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+        "mscale": 1.0, "mscale_all_dim": 0.5}}, "llama")
+    want = (0.1 * math.log(40) + 1) / (0.05 * math.log(40) + 1)
+    assert fields["rope_attention_factor"] == pytest.approx(want)
+    assert (fields["rope_yarn_beta_fast"], fields["rope_yarn_beta_slow"]) == (32.0, 1.0)
+
+
 @pytest.mark.parametrize("hf, message", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+    ({"rope_scaling": {"rope_type": "proportional", "factor": 4.0}}, "rope_type='proportional'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "truncate": False}}, "truncate"),
     ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_type='longrope'"),
     ({"rope_scaling": {"rope_type": "linear"}}, "'rope_scaling.factor' is missing"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}},
@@ -137,7 +153,9 @@ def test_unsupported_hf_rope_is_a_conversion_error(hf, message):
 
 
 @pytest.mark.parametrize("fields, key", [
-    ({"rope_scaling": "yarn"}, "model.rope_scaling"),
+    ({"rope_scaling": "longrope"}, "model.rope_scaling"),
+    ({"rope_scaling": "yarn", "rope_yarn_beta_slow": 40.0}, "model.rope_yarn_beta_fast"),
+    ({"rope_scaling": "yarn", "rope_attention_factor": 0.0}, "model.rope_attention_factor"),
     ({"rope_scaling": "linear", "rope_scaling_factor": 0.5}, "model.rope_scaling_factor"),
     ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "model.rope_low_freq_factor"),
     ({"rope_scaling": "dynamic", "rope_original_max_len": 0}, "model.rope_original_max_len"),

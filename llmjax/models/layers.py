@@ -178,6 +178,8 @@ def rotary(x: Array, positions: Array, cfg: ModelConfig) -> Array:
     freq = rope.inv_freq(cfg, x.shape[-1], positions)
     angles = positions.astype(jnp.float32)[:, :, None, None] * freq  # [b, t, 1, half]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
+    if (scale := rope.attention_factor(cfg)) != 1.0:  # yarn
+        sin, cos = sin * scale, cos * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

@@ -10,6 +10,10 @@ The one place they are built; `layers.rotary` applies them. Each type follows tr
            interpolated smoothly
 - dynamic: NTK-aware: theta is raised to theta * (factor * L / original - (factor - 1)) **
            (d / (d - 2)) where L = max(positions) + 1 of the call, when L > original.
+- yarn:    frequencies turning more than beta_fast times over the original length are kept,
+           fewer than beta_slow times divided by factor, a linear ramp (over the frequency
+           index) between; cos and sin are multiplied by an attention factor
+           (`attention_factor`).
 
 Static types are numpy constants folded into the program. Dynamic reads L from the traced
 positions, as transformers' `dynamic_rope_update` reads `max(position_ids) + 1` each forward:
@@ -47,7 +51,19 @@ def static_inv_freq(cfg: ModelConfig, dim: int) -> np.ndarray:
     if kind == "llama3":
         return _llama3(inv_freq, factor, cfg.rope_original_len, cfg.rope_low_freq_factor,
                        cfg.rope_high_freq_factor)
+    if kind == "yarn":
+        return _yarn(cfg, dim, factor)
     return inv_freq
+
+
+def attention_factor(cfg: ModelConfig) -> float:
+    """What cos and sin are multiplied by: 1, or yarn's (default 0.1 ln(factor) + 1)."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor is not None:
+        return cfg.rope_attention_factor
+    factor = cfg.rope_scaling_factor
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
 def _llama3(inv_freq: np.ndarray, factor: np.float32, original: int, low: float,
@@ -59,6 +75,23 @@ def _llama3(inv_freq: np.ndarray, factor: np.float32, original: int, low: float,
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn(cfg: ModelConfig, dim: int, factor: np.float32) -> np.ndarray:
+    theta, original = cfg.rope_theta, cfg.rope_original_len
+
+    def correction_dim(rotations: float) -> float:  # the index turning `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(cfg.rope_yarn_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.rope_yarn_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    pos_freqs = (np.float32(theta) ** _exponents(dim)).astype(np.float32)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)
+    return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
 
 
 def inv_freq(cfg: ModelConfig, dim: int, positions: Array) -> Array:
