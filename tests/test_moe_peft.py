@@ -1,0 +1,134 @@
+"""PEFT on mixture-of-experts layers (issue 17): LoRA on the stacked experts (one low-rank pair
+per expert) and the router, IA3 on the experts, the adapter-off DPO reference, a sharded LoRA
+step equal to one device, and `peft merge` of an expert adapter."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.config import PeftConfig, from_dict
+from llmjax.peft import build, merge_lora, unmerge_lora
+from llmjax.peft.reference import ReferencePlan
+from llmjax.tree import flatten_parts, unflatten_parts
+from helpers import host, initial_params, jitted_apply
+
+EXPERTS = "mlp/(wi_0|wi_1|wo|router)"
+RANK, ALPHA = 4, 8.0
+TOKENS = np.random.RandomState(0).randint(0, 512, (2, 12))
+
+
+@pytest.fixture(scope="module")
+def moe():
+    """(model config, base params) of moe-tiny (scanned: leaves carry [L, E, ...])."""
+    cfg = from_dict({"model": "moe-tiny"}).model
+    return cfg, initial_params(cfg)
+
+
+def lora_plan(cfg, targets=EXPERTS, **kw):
+    plan = build(PeftConfig(method="lora", targets=targets, rank=RANK, alpha=ALPHA, **kw))
+    plan.model_config(cfg)
+    return plan
+
+
+def logits(cfg, params):
+    return np.asarray(jitted_apply(cfg)(params, {"tokens": jnp.asarray(TOKENS)})["logits"])
+
+
+def randomize_b(trainable):
+    """LoRA B starts at zero; random B makes the delta visible."""
+    flat = flatten_parts(trainable)
+    for i, (path, v) in enumerate(sorted(flat.items())):
+        if path[-1] == "lora_b":
+            flat[path] = 0.1 * jax.random.normal(jax.random.key(i), v.shape, v.dtype)
+    return unflatten_parts(flat)
+
+
+def test_lora_on_experts_is_one_pair_per_expert_and_matches_numpy(moe):
+    cfg, params = moe
+    plan = lora_plan(cfg)
+    trainable, frozen = plan.split(params, jax.random.key(1))
+    lora = flatten_parts(trainable)
+    L, E, d, f = cfg.num_layers, cfg.num_experts, cfg.d_model, cfg.expert_hidden
+    shapes = {p[-2:]: v.shape for p, v in lora.items()}
+    assert shapes == {("wi_0", "lora_a"): (L, E, d, RANK), ("wi_0", "lora_b"): (L, E, RANK, f),
+                      ("wi_1", "lora_a"): (L, E, d, RANK), ("wi_1", "lora_b"): (L, E, RANK, f),
+                      ("wo", "lora_a"): (L, E, f, RANK), ("wo", "lora_b"): (L, E, RANK, d),
+                      ("router", "lora_a"): (L, d, RANK), ("router", "lora_b"): (L, RANK, E)}
+    # The pairs shard like the experts: the expert axis first (after the layer axis).
+    assert plan.axes(("decoder", "layers", "mlp", "wo", "lora_b"), (L, E, RANK, d)) == (
+        "layers", "expert", "lora", "embed")
+    assert plan.axes(("decoder", "layers", "mlp", "wi_0", "lora_a"), (L, E, d, RANK)) == (
+        "layers", "expert", "embed", "lora")
+    # B = 0: the model starts exactly at the base.
+    np.testing.assert_array_equal(logits(cfg, plan.merge(trainable, frozen)), logits(cfg, params))
+
+    trainable = randomize_b(trainable)
+    merged = flatten_parts(host(plan.merge(trainable, frozen)))
+    base, lora = flatten_parts(host(params)), flatten_parts(host(trainable))
+    scale = ALPHA / RANK
+    for name in ("wi_0", "wi_1", "wo"):
+        path = ("decoder", "layers", "mlp", name)
+        a, b = lora[path + ("lora_a",)], lora[path + ("lora_b",)]
+        for layer in range(L):
+            for e in range(E):
+                want = base[path][layer, e] + scale * a[layer, e] @ b[layer, e]
+                np.testing.assert_allclose(merged[path][layer, e], want, atol=1e-5)
+    router = ("decoder", "layers", "mlp", "router")
+    want = base[router] + scale * np.einsum("ldr,lre->lde", lora[router + ("lora_a",)],
+                                            lora[router + ("lora_b",)])
+    np.testing.assert_allclose(merged[router], want, atol=1e-5)
+    # The forward of the adapted model is the forward of the numpy-merged weights.
+    flat = dict(base)
+    for path in {p[:-1] for p in lora}:
+        a, b = lora[path + ("lora_a",)], lora[path + ("lora_b",)]
+        flat[path] = base[path] + scale * np.matmul(a, b)
+    numpy_merged = unflatten_parts(flat)
+    adapted = logits(cfg, plan.merge(trainable, frozen))
+    np.testing.assert_allclose(adapted, logits(cfg, numpy_merged), atol=1e-5)
+    assert np.abs(adapted - logits(cfg, params)).max() > 1e-3  # the delta changes the output
+
+    # merge / unmerge round trip (peft.merge_lora folds the delta into the base leaves).
+    folded = merge_lora(params, trainable, plan.cfg)
+    for path, value in flatten_parts(host(folded)).items():
+        np.testing.assert_allclose(value, merged[path], atol=1e-6, err_msg=str(path))
+    back = flatten_parts(host(unmerge_lora(folded, trainable, plan.cfg)))
+    for path, value in base.items():
+        np.testing.assert_allclose(back[path], value, atol=1e-6, err_msg=str(path))
+
+
+def test_expert_adapter_reference_is_the_base(moe):
+    """DPO's adapter-off reference (objective.reference=adapter) with LoRA on experts."""
+    cfg, params = moe
+    plan = ReferencePlan(lora_plan(cfg), "adapter")
+    trainable, frozen = plan.split(params, jax.random.key(1))
+    ref = plan.reference(randomize_b(trainable), frozen)
+    for path, value in flatten_parts(host(params)).items():
+        np.testing.assert_array_equal(flatten_parts(host(ref))[path], value, err_msg=str(path))
+
+
+def test_ia3_scales_each_experts_intermediate(moe):
+    """IA3 on the experts' `wo`: one vector per expert scaling its intermediate features."""
+    cfg, params = moe
+    plan = build(PeftConfig(method="ia3", targets=r"mlp/wo$"))
+    plan.model_config(cfg)
+    trainable, frozen = plan.split(params, jax.random.key(1))
+    scale_path = ("decoder", "layers", "mlp", "wo", "ia3", "scale")
+    (path, ones), = flatten_parts(trainable).items()
+    assert path == scale_path and ones.shape == (cfg.num_layers, cfg.num_experts, cfg.expert_hidden)
+    assert plan.axes(scale_path, ones.shape) == ("layers", "expert", "mlp")
+    np.testing.assert_array_equal(logits(cfg, plan.merge(trainable, frozen)), logits(cfg, params))
+    s = np.asarray(jax.random.uniform(jax.random.key(2), ones.shape, minval=0.5, maxval=1.5))
+    merged = flatten_parts(host(plan.merge(unflatten_parts({scale_path: s}), frozen)))
+    wo = np.asarray(flatten_parts(params)[scale_path[:-2]])
+    np.testing.assert_allclose(merged[scale_path[:-2]], wo * s[..., None], rtol=1e-6)
+
+
+def test_lora_targets_error_names_expert_paths(moe):
+    cfg, params = moe
+    from llmjax.config import ConfigError
+    with pytest.raises(ConfigError, match="mlp/wi_0"):
+        lora_plan(cfg, targets="nothing_here").split(params, jax.random.key(0))
