@@ -34,23 +34,32 @@ def lora_plan(cfg, targets=EXPERTS, **kw):
     return plan
 
 
+def merged(plan, trainable, frozen):
+    """plan.merge, jitted (eager dispatch op by op is slow on 2 cores)."""
+    return jax.jit(plan.merge)(trainable, frozen)
+
+
 def logits(cfg, params):
     return np.asarray(jitted_apply(cfg)(params, {"tokens": jnp.asarray(TOKENS)})["logits"])
 
 
+def split(plan, params):
+    """plan.split, jitted."""
+    return jax.jit(plan.split)(params, jax.random.key(1))
+
+
 def randomize_b(trainable):
     """LoRA B starts at zero; random B makes the delta visible."""
-    flat = flatten_parts(trainable)
-    for i, (path, v) in enumerate(sorted(flat.items())):
-        if path[-1] == "lora_b":
-            flat[path] = 0.1 * jax.random.normal(jax.random.key(i), v.shape, v.dtype)
-    return unflatten_parts(flat)
+    rng = np.random.RandomState(0)
+    return unflatten_parts({p: (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+                            if p[-1] == "lora_b" else v
+                            for p, v in flatten_parts(trainable).items()})
 
 
 def test_lora_on_experts_is_one_pair_per_expert_and_matches_numpy(moe):
     cfg, params = moe
     plan = lora_plan(cfg)
-    trainable, frozen = plan.split(params, jax.random.key(1))
+    trainable, frozen = split(plan, params)
     lora = flatten_parts(trainable)
     L, E, d, f = cfg.num_layers, cfg.num_experts, cfg.d_model, cfg.expert_hidden
     shapes = {p[-2:]: v.shape for p, v in lora.items()}
@@ -64,10 +73,10 @@ def test_lora_on_experts_is_one_pair_per_expert_and_matches_numpy(moe):
     assert plan.axes(("decoder", "layers", "mlp", "wi_0", "lora_a"), (L, E, d, RANK)) == (
         "layers", "expert", "embed", "lora")
     # B = 0: the model starts exactly at the base.
-    np.testing.assert_array_equal(logits(cfg, plan.merge(trainable, frozen)), logits(cfg, params))
+    np.testing.assert_array_equal(logits(cfg, merged(plan, trainable, frozen)), logits(cfg, params))
 
     trainable = randomize_b(trainable)
-    merged = flatten_parts(host(plan.merge(trainable, frozen)))
+    merged_flat = flatten_parts(host(merged(plan, trainable, frozen)))
     base, lora = flatten_parts(host(params)), flatten_parts(host(trainable))
     scale = ALPHA / RANK
     for name in ("wi_0", "wi_1", "wo"):
@@ -76,26 +85,27 @@ def test_lora_on_experts_is_one_pair_per_expert_and_matches_numpy(moe):
         for layer in range(L):
             for e in range(E):
                 want = base[path][layer, e] + scale * a[layer, e] @ b[layer, e]
-                np.testing.assert_allclose(merged[path][layer, e], want, atol=1e-5)
+                np.testing.assert_allclose(merged_flat[path][layer, e], want, atol=1e-5)
     router = ("decoder", "layers", "mlp", "router")
     want = base[router] + scale * np.einsum("ldr,lre->lde", lora[router + ("lora_a",)],
                                             lora[router + ("lora_b",)])
-    np.testing.assert_allclose(merged[router], want, atol=1e-5)
+    np.testing.assert_allclose(merged_flat[router], want, atol=1e-5)
     # The forward of the adapted model is the forward of the numpy-merged weights.
     flat = dict(base)
     for path in {p[:-1] for p in lora}:
         a, b = lora[path + ("lora_a",)], lora[path + ("lora_b",)]
         flat[path] = base[path] + scale * np.matmul(a, b)
     numpy_merged = unflatten_parts(flat)
-    adapted = logits(cfg, plan.merge(trainable, frozen))
+    adapted = logits(cfg, merged(plan, trainable, frozen))
     np.testing.assert_allclose(adapted, logits(cfg, numpy_merged), atol=1e-5)
     assert np.abs(adapted - logits(cfg, params)).max() > 1e-3  # the delta changes the output
 
     # merge / unmerge round trip (peft.merge_lora folds the delta into the base leaves).
-    folded = merge_lora(params, trainable, plan.cfg)
+    folded = jax.jit(lambda p, t: merge_lora(p, t, plan.cfg))(params, trainable)
     for path, value in flatten_parts(host(folded)).items():
-        np.testing.assert_allclose(value, merged[path], atol=1e-6, err_msg=str(path))
-    back = flatten_parts(host(unmerge_lora(folded, trainable, plan.cfg)))
+        np.testing.assert_allclose(value, merged_flat[path], atol=1e-6, err_msg=str(path))
+    back = flatten_parts(host(jax.jit(lambda p, t: unmerge_lora(p, t, plan.cfg))(
+        folded, trainable)))
     for path, value in base.items():
         np.testing.assert_allclose(back[path], value, atol=1e-6, err_msg=str(path))
 
@@ -104,7 +114,7 @@ def test_expert_adapter_reference_is_the_base(moe):
     """DPO's adapter-off reference (objective.reference=adapter) with LoRA on experts."""
     cfg, params = moe
     plan = ReferencePlan(lora_plan(cfg), "adapter")
-    trainable, frozen = plan.split(params, jax.random.key(1))
+    trainable, frozen = split(plan, params)
     ref = plan.reference(randomize_b(trainable), frozen)
     for path, value in flatten_parts(host(params)).items():
         np.testing.assert_array_equal(flatten_parts(host(ref))[path], value, err_msg=str(path))
@@ -115,16 +125,16 @@ def test_ia3_scales_each_experts_intermediate(moe):
     cfg, params = moe
     plan = build(PeftConfig(method="ia3", targets=r"mlp/wo$"))
     plan.model_config(cfg)
-    trainable, frozen = plan.split(params, jax.random.key(1))
+    trainable, frozen = split(plan, params)
     scale_path = ("decoder", "layers", "mlp", "wo", "ia3", "scale")
     (path, ones), = flatten_parts(trainable).items()
     assert path == scale_path and ones.shape == (cfg.num_layers, cfg.num_experts, cfg.expert_hidden)
     assert plan.axes(scale_path, ones.shape) == ("layers", "expert", "mlp")
-    np.testing.assert_array_equal(logits(cfg, plan.merge(trainable, frozen)), logits(cfg, params))
+    np.testing.assert_array_equal(logits(cfg, merged(plan, trainable, frozen)), logits(cfg, params))
     s = np.asarray(jax.random.uniform(jax.random.key(2), ones.shape, minval=0.5, maxval=1.5))
-    merged = flatten_parts(host(plan.merge(unflatten_parts({scale_path: s}), frozen)))
+    merged_flat = flatten_parts(host(merged(plan, unflatten_parts({scale_path: s}), frozen)))
     wo = np.asarray(flatten_parts(params)[scale_path[:-2]])
-    np.testing.assert_allclose(merged[scale_path[:-2]], wo * s[..., None], rtol=1e-6)
+    np.testing.assert_allclose(merged_flat[scale_path[:-2]], wo * s[..., None], rtol=1e-6)
 
 
 def test_lora_targets_error_names_expert_paths(moe):
