@@ -93,6 +93,36 @@ def test_both_layouts_import_and_export_match_transformers(family, tmp_path):
     assert _max_diff(_hf_logits(back.eval()), got) <= TOL
 
 
+def test_expert_lora_exports_to_peft_and_loads(family, tmp_path):
+    """LoRA on the experts, the router, the shared expert (Qwen2-MoE) and attention: exported
+    as HF PEFT (`target_parameters` on the fused expert parameters), loaded by
+    PeftModel.from_pretrained, gives llmjax's merged logits."""
+    peft = pytest.importorskip("peft")
+    import jax
+    from llmjax.config import PeftConfig
+    from llmjax.convert import export_lora
+    from llmjax.peft import build
+    from llmjax.tree import flatten_parts, unflatten_parts
+    cls, per_expert, _, ref, _ = family
+    model = from_pretrained(per_expert)
+    plan = build(PeftConfig(method="lora", rank=4, alpha=8.0, targets=(
+        "mlp/(shared/)?(wi_0|wi_1|wo|router)|attention/query/")))
+    plan.model_config(model.config)
+    trainable, frozen = jax.jit(plan.split)(model.params, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    trainable = unflatten_parts({p: (0.2 * rng.standard_normal(v.shape)).astype(np.float32)
+                                 if p[-1] == "lora_b" else np.asarray(v)
+                                 for p, v in flatten_parts(trainable).items()})
+    got = type(model)(model.config, jax.jit(plan.merge)(trainable, frozen)).logits(IDS, MASK)
+    assert _max_diff(ref, np.asarray(got)) > 1e-2  # the adapter changes the output
+    out = export_lora(tmp_path / "adapter", model.config, trainable, alpha=8.0, rank=4)
+    hf = peft.PeftModel.from_pretrained(
+        cls.from_pretrained(per_expert, attn_implementation="eager").eval(), out).eval()
+    diff = _max_diff(_hf_logits(hf), np.asarray(got))
+    print("expert lora via peft", diff)
+    assert diff <= TOL
+
+
 def _permute(w, n_head):
     """HF half-split rotary rows -> llama.cpp's interleaved rows (as its converter writes)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
