@@ -98,6 +98,9 @@ def test_expert_lora_exports_to_peft_and_loads(family, tmp_path):
     as HF PEFT (`target_parameters` on the fused expert parameters), loaded by
     PeftModel.from_pretrained, gives llmjax's merged logits."""
     peft = pytest.importorskip("peft")
+    cls = family[0]
+    if cls.__name__ not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM"):
+        pytest.skip("the same fused expert modules as Mixtral: covered there (CI time)")
     import jax
     from llmjax.config import PeftConfig
     from llmjax.convert import export_lora
@@ -178,3 +181,21 @@ def test_mixtral_gguf_expert_tensors_import(tmp_path):
     got = jax.jit(lambda p, t, s: Transformer(cfg).apply({"params": p}, t, s)["logits"])(
         params, IDS, MASK)
     assert _max_diff(ref, np.asarray(got)) <= TOL
+
+    # Export (`llmjax convert llmjax-to-gguf`): the same tensors and metadata as the file
+    # written above by hand from the HF model, the layout llama.cpp's converter writes.
+    from llmjax import cli
+    from llmjax.pretrained import PretrainedModel
+    PretrainedModel(cfg, params, None).save(tmp_path / "llmjax")
+    assert cli.main(["convert", "llmjax-to-gguf", str(tmp_path / "llmjax"),
+                     str(tmp_path / "out.gguf")]) == 0
+    want, have = gguf.GGUFReader(str(tmp_path / "m.gguf")), gguf.GGUFReader(
+        str(tmp_path / "out.gguf"))
+    assert sorted(t.name for t in have.tensors) == sorted(t.name for t in want.tensors)
+    theirs = {t.name: t for t in want.tensors}
+    for t in have.tensors:
+        assert list(t.shape) == list(theirs[t.name].shape), t.name
+        np.testing.assert_allclose(t.data, theirs[t.name].data, atol=1e-6, err_msg=t.name)
+    for key in want.fields:
+        if key.startswith("llama."):
+            assert have.fields[key].contents() == pytest.approx(want.fields[key].contents()), key
