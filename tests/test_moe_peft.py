@@ -142,3 +142,24 @@ def test_lora_targets_error_names_expert_paths(moe):
     from llmjax.config import ConfigError
     with pytest.raises(ConfigError, match="mlp/wi_0"):
         lora_plan(cfg, targets="nothing_here").split(params, jax.random.key(0))
+
+
+def test_expert_adapter_checkpoint_and_peft_merge(moe, tmp_path):
+    """An adapter of expert LoRA pairs saved beside its base; `llmjax peft merge` writes
+    W_e + scale * A_e B_e, bit-equal to the plan's merge inside the train step."""
+    from llmjax import cli
+    from llmjax.checkpoint import load_params, save_params
+    from llmjax.peft import load_adapter, save_adapter
+    cfg, params = moe
+    plan = lora_plan(cfg)
+    save_params(tmp_path / "base", params, cfg)
+    trainable, frozen = split(plan, params)
+    trainable = randomize_b(trainable)
+    save_adapter(tmp_path / "adapter", trainable, plan.cfg, cfg, base=str(tmp_path / "base"))
+    loaded, _, _ = load_adapter(tmp_path / "adapter")
+    assert flatten_parts(loaded).keys() == flatten_parts(trainable).keys()
+    assert cli.main(["peft", "merge", str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    got, _ = load_params(tmp_path / "out")
+    want = flatten_parts(host(merged(plan, trainable, frozen)))
+    for path, value in flatten_parts(host(got)).items():
+        np.testing.assert_array_equal(value, want[path], err_msg=str(path))
