@@ -28,6 +28,15 @@ def moe():
     return cfg, initial_params(cfg)
 
 
+@pytest.fixture(scope="module")
+def lora_split(moe):
+    """(plan, trainable, frozen) of LoRA on the experts and the router, split once."""
+    cfg, params = moe
+    plan = lora_plan(cfg)
+    trainable, frozen = split(plan, params)
+    return plan, trainable, frozen
+
+
 def lora_plan(cfg, targets=EXPERTS, **kw):
     plan = build(PeftConfig(method="lora", targets=targets, rank=RANK, alpha=ALPHA, **kw))
     plan.model_config(cfg)
@@ -56,10 +65,9 @@ def randomize_b(trainable):
                             for p, v in flatten_parts(trainable).items()})
 
 
-def test_lora_on_experts_is_one_pair_per_expert_and_matches_numpy(moe):
+def test_lora_on_experts_is_one_pair_per_expert_and_matches_numpy(moe, lora_split):
     cfg, params = moe
-    plan = lora_plan(cfg)
-    trainable, frozen = split(plan, params)
+    plan, trainable, frozen = lora_split
     lora = flatten_parts(trainable)
     L, E, d, f = cfg.num_layers, cfg.num_experts, cfg.d_model, cfg.expert_hidden
     shapes = {p[-2:]: v.shape for p, v in lora.items()}
@@ -110,12 +118,11 @@ def test_lora_on_experts_is_one_pair_per_expert_and_matches_numpy(moe):
         np.testing.assert_allclose(back[path], value, atol=1e-6, err_msg=str(path))
 
 
-def test_expert_adapter_reference_is_the_base(moe):
+def test_expert_adapter_reference_is_the_base(moe, lora_split):
     """DPO's adapter-off reference (objective.reference=adapter) with LoRA on experts."""
     cfg, params = moe
-    plan = ReferencePlan(lora_plan(cfg), "adapter")
-    trainable, frozen = split(plan, params)
-    ref = plan.reference(randomize_b(trainable), frozen)
+    plan, trainable, frozen = lora_split
+    ref = ReferencePlan(plan, "adapter").reference(randomize_b(trainable), frozen)
     for path, value in flatten_parts(host(params)).items():
         np.testing.assert_array_equal(flatten_parts(host(ref))[path], value, err_msg=str(path))
 
@@ -144,16 +151,15 @@ def test_lora_targets_error_names_expert_paths(moe):
         lora_plan(cfg, targets="nothing_here").split(params, jax.random.key(0))
 
 
-def test_expert_adapter_checkpoint_and_peft_merge(moe, tmp_path):
+def test_expert_adapter_checkpoint_and_peft_merge(moe, lora_split, tmp_path):
     """An adapter of expert LoRA pairs saved beside its base; `llmjax peft merge` writes
     W_e + scale * A_e B_e, bit-equal to the plan's merge inside the train step."""
     from llmjax import cli
     from llmjax.checkpoint import load_params, save_params
     from llmjax.peft import load_adapter, save_adapter
     cfg, params = moe
-    plan = lora_plan(cfg)
+    plan, trainable, frozen = lora_split
     save_params(tmp_path / "base", params, cfg)
-    trainable, frozen = split(plan, params)
     trainable = randomize_b(trainable)
     save_adapter(tmp_path / "adapter", trainable, plan.cfg, cfg, base=str(tmp_path / "base"))
     loaded, _, _ = load_adapter(tmp_path / "adapter")
