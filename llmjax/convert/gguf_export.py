@@ -34,10 +34,12 @@ DTYPES = {"f32": np.float32, "f16": np.float16}
 # What llama.cpp's `llama` architecture cannot express: ModelConfig field -> allowed value.
 GGUF_REQUIRES = {
     "qkv_bias": False,  # no q/k/v biases in llama.cpp's llama graph
+    "qk_norm": "none",  # no query/key norm (OLMoE, Qwen3)
+}
+MOE_REQUIRES = {
     "moe_every": 1,  # every layer an MoE layer (or none)
     "moe_shared_d_ff": 0,  # no shared expert (Qwen2-MoE)
     "moe_renormalize": True,  # llama.cpp renormalises the top-k weights (Mixtral)
-    "qk_norm": "none",  # no query/key norm (OLMoE, Qwen3)
 }
 WHY = "a llama-architecture GGUF (llama.cpp LLaMA / Mixtral)"
 
@@ -48,13 +50,12 @@ def gguf_family(cfg: ModelConfig) -> ModelConfig:
     family = FAMILIES["mixtral" if cfg.num_experts else "llama"]
     for field in ("prompt_tokens", "prefix_tokens", "adapter_dim"):
         require(cfg, field, 0, f"{WHY} (merge or export the PEFT parameters separately)")
-    for field, allowed in family.export_requires.items():
+    requires = {**family.export_requires, **GGUF_REQUIRES,
+                **(MOE_REQUIRES if cfg.num_experts else {})}
+    for field, allowed in requires.items():
         require(cfg, field, allowed, WHY)
-    require(cfg, "qkv_bias", False, WHY)
     if not cfg.num_experts:
         return dataclasses.replace(cfg, family=family.llmjax_family)
-    for field, allowed in GGUF_REQUIRES.items():
-        require(cfg, field, allowed, WHY)
     # Every MLP is an MoE MLP: llama.cpp's feed_forward_length is the expert width.
     return dataclasses.replace(cfg, family=family.llmjax_family, d_ff=cfg.expert_hidden,
                                expert_d_ff=None)
