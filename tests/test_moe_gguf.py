@@ -93,3 +93,13 @@ def test_unsupported_moe_variants_name_the_setting(change, named, tmp_path):
     with pytest.raises(ConversionError, match=f"model.{named}=.*llama-architecture GGUF"):
         export_gguf(tmp_path / "m.gguf", cfg, params=None)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_cli_names_bad_paths(tmp_path, capsys):
+    from llmjax import cli
+    out = str(tmp_path / "m.gguf")
+    assert cli.main(["convert", "llmjax-to-gguf", str(tmp_path), out]) == 2
+    assert "no config.yaml (not an llmjax export)" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("model: moe-tiny\n")
+    assert cli.main(["convert", "llmjax-to-gguf", str(tmp_path), str(tmp_path / "m.bin")]) == 2
+    assert "must end in .gguf" in capsys.readouterr().err
