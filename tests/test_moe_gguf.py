@@ -103,3 +103,30 @@ def test_cli_names_bad_paths(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("model: moe-tiny\n")
     assert cli.main(["convert", "llmjax-to-gguf", str(tmp_path), str(tmp_path / "m.bin")]) == 2
     assert "must end in .gguf" in capsys.readouterr().err
+
+
+def test_bpe_tokenizer_travels_in_the_gguf_file(tmp_path):
+    """A byte-level BPE tokenizer.json goes into the file (tokenizer.ggml.model gpt2) and
+    llmjax's GGUF tokenizer reader rebuilds one that encodes alike, special tokens too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llmjax.convert.gguf import gguf_special_tokens, gguf_tokenizer_json
+    from llmjax.convert.gguf_export import export_gguf
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Mixture of experts routes every token to two experts. " * 20,
+                             "Experts are SwiGLU MLPs; the router is a linear map. " * 20],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    cfg = from_dict({"model": "llama-tiny"}).model
+    out = export_gguf(tmp_path / "m.gguf", cfg, initial_params(cfg), tokenizer_dir=tmp_path / "tok",
+                      special_ids={"bos": 0, "eos": 1})
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    back = Tokenizer.from_str(gguf_tokenizer_json(reader))
+    for text in ("Mixture of experts routes every token.", "<s>Zebra 123 ünïcode</s>"):
+        assert back.encode(text).ids == tok.encode(text).ids, text
+    assert gguf_special_tokens(reader) == {"bos": "<s>", "eos": "</s>"}
