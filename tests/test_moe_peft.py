@@ -169,3 +169,23 @@ def test_expert_adapter_checkpoint_and_peft_merge(moe, lora_split, tmp_path):
     want = flatten_parts(host(merged(plan, trainable, frozen)))
     for path, value in flatten_parts(host(got)).items():
         np.testing.assert_array_equal(value, want[path], err_msg=str(path))
+
+
+def test_qlora_quantizes_the_expert_stacks_not_the_router(moe, lora_split):
+    """QLoRA (peft.base_quantization): the experts, most of an MoE model, are stored
+    block-quantized with the kernels; the router stays in its dtype."""
+    from llmjax.peft import quantize
+    cfg, params = moe
+    _, _, frozen = lora_split
+    mlp = ("decoder", "layers", "mlp")
+    flat = {p: v for p, v in flatten_parts(frozen).items() if p[:3] == mlp}
+    stored = jax.jit(lambda f: quantize.quantize_flat(f, "nf4", 64))(flat)
+    for name in ("wi_0", "wi_1", "wo"):
+        assert mlp + (name, quantize.CODES) in stored and mlp + (name,) not in stored
+    assert mlp + ("router",) in stored
+    back = jax.jit(lambda f: quantize.dequantize_flat(f, "nf4", 64))(stored)
+    for name in ("wi_0", "wo"):
+        w = np.asarray(flat[mlp + (name,)])
+        err = np.abs(np.asarray(back[mlp + (name,)]) - w).reshape(-1, 64).max(1)
+        assert np.all(err <= quantize.max_error_bound("nf4") * np.abs(w).reshape(-1, 64).max(1)
+                      + 1e-7)
