@@ -436,8 +436,9 @@ class PeftConfig:
 
     method: str = "full"
     # Regex (re.search) over '/'-joined parameter paths. lora: kernels to adapt (default
-    # attention query/value); ia3: modules to scale (default attention key/value, mlp/wo);
-    # freeze: leaves to freeze (required). "" = the method's default.
+    # attention query/value; MoE experts 'mlp/(wi_0|wi_1|wo)' and router 'mlp/router' too);
+    # ia3: modules to scale (default attention key/value, mlp/wo); freeze: leaves to freeze
+    # (required). "" = the method's default.
     targets: str = ""
     trainable: str = ""  # regex of extra leaves kept trainable (e.g. 'heads/|lm_head')
     rank: int = 8  # lora
