@@ -225,3 +225,39 @@ def test_gguf_rope_scaling_metadata_and_llama3_rope_freqs(tmp_path):
                                                                         8192))
     with pytest.raises(ConversionError, match=r"rope\.scaling\.type='yarn'"):
         _gguf_config(tmp_path / "yarn.gguf", {"type": "yarn", "factor": 4.0})
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_scaling": "linear", "rope_scaling_factor": 4.0},
+    {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_original_max_len": 8192},
+    {"rope_scaling": "llama3", "rope_scaling_factor": 32.0, "rope_original_max_len": 512},
+])
+def test_gguf_export_keeps_rope_scaling(scaling, tmp_path):
+    """llmjax-to-gguf writes linear as llama.rope.scaling.*, llama3 as rope_freqs (+ the
+    original length); gguf-to-llmjax reads the same model back."""
+    pytest.importorskip("gguf")
+    import jax
+
+    from llmjax.convert import export_gguf, import_gguf
+    from llmjax.models import init_params
+
+    cfg = model_config("llama-tiny", rope_theta=5e5, scan_layers=False, **scaling)
+    params = init_params(cfg, jax.random.key(0))
+    back, back_params = import_gguf(export_gguf(tmp_path / "m.gguf", cfg, params),
+                                    scan_layers=False)
+    fields = ("rope_scaling", "rope_scaling_factor", "rope_original_len", "rope_theta",
+              "rope_low_freq_factor", "rope_high_freq_factor")
+    assert [getattr(back, f) for f in fields] == [getattr(cfg, f) for f in fields]
+    for a, b in zip(jax.tree.leaves(back_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "yarn"])
+def test_gguf_export_refuses_scaling_llama_cpp_lacks(kind, tmp_path):
+    pytest.importorskip("gguf")
+    from llmjax.convert import export_gguf
+
+    cfg = model_config("llama-tiny", rope_scaling=kind, rope_scaling_factor=2.0)
+    with pytest.raises(ConversionError, match="model.rope_scaling"):
+        export_gguf(tmp_path / "m.gguf", cfg, {})
+    assert not (tmp_path / "m.gguf").exists()
