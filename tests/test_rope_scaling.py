@@ -96,10 +96,12 @@ def test_logits_match_transformers_and_export_keeps_scaling(kind, hf_dirs, tmp_p
     print(kind, "export max |diff|", back_diff)
     assert back_diff <= TOL
     back = from_pretrained(out)
-    fields = ("rope_scaling", "rope_scaling_factor", "rope_original_len", "rope_theta")
+    fields = ("rope_scaling", "rope_scaling_factor", "rope_original_len", "rope_theta",
+              "rope_low_freq_factor", "rope_high_freq_factor", "rope_yarn_beta_fast",
+              "rope_yarn_beta_slow", "rope_attention_factor")
     assert [getattr(back.config, f) for f in fields] == [getattr(cfg, f) for f in fields]
-    if kind == "llama3":
-        assert (back.config.rope_low_freq_factor, back.config.rope_high_freq_factor) == (1, 4)
+    if kind == "yarn":
+        assert cfg.rope_yarn_beta_slow == 0.25 and cfg.rope_original_len == 16
 
 
 def test_dynamic_ntk_follows_the_length_of_each_call(hf_dirs):
