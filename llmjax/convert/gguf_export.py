@@ -54,6 +54,9 @@ def gguf_family(cfg: ModelConfig) -> ModelConfig:
                 **(MOE_REQUIRES if cfg.num_experts else {})}
     for field, allowed in requires.items():
         require(cfg, field, allowed, WHY)
+    # llama.cpp: linear is its own scaling type, llama3 its rope_freqs tensor; it has no
+    # dynamic NTK, and its yarn parameters are not HF's.
+    require(cfg, "rope_scaling", ("none", "linear", "llama3"), WHY)
     if not cfg.num_experts:
         return dataclasses.replace(cfg, family=family.llmjax_family)
     # Every MLP is an MoE MLP: llama.cpp's feed_forward_length is the expert width.
@@ -100,10 +103,21 @@ def gguf_tensors(cfg: ModelConfig, params: Any, dtype: Any = np.float32
             out[f"{blk}{gg}.weight"] = w
         else:
             raise ConversionError(f"tensor {name!r} has no llama.cpp name")
+    if cfg.rope_scaling == "llama3":  # per-frequency divisors, as llama.cpp's converter
+        out["rope_freqs.weight"] = llama3_rope_freqs(cfg)
     # F16 for the matrices; norms (1-D) and the router stay F32, as llama.cpp's converter.
     return {k: np.ascontiguousarray(v.astype(dtype if v.ndim > 1 and "ffn_gate_inp" not in k
                                              else np.float32))
             for k, v in out.items()}
+
+
+def llama3_rope_freqs(cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp's rope_freqs [head_dim/2]: plain inverse frequencies / llama3's."""
+    from llmjax.models.rope import static_inv_freq
+
+    plain = dataclasses.replace(cfg, rope_scaling="none")
+    return (static_inv_freq(plain, cfg.dim_per_head)
+            / static_inv_freq(cfg, cfg.dim_per_head)).astype(np.float32)
 
 
 def _bpe_tokenizer(tokenizer_dir: Optional[Path]) -> Optional[dict]:
@@ -164,6 +178,11 @@ def export_gguf(out: str | os.PathLike, cfg: ModelConfig, params: Any, dtype: st
         writer.add_key_length(cfg.dim_per_head)
         writer.add_value_length(cfg.dim_per_head)
     writer.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_scaling == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":  # the length gguf.py reads the rope_freqs back with
+        writer.add_rope_scaling_orig_ctx_len(cfg.rope_original_len)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
