@@ -15,8 +15,9 @@ NF4 (Dettmers et al. 2023, "QLoRA", appendix E / bitsandbytes): code k stands fo
 NF4_VALUES[k] * absmax, each element rounded to the nearest value, so
 |W - dequantize(quantize(W))| <= absmax * (largest gap between neighbouring values) / 2.
 int8: symmetric, round(W / absmax * 127), error <= absmax / 254.
-Only kernels and embeddings are quantized (>= 2 dims, n divisible by b, even last dim);
-norms, biases and anything else stay as they are.
+Only kernels, embeddings and MoE expert stacks (`mlp/wi_0|wi_1|wo`, most of an MoE model)
+are quantized (>= 2 dims, n divisible by b, even last dim); norms, biases, MoE routers and
+anything else stay as they are.
 
 Double quantization (peft.double_quantization; QLoRA section 3): the scales themselves are
 quantized. Their mean is subtracted (they are all positive), then blocks of SCALE_BLOCK =
@@ -48,11 +49,12 @@ NF4_VALUES = np.array([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 KINDS = ("nf4", "int8")
+QUANTIZED = ("kernel", "embedding", "wi_0", "wi_1", "wo")  # leaf names (wi_*/wo: MoE experts)
 
 
 def quantizable(path: tuple, shape: tuple, block: int) -> bool:
     n = int(np.prod(shape)) if shape else 0
-    return (path[-1] in ("kernel", "embedding") and len(shape) >= 2 and n % block == 0
+    return (path[-1] in QUANTIZED and len(shape) >= 2 and n % block == 0
             and shape[-1] % 2 == 0)
 
 
