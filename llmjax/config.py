@@ -311,7 +311,9 @@ class ObjectiveConfig:
     simpo_gamma: float = 0.5  # simpo: target reward margin
     # dpo's reference model: "adapter" (the base with the PEFT delta switched off: needs a
     # peft method whose delta is a parameter transform, e.g. lora; no second copy of the
-    # weights) or "copy" (a frozen copy of the initial parameters, kept in the train state)
+    # weights), "copy" (a frozen copy of the initial parameters, kept in the train state) or
+    # "cached" (the initial parameters' log-probs of every pair, computed once before step 0
+    # and stored in train.run_dir/reference_logprobs/: no reference forward, no reference weights)
     reference: str = "adapter"
 
     def validate(self) -> None:
@@ -329,8 +331,9 @@ class ObjectiveConfig:
                               f"{len(names)} objectives in objective.name={self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.reference not in ("adapter", "copy"):
-            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter' or 'copy'")
+        if self.reference not in ("adapter", "copy", "cached"):
+            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter', 'copy' "
+                              "or 'cached'")
 
 
 @dataclasses.dataclass
@@ -454,6 +457,9 @@ class PeftConfig:
     # dequantize it inside the jitted step; "" keeps it in its dtype (llmjax/peft/quantize.py)
     base_quantization: str = ""
     quantization_block: int = 64  # elements per quantization block (one absmax scale each)
+    # QLoRA's double quantization: the block scales stored as int8 in blocks of 256 (one
+    # float32 absmax each, after subtracting their mean): 0.127 instead of 0.5 bits per weight
+    double_quantization: bool = False
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.method.split("+") if m.strip()]
@@ -475,6 +481,9 @@ class PeftConfig:
         if self.quantization_block < 2 or self.quantization_block % 2:
             raise ConfigError(f"peft.quantization_block={self.quantization_block} must be an "
                               "even number >= 2")
+        if self.double_quantization and not self.base_quantization:
+            raise ConfigError("peft.double_quantization quantizes the scales of a quantized "
+                              "base: set peft.base_quantization (nf4 or int8) too")
         if self.base_quantization and self.methods() == ["full"]:
             raise ConfigError("peft.base_quantization quantizes the frozen base, but "
                               "peft.method=full trains every parameter; use e.g. peft.method=lora")

@@ -145,11 +145,12 @@ def _piece_length(piece: Piece) -> int:
 
 
 def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int,
-              max_segments: int = 0) -> dict[str, np.ndarray]:
+              max_segments: int = 0, values: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Fixed-shape int32 arrays from rows of pieces; pad id 0 everywhere, segment id 0 = padding.
 
     Classification: labels [B] (one example per row), or [B, max_segments] when packed (the
-    label of segment k+1 at k, NO_LABEL in unused slots)."""
+    label of segment k+1 at k, NO_LABEL in unused slots). `values`: per-document float
+    fields of one-piece rows (BatchIterator.attach), float32 [B], 0 in empty rows."""
     size = len(rows)
     if kind in ("nsp", "seq2seq", "preference"):  # one piece per row: left-aligned fields, zero padded
         if kind == "preference":
@@ -159,10 +160,13 @@ def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int,
         else:
             widths = {"inputs": seq_len, "targets": target_len}
         batch = {key: np.zeros((size, width), np.int32) for key, width in widths.items()}
+        batch.update({name: np.zeros((size,), np.float32) for name in values})
         for r, row in enumerate(rows):
             for piece in row:
-                for key in batch:
+                for key in widths:
                     batch[key][r, : len(piece[key])] = piece[key]
+                for name in values:
+                    batch[name][r] = piece[name]
         return batch
     batch = {name: np.zeros((size, seq_len), np.int32) for name in ("tokens", "segment_ids", "positions")}
     if kind == "sft":
@@ -226,6 +230,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         # lm rows only: sft/classification pieces must stay whole (loss masks, labels).
         self.pack_split = pack_split and kind == "lm" and pack
         local = global_batch_size // process_count
+        self._make_builder, self._probe = make_builder, None
+        self._values: dict[str, np.ndarray] = {}  # per-document floats (attach)
         self._builders = [make_builder() for _ in range(local)]
         self._streams = [
             _Stream(process_index * local + i, global_batch_size, self.num_documents, self._order,
@@ -242,7 +248,43 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return shuffled_index(position, self.num_documents, self.seed, epoch) if self.shuffle else position
 
     def _pieces_with(self, builder: ExampleBuilder) -> Callable[[int], list[Piece]]:
-        return lambda index: builder(self.source[index])
+        def pieces(index: int) -> list[Piece]:
+            out = builder(self.source[index])
+            if self._values:
+                out = [{**piece, **{k: v[index] for k, v in self._values.items()}} for piece in out]
+            return out
+        return pieces
+
+    def document_pieces(self, index: int) -> list[Piece]:
+        """The pieces of document `index` of the source (in source order, not shuffled), made
+        by a builder of their own: the iterator's position and counters are untouched."""
+        return self._probe_builder()(self.source[index])
+
+    def batch_of(self, indices: list[int]) -> dict[str, np.ndarray]:
+        """A batch whose row r holds document indices[r] of the source (an index past the
+        end: an empty row), outside the iteration order; attached values included."""
+        rows = [self._pieces_with(self._probe_builder())(i) if i < self.num_documents else []
+                for i in indices]
+        return _assemble(self.kind, rows, self.seq_len, self.target_len, self.max_segments,
+                         tuple(self._values))
+
+    def _probe_builder(self) -> ExampleBuilder:
+        if self._probe is None:
+            self._probe = self._make_builder()
+        return self._probe
+
+    def attach(self, values: dict[str, np.ndarray]) -> None:
+        """Add per-document floats to every batch: field `name` (float32 [B]) holds row r's
+        document's `values[name][document]` (e.g. cached dpo reference log-probs,
+        llmjax/train/reference_cache.py). Only for kinds with one document per row; call
+        before the first batch. The iterator state does not change (resume stays exact)."""
+        if self.kind != "preference":
+            raise ValueError(f"per-document values need one document per row; not kind {self.kind!r}")
+        for name, array in values.items():
+            if np.shape(array) != (self.num_documents,):
+                raise ValueError(f"values {name!r} have shape {np.shape(array)}, not "
+                                 f"({self.num_documents},) (one per document of the source)")
+        self._values = {name: np.asarray(array, np.float32) for name, array in values.items()}
 
     def __iter__(self) -> "BatchIterator":
         return self
@@ -254,7 +296,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             rows = [stream.next_row() for stream in self._streams]
         else:
             rows = list(self._pool.map(_Stream.next_row, self._streams))
-        batch = _assemble(self.kind, rows, self.seq_len, self.target_len, self.max_segments)
+        batch = _assemble(self.kind, rows, self.seq_len, self.target_len, self.max_segments,
+                          tuple(self._values))
         tokens, slots = _real_tokens(self.kind, batch)
         self.batches += 1
         self._tokens += tokens
@@ -262,9 +305,10 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return batch
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of this host's batch arrays (all int32)."""
+        """Shapes of this host's batch arrays (int32; attached values float32)."""
         return {k: v.shape for k, v in _assemble(self.kind, [[]] * (self.global_batch_size // self.process_count),
-                                                    self.seq_len, self.target_len, self.max_segments).items()}
+                                                    self.seq_len, self.target_len, self.max_segments,
+                                                    tuple(self._values)).items()}
 
     def stats(self) -> dict[str, Any]:
         """Counters so far: documents, skips, splits, truncations, tokens, packing efficiency."""
