@@ -23,7 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["llmjax", "llmjax.*"]),
-    package_data={"llmjax": ["py.typed"]},
+    package_data={"llmjax": ["py.typed", "evaluation/tasks/*.yaml", "evaluation/tasks/*.jsonl"]},
     install_requires=[
         # Lowest versions the test suite passes on (jax 0.9.2 .. 0.12.0.1 tested; jax 0.8's
         # XLA:CPU cannot run the bf16 kernels' dots).
