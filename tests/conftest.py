@@ -40,7 +40,7 @@ MARKERS = {
              "test_convert_hf", "test_peft_storage", "test_storage_train",
              "test_tpu_plan", "test_eval_tasks", "test_storage_runs"),
     "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
-                     "test_checkpoint", "test_storage_runs"),
+                     "test_checkpoint", "test_storage_runs", "test_eval_multihost"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune"),
 }
 # tests/gcs_server.py's fake-gcs-server is local (127.0.0.1): test_storage is neither network

