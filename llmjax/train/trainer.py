@@ -172,8 +172,9 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                 seconds = (now - last_time) / max(done - last_step, 1)
                 last_time, last_step = now, done
                 train_metrics["tokens_per_second"] = tokens_per_step / seconds
-                train_metrics["perplexity"] = math.exp(min(train_metrics["loss"], 50.0)) \
-                    if math.isfinite(train_metrics["loss"]) else math.nan
+                if exp.objective.batch_kind != "preference":  # exp(dpo loss): no perplexity
+                    train_metrics["perplexity"] = math.exp(min(train_metrics["loss"], 50.0)) \
+                        if math.isfinite(train_metrics["loss"]) else math.nan
                 train_metrics["flops_per_second"] = flops / seconds
                 if peak:
                     train_metrics["mfu"] = flops / seconds / peak
