@@ -59,7 +59,6 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,11 +90,15 @@ def test_two_processes_score_tasks_like_one(tmp_path, child_script, cache_dir):
         [sys.executable, str(child_script), json.dumps(dict(
             spec, process_id=i, coordinator=f"127.0.0.1:{port}"))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    # Meanwhile the reference: this process, all 8 devices, the same program.
-    namespace: dict = {}
-    exec(compile(CHILD, "child", "exec"), namespace)
-    one = json.loads(json.dumps(namespace["score"](spec)))  # as the child writes it
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    try:  # meanwhile the reference: this process, all 8 devices, the same program
+        namespace: dict = {}
+        exec(compile(CHILD, "child", "exec"), namespace)
+        one = json.loads(json.dumps(namespace["score"](spec)))  # as the child writes it
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     assert set(one["tasks"]) == {"tiny_mc", "tiny_gen"} and len(one["scores"]) == 4
