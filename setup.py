@@ -9,7 +9,10 @@ TEST = ["pytest>=8", "pytest-xdist>=3",
         # tests/test_launch.py checks rendered GKE manifests against Kubernetes' models and a
         # JSON schema of the JobSet fields used.
         # (kubernetes 37's models are pydantic: unknown fields and wrong types fail).
-        "kubernetes>=37", "jsonschema>=4"]
+        # <37.0.2: 37.0.2 requires python-dateutil>=3, which lm_eval's pytablewriter ->
+        # typepy[datetime] (<3, also in typepy 2.0) rules out; 37.0.0/37.0.1 have the same
+        # pydantic models and take dateutil>=2.8.2, so `.[test,eval]` resolves.
+        "kubernetes>=37,<37.0.2", "jsonschema>=4"]
 HF = ["torch==2.13.0", "transformers>=4.50", "peft", "gguf", "tokenizers"]
 
 setup(
@@ -20,7 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["llmjax", "llmjax.*"]),
-    package_data={"llmjax": ["py.typed"]},
+    package_data={"llmjax": ["py.typed", "evaluation/tasks/*.yaml", "evaluation/tasks/*.jsonl"]},
     install_requires=[
         # Lowest versions the test suite passes on (jax 0.9.2 .. 0.12.0.1 tested; jax 0.8's
         # XLA:CPU cannot run the bf16 kernels' dots).
@@ -53,8 +56,7 @@ setup(
         "tpu": ["jax[tpu]==0.10.2", *GCS],
         "gpu": ["jax[cuda12]", *GCS],
         # lm-evaluation-harness backend (`llmjax eval-tasks`); pulls datasets, pandas, sklearn.
-        # Not in CI's install: its pytablewriter -> typepy[datetime] wants python-dateutil<3,
-        # the test extra's kubernetes>=37 wants >=3 (tests/test_eval_tasks.py skips without it).
+        # CI installs it (tests/test_eval_tasks.py); see the kubernetes cap in TEST.
         "eval": ["lm_eval>=0.4.13"],
     },
     entry_points={"console_scripts": ["llmjax=llmjax.cli:main"]},

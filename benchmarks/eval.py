@@ -22,7 +22,7 @@ from benchmarks.generate import load_models  # noqa: E402
 
 
 def requests(tokenizer) -> list[tuple[list[int], list[int]]]:
-    from llmjax.evaluation.harness import BUNDLED_TASKS
+    from llmjax.evaluation.task_files import BUNDLED_TASKS
 
     out = []
     for line in (BUNDLED_TASKS / "tiny_mc.jsonl").read_text().splitlines():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import types
@@ -640,6 +641,32 @@ def fields_for_kind(config: DataConfig, kind: str) -> dict[str, str]:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """lm-evaluation-harness tasks scored on the model while it trains (needs the [eval]
+    extra, lm_eval): their metrics are logged as tasks/<task>/<metric> beside the loss."""
+
+    # Bundled task names (tiny_mc, tiny_cloze, tiny_gen) or task YAML files in lm-eval's
+    # format whose data_files are local (read next to the YAML); checked before training.
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    every: int = 0  # steps between task evaluations; 0: when the held-out eval runs
+    limit: int = 0  # score only the first N items of each task; 0: all of them
+    batch_rows: int = 8  # packed rows per scoring pass (and prompts per decoding batch)
+    max_gen_toks: int = 64  # generation tasks: new-token budget unless the task sets one
+
+    def validate(self) -> None:
+        for key in ("every", "limit"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"eval.{key}={getattr(self, key)} must be >= 0 (0: "
+                                  f"{'with the held-out eval' if key == 'every' else 'all'})")
+        for key in ("batch_rows", "max_gen_toks"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key}={getattr(self, key)} must be >= 1")
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError(f"eval.tasks={self.tasks} needs lm-evaluation-harness: "
+                              f"pip install 'llmjax[eval]' (or set eval.tasks=[])")
+
+
+@dataclasses.dataclass
 class Config:
     """A whole run: one field per section."""
 
@@ -651,6 +678,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         for field in dataclasses.fields(self):
@@ -668,6 +696,10 @@ class Config:
             raise ConfigError(f"mesh.expert={self.mesh.expert} must divide model.num_experts="
                               f"{self.model.num_experts}; choose mesh.expert among "
                               f"{_divisors(self.model.num_experts)}")
+        if self.eval.tasks and self.model.architecture != "decoder":
+            raise ConfigError(f"eval.tasks scores text continuations with a decoder-only "
+                              f"model; this one is {self.model.architecture!r} "
+                              f"({self.model.family}): set eval.tasks=[]")
         return self
 
     def to_dict(self) -> dict:

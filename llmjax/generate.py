@@ -364,11 +364,20 @@ def generate(cfg: ModelConfig, params: Params, prompts: Sequence[Sequence[int]] 
     rng = jax.random.key(seed)
     with program.context():
         if on_token is None:
-            out = np.asarray(program.run(params, tokens, segments, positions, rng, end_ids,
-                                         budget=max_new_tokens))
+            out = _to_host(program.run(params, tokens, segments, positions, rng, end_ids,
+                                       budget=max_new_tokens))
             return [_until_end(row) for row in out[:len(rows)]]
         return _stream(program, params, tokens, segments, positions, rng, set(end_ids.tolist()),
                        max_new_tokens, len(rows), on_token)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host, also when its rows are spread over several processes
+    (every process runs the same decoding and gets every row)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _until_end(row: np.ndarray) -> list[int]:

@@ -211,7 +211,7 @@ def test_extraction_and_shrinking():
 EXAMPLE_SKIP = {
     "convert gguf-to-llmjax": "needs a GGUF file (docs/interop.md fetches one from PyPI)",
 }
-if importlib.util.find_spec("lm_eval") is None:  # an optional extra, not in [test]
+if importlib.util.find_spec("lm_eval") is None:  # the [eval] extra (CI installs it)
     EXAMPLE_SKIP["eval-tasks"] = "needs the [eval] extra (lm_eval); tests/test_eval_tasks.py"
 
 

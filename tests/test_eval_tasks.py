@@ -23,10 +23,11 @@ TASK = harness.BUNDLED_TASKS / "tiny_mc.yaml"
 
 
 def _char_tokenizer(path):
-    """One id per character of the bundled task (and its template), plus <eos>."""
+    """One id per character of the bundled tasks (and their templates), plus <eos>."""
     from tokenizers import Tokenizer, models
 
-    text = (harness.BUNDLED_TASKS / "tiny_mc.jsonl").read_text() + "Question:\nAnswer"
+    text = "".join(p.read_text() for p in sorted(harness.BUNDLED_TASKS.glob("*.jsonl")))
+    text += "Question:\nAnswer"
     chars = sorted(set(text) - {"\n"}) + ["\n"]
     vocab = {c: i for i, c in enumerate(chars)}
     vocab["<eos>"] = len(vocab)
@@ -56,6 +57,20 @@ def test_bundled_multiple_choice_accuracy_equals_the_hand_count(models):
     results = harness.plain_results(harness.evaluate_tasks(lm, [str(TASK)]))
     assert results["tiny_mc"]["acc"] == 13 / 20
     assert results["tiny_mc"]["acc_norm"] == 5 / 20
+
+
+def test_bundled_cloze_perplexity_equals_the_hand_count(models):
+    """Uniform model: the last word w (with its leading space) scores -(len(w) + 1) log V, so
+    lm-eval's perplexity is V ** mean(len(w) + 1); greedy picks id 0 (the space) everywhere,
+    so no word is greedy (acc 0)."""
+    lm = harness.LlmjaxLM(models[0], batch_rows=4)
+    results = harness.plain_results(harness.evaluate_tasks(lm, ["tiny_cloze"]))
+    words = [json.loads(line)["word"] for line in
+             (harness.BUNDLED_TASKS / "tiny_cloze.jsonl").read_text().splitlines()]
+    vocab = models[0].config.vocab_size
+    expected = vocab ** np.mean([len(w) + 1 for w in words])
+    assert results["tiny_cloze"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert results["tiny_cloze"]["acc"] == 0.0
 
 
 def test_generate_until_stops_at_the_first_stop_string(models):

@@ -35,13 +35,15 @@ LAYERS = [
     ("data, models", ["llmjax.data", "llmjax.models"]),
     ("objectives, parallel", ["llmjax.objectives", "llmjax.parallel"]),
     ("peft, model loading", ["llmjax.peft", "llmjax.loader"]),
+    # llmjax.evaluation's scoring, task files and lm-eval model sit below the trainer, which
+    # scores eval.tasks with them; its path-loading harness and CLI sit on top.
     ("train", ["llmjax.train", "llmjax.metrics", "llmjax.generate",
-               "llmjax.export", "llmjax.classify"]),
+               "llmjax.export", "llmjax.classify", "llmjax.evaluation"]),
     ("top: conversion, pretrained, command lines", [
         "llmjax", "llmjax.convert", "llmjax.pretrained", "llmjax.cli", "llmjax.data.cli",
         "llmjax.peft.cli", "llmjax.generate_cli", "llmjax.export_cli", "llmjax.demo",
         "llmjax.config_reference", "llmjax.__main__", "llmjax.plan",
-        "llmjax.evaluation"]),
+        "llmjax.evaluation.harness", "llmjax.evaluation.cli"]),
 ]
 
 # Upward imports that remain (importer, imported): each is a function-level import.
@@ -203,7 +205,7 @@ def test_importing_config_imports_no_model_peft_or_training(module, absent):
 
 
 # Modules that exist to bridge to an optional extra (they say which extra in their ImportError).
-OPTIONAL = {"llmjax.evaluation.harness": "lm_eval"}
+OPTIONAL = {"llmjax.evaluation.harness": "lm_eval", "llmjax.evaluation.lm": "lm_eval"}
 
 
 def test_every_module_imports():

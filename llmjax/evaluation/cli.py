@@ -9,8 +9,8 @@ def add_subcommands(subparsers) -> None:
         "eval-tasks", help="score lm-evaluation-harness tasks (needs the [eval] extra)",
         description="Run lm-evaluation-harness tasks on a training run, llmjax export, HF "
                     "directory or GGUF file. A task is a YAML file in lm-eval's format (local "
-                    "data_files are read next to it, offline), a bundled task (tiny_mc) or an "
-                    "lm-eval task name.")
+                    "data_files are read next to it, offline), a bundled task (tiny_mc, "
+                    "tiny_cloze, tiny_gen) or an lm-eval task name.")
     p.add_argument("model", help="training run dir, llmjax export, HF directory or .gguf file")
     p.add_argument("--tasks", nargs="+", required=True, help="task YAML files or names")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items")

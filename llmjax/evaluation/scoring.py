@@ -92,11 +92,12 @@ class Scorer:
             raise ConfigError(f"log-likelihood scoring needs a decoder-only model; this one is "
                               f"{cfg.architecture!r} ({cfg.family})")
         self.cfg = dataclasses.replace(cfg, dropout=0.0)
+        self._params_cfg = cfg
         self.mesh, self.rules = mesh, tuple(rules)
         self.row_len = min(row_len or cfg.max_len, cfg.max_len)
         n = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
         self.batch_rows = -(-batch_rows // n) * n
-        self.params = shard_params(cfg, params, mesh, rules) if mesh is not None else params
+        self.set_params(params)
         model = Transformer(self.cfg)
 
         def token_scores(params, tokens, targets, segments, positions):
@@ -107,10 +108,20 @@ class Scorer:
             return picked, jnp.argmax(logits, axis=-1) == targets
 
         kwargs = {}
+        self._rows = None
         if mesh is not None:
-            rows = NamedSharding(mesh, jax.P(BATCH_AXES))
-            kwargs = dict(in_shardings=(None, rows, rows, rows, rows), out_shardings=(rows, rows))
+            # Every process passes the same whole batch (global arrays built from it) and
+            # gets the whole result back (replicated output: readable on every host).
+            self._rows = rows = NamedSharding(mesh, jax.P(BATCH_AXES))
+            whole = NamedSharding(mesh, jax.P())
+            kwargs = dict(in_shardings=(None, rows, rows, rows, rows),
+                          out_shardings=(whole, whole))
         self._scores = jax.jit(token_scores, **kwargs)
+
+    def set_params(self, params: Params) -> None:
+        """Score with `params` (same config) from now on: no recompile."""
+        self.params = (shard_params(self._params_cfg, params, self.mesh, self.rules)
+                       if self.mesh is not None else params)
 
     def _context(self):
         if self.mesh is None:
@@ -134,6 +145,10 @@ class Scorer:
         for start in range(0, len(rows), self.batch_rows):
             batch = rows[start:start + self.batch_rows]
             arrays, spans = self._batch(batch, segs)
+            if self._rows is not None:
+                arrays = tuple(jax.make_array_from_callback(a.shape, self._rows,
+                                                            lambda index, a=a: a[index])
+                               for a in arrays)
             with self._context():
                 logp, greedy = self._scores(self.params, *arrays)
             logp, greedy = np.asarray(logp), np.asarray(greedy)

@@ -49,16 +49,29 @@ def evaluate(exp: Experiment, state, eval_fn, sharding, num_batches: int) -> dic
         pass
     finally:
         it.close()
+    return eval_metrics(exp.objective, sums)
+
+
+def eval_metrics(objective, sums: dict) -> dict[str, float]:
+    """Means of summed eval terms: {term}_loss and {term}_accuracy per loss term, reported
+    means as they are (dpo: reward_chosen / reward_rejected / reward_margin; `dpo_accuracy`
+    is the reward accuracy), the weighted loss, and the perplexity of the first term where
+    it is a per-token cross-entropy (not for the preference objectives: exp(dpo loss) is no
+    perplexity)."""
     metrics = {}
+    reports = getattr(objective, "reports", ())
+    weights = objective.term_weights
     for name, (loss_sum, count, correct) in sums.items():
+        if name in reports:
+            metrics[name] = loss_sum / max(count, 1)
+            continue
         metrics[f"{name}_loss"] = loss_sum / max(count, 1)
         if not name.startswith("router_"):  # MoE router losses have no accuracy
             metrics[f"{name}_accuracy"] = correct / max(count, 1)
-    weights = exp.objective.term_weights
-    metrics["loss"] = sum(weights[n] * metrics[f"{n}_loss"] for n in sums)
-    if sums:
-        first = next(iter(sums))
-        metrics["perplexity"] = math.exp(min(metrics[f"{first}_loss"], 50.0))
+    terms = [n for n in sums if n in weights]
+    metrics["loss"] = sum(weights[n] * metrics[f"{n}_loss"] for n in terms)
+    if terms and objective.batch_kind != "preference":
+        metrics["perplexity"] = math.exp(min(metrics[f"{terms[0]}_loss"], 50.0))
     return metrics
 
 

@@ -77,6 +77,7 @@ def check_inputs(cfg: Config, config_path: Optional[str | os.PathLike] = None) -
         if not any(path.iterdir()):
             raise ConfigError(f"data.data_dir={data.data_dir!r} is empty: prepare the dataset "
                               f"there first (`llmjax data prepare` or `tfds build`){hint}")
+    _check_eval_tasks(cfg)
     init_from = cfg.train.init_from
     # A run that resumes reads init_from only to find a moved PEFT base (checked there).
     if init_from and _local(init_from) and not Path(init_from).expanduser().exists() and \
@@ -132,3 +133,20 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"train.run_dir={str(run_dir)!r} is not writable: "
                           f"{describe_os_error(err)}; choose another train.run_dir or fix its "
                           f"permissions/space") from None
+
+
+def _check_eval_tasks(cfg: Config) -> None:
+    """eval.tasks: each a bundled task or a task YAML whose data files exist; text tasks need
+    the run's tokenizer."""
+    if not cfg.eval.tasks:
+        return
+    from llmjax.evaluation.task_files import load_task
+
+    if not cfg.data.tokenizer:
+        raise ConfigError("eval.tasks are text: set data.tokenizer (the run's tokenizer) or "
+                          "eval.tasks=[]")
+    for spec in cfg.eval.tasks:
+        try:
+            load_task(spec, registry=False)
+        except ConfigError as err:
+            raise type(err)(f"eval.tasks: {err}") from None

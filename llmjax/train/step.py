@@ -138,7 +138,8 @@ def make_train_step(model, objective: Objective, tx: optax.GradientTransformatio
 
 
 def make_eval_step(model, objective: Objective, plan, logits_chunk: int = 0) -> Callable:
-    """state, batch -> {term: (loss_sum, count, correct)} summed, for host-side averaging."""
+    """state, batch -> {term: (loss_sum, count, correct)} summed, for host-side averaging;
+    also the objective's reported means (dpo rewards: (value_sum, count, 0))."""
 
     def eval_step(state, batch: Batch):
         rng = jax.random.fold_in(state.rng, 2**31 - 1)  # fixed masking noise: comparable evals
@@ -147,8 +148,9 @@ def make_eval_step(model, objective: Objective, plan, logits_chunk: int = 0) -> 
         outputs = forward(model, params, batch, logits_chunk, deterministic=True)
         outputs = with_reference(outputs, model, plan, objective, state.params, state.frozen,
                                  batch, logits_chunk)
+        kept = set(objective.term_weights) | set(getattr(objective, "reports", ()))
         return {name: tuple(term) for name, term in objective.loss(outputs, batch).items()
-                if name in objective.term_weights}
+                if name in kept}
 
     return eval_step
 

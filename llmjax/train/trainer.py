@@ -43,6 +43,7 @@ from llmjax.train.guard import NonFiniteGuard
 from llmjax.train.preflight import check_inputs, check_writable
 from llmjax.train.resume import finished_step, restore_or_init
 from llmjax.train.signals import StartupInterrupted, StopSignals
+from llmjax.train.task_eval import TaskEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
     # Rows past the resumed step (or all rows of a fresh run) came from a killed attempt.
     writer = MetricsWriter(run_dir, cfg.train.tensorboard, start_step=resumed or 0)
     guard = NonFiniteGuard(cfg.train.nonfinite)
+    tasks = TaskEvaluator(cfg, exp) if cfg.eval.tasks else None  # lm-eval tasks (eval.tasks)
 
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     flops = flops_per_token(exp.model_config, n_params, cfg.train.seq_len) * tokens_per_step
@@ -172,8 +174,9 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                 seconds = (now - last_time) / max(done - last_step, 1)
                 last_time, last_step = now, done
                 train_metrics["tokens_per_second"] = tokens_per_step / seconds
-                train_metrics["perplexity"] = math.exp(min(train_metrics["loss"], 50.0)) \
-                    if math.isfinite(train_metrics["loss"]) else math.nan
+                if exp.objective.batch_kind != "preference":  # exp(dpo loss): no perplexity
+                    train_metrics["perplexity"] = math.exp(min(train_metrics["loss"], 50.0)) \
+                        if math.isfinite(train_metrics["loss"]) else math.nan
                 train_metrics["flops_per_second"] = flops / seconds
                 if peak:
                     train_metrics["mfu"] = flops / seconds / peak
@@ -208,11 +211,13 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
             if readback and minutes and not periodic:
                 periodic = _time_due(time.perf_counter() - last_save >= minutes * 60)
             evaluated = None
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 or (
-                    periodic and cfg.checkpoint.keep_best):
+            held_out = bool(cfg.train.eval_every) and done % cfg.train.eval_every == 0
+            if held_out or (periodic and cfg.checkpoint.keep_best):
                 evaluated = eval_metrics = evaluate(exp, state, eval_fn, batch_sh,
                                                     cfg.train.eval_steps)
                 writer.write(done, eval_metrics, "eval")
+            if tasks is not None and tasks.due(done, held_out):
+                writer.write(done, tasks.metrics(state), "eval")
             if periodic or preempted:
                 save(done, evaluated)
                 last_save = time.perf_counter()
@@ -233,6 +238,10 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
                      cfg.train.eval_steps, final)
             eval_metrics = evaluate(exp, state, eval_fn, batch_sh, cfg.train.eval_steps)
             writer.write(final, eval_metrics, "eval")
+            if tasks is not None:
+                task_metrics = tasks.metrics(state)
+                writer.write(final, task_metrics, "eval")
+                eval_metrics = {**eval_metrics, **task_metrics}
             if saved_step != final:
                 save(final, eval_metrics)
             ckpt.wait()
