@@ -47,7 +47,7 @@ def make_config(run_dir, *extra):
 CHILD = textwrap.dedent('''
     import json, os, signal, sys, time
     from pathlib import Path
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     spec = json.loads(sys.argv[1])
     from llmjax import compile_cache, config
     compile_cache.enable(spec["cache"])

@@ -18,7 +18,8 @@ ARGS = ["-m", "llmjax", "train", str(ROOT / "configs/experiments/gpt-tiny.yaml")
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMJAX_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(XLA_FLAGS=env.get("XLA_FLAGS", "") +  # the last device count wins
+               f" --xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", **extra)
     return env
 

@@ -45,7 +45,8 @@ CHILD = textwrap.dedent('''
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("llmjax").setLevel(logging.INFO)
     spec = json.loads(sys.argv[1])
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +  # the last count wins
+                               f" --xla_force_host_platform_device_count={spec['devices']}")
     import jax
     if spec.get("processes", 1) > 1:
         jax.distributed.initialize(spec["coordinator"], spec["processes"], spec["process_id"])
