@@ -17,7 +17,8 @@ import pytest
 # LLVM -O0 without its expensive passes: the test programs are tiny, so compiling dominates;
 # this takes ~40% off every CPU compile (tests/test_kernels*.py: 32 -> 20 s of CPU per model
 # pair) and leaves the optimized HLO, and so what the tests compare, unchanged. Subprocesses
-# inherit it; tests that set a device count append to XLA_FLAGS rather than replace it.
+# inherit it; tests that set a device count replace only that flag in XLA_FLAGS (jax's compile
+# cache key hashes the flags as written, so parent and child must list the same ones).
 FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + FAST_XLA_FLAGS)
 # With libtpu installed (the tpu extra) every jax process would probe for a TPU first (+1.8 s);
