@@ -60,8 +60,8 @@ _HELP = {"slow": "a module of 20-170 s (kernels, sharded-vs-single-device, docum
 # pytest-xdist's --dist loadfile gives each worker whole files, by default the files with the
 # most tests first: a slow file of few tests would start last and run on alone while the other
 # worker idles. Longest first instead (greedy bin packing; fast files fill the gaps at the end):
-# these modules, heaviest first (CPU seconds on the 2-core machine), then the other MARKERS
-# modules, then the rest in collection order.
+# these modules, heaviest first (estimated seconds in CI; a new module of a minute or more
+# belongs here), then the other MARKERS modules, then the rest in collection order.
 HEAVIEST_FIRST = ("test_checkpoint", "test_docs_commands", "test_tpu_plan",
                   "test_multihost_faults", "test_peft_sharded", "test_convert_gguf",
                   "test_parallel", "test_run_safety", "test_moe_sharded", "test_kernels_bf16",
