@@ -14,7 +14,13 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM -O0 without its expensive passes: the test programs are tiny, so compiling dominates;
+# this takes ~40% off every CPU compile (tests/test_kernels*.py: 32 -> 20 s of CPU per model
+# pair) and leaves the optimized HLO, and so what the tests compare, unchanged. Subprocesses
+# inherit it; tests that set a device count replace only that flag in XLA_FLAGS (jax's compile
+# cache key hashes the flags as written, so parent and child must list the same ones).
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + FAST_XLA_FLAGS)
 # With libtpu installed (the tpu extra) every jax process would probe for a TPU first (+1.8 s);
 # TPU plans compile from topology descriptions, which need no TPU backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -35,7 +41,7 @@ if "LLMJAX_CACHE" not in os.environ:
 # Markers, by module (seconds are test time on the 2-core machine; CI runs everything):
 # `-m "not slow and not multiprocess and not network"` is the contributors' inner loop.
 MARKERS = {
-    "slow": ("test_kernels", "test_moe_sharded", "test_convert_moe", "test_peft_sharded", "test_docs_commands", "test_splash",
+    "slow": ("test_kernels", "test_kernels_models", "test_kernels_bf16", "test_moe_sharded", "test_convert_moe", "test_peft_sharded", "test_docs_commands", "test_splash",
              "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
              "test_convert_hf", "test_peft_storage", "test_storage_train",
              "test_tpu_plan", "test_eval_tasks", "test_storage_runs", "test_rope_scaling",
@@ -52,13 +58,35 @@ _HELP = {"slow": "a module of 20-170 s (kernels, sharded-vs-single-device, docum
          "network": "fetches a model or data set from PyPI on first use (cached after)"}
 
 
+# pytest-xdist's --dist loadfile gives each worker whole files, by default the files with the
+# most tests first: a slow file of few tests would start last and run on alone while the other
+# worker idles. Longest first instead (greedy bin packing; fast files fill the gaps at the end):
+# these modules, heaviest first (estimated seconds in CI; a new module of a minute or more
+# belongs here), then the other MARKERS modules, then the rest in collection order.
+HEAVIEST_FIRST = ("test_checkpoint", "test_docs_commands", "test_tpu_plan",
+                  "test_multihost_faults", "test_peft_sharded", "test_convert_gguf",
+                  "test_parallel", "test_run_safety", "test_moe_sharded", "test_kernels_bf16",
+                  "test_checkpoint_finetune", "test_kernels_models", "test_convert_hf",
+                  "test_storage_runs", "test_multihost")
+
+
+def _schedule_rank(module: str) -> int:
+    if module in HEAVIEST_FIRST:
+        return HEAVIEST_FIRST.index(module)
+    marked = any(module in modules for modules in MARKERS.values())
+    return len(HEAVIEST_FIRST) + (0 if marked else 1)
+
+
 def pytest_configure(config):
     for name, text in _HELP.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    if getattr(config.option, "loadscopereorder", None):  # xdist: keep the order below
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
     import pytest
+    items.sort(key=lambda item: _schedule_rank(item.module.__name__.rsplit(".", 1)[-1]))
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         for name, modules in MARKERS.items():

@@ -129,3 +129,42 @@ class MeshRuns:
             new, metrics = step(state, batch)
             self.runs[key] = (exp, new, host(metrics))
         return self.runs[key]
+
+
+# ------------------------------------------------------------------ kernels vs the reference
+
+_KERNEL_PARAMS: dict = {}
+
+
+def kernel_outputs_and_grads(preset: str, kernels: str, dtype: str = "float32", **overrides):
+    """(outputs, parameter gradients) of one model on a packed + padded batch, for a loss that
+    depends on every logit and on the hidden states (tests/test_kernels_*.py compare
+    model.kernels choices). The parameters do not depend on the kernels: initialised once per
+    (preset, dtype, overrides), jitted, and shared by both sides of a comparison."""
+    from llmjax.config import model_config
+
+    cfg = model_config(preset, kernels=kernels, dtype=dtype, **overrides)
+    model = Transformer(cfg)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(5, cfg.vocab_size, (2, 16)), jnp.int32)
+    segments = jnp.asarray([[1] * 10 + [2] * 6, [1] * 13 + [0] * 3], jnp.int32)  # packed + pad
+    inputs = {"tokens": tokens, "segment_ids": segments}
+    if cfg.architecture == "encoder_decoder":
+        inputs["decoder_tokens"] = tokens[:, :12]
+        inputs["decoder_segment_ids"] = segments[:, :12]
+    key = (preset, dtype, tuple(sorted(overrides.items())))
+    if key not in _KERNEL_PARAMS:
+        _KERNEL_PARAMS[key] = jax.jit(lambda rng: nn.unbox(
+            model.init({"params": rng}, **inputs)["params"]))(jax.random.key(0))
+    params = _KERNEL_PARAMS[key]
+    probe = jnp.asarray(rng.standard_normal((2, 16 if cfg.architecture != "encoder_decoder"
+                                             else 12, cfg.d_model)), jnp.float32)
+
+    def loss(p):
+        out = model.apply({"params": p}, **inputs)
+        logits = out["logits"].astype(jnp.float32)
+        value = jnp.sum(jnp.sin(logits)) + jnp.sum(out["hidden"].astype(jnp.float32) * probe)
+        return value, out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return out, grads

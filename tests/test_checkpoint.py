@@ -45,9 +45,12 @@ def make_config(run_dir, *extra):
 
 
 CHILD = textwrap.dedent('''
-    import json, os, signal, sys, time
+    import json, os, re, signal, sys, time
     from pathlib import Path
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    # 8 devices, the session's other XLA flags kept (they are part of the compile cache key)
+    flags = re.sub("--xla_force_host_platform_device_count=[0-9]+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
     spec = json.loads(sys.argv[1])
     from llmjax import compile_cache, config
     compile_cache.enable(spec["cache"])

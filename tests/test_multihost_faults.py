@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -96,7 +97,8 @@ class Hosts:
         self.logs = [run_dir.parent / f"{run_dir.name}.host{i}.{port}.log"
                      for i in range(processes)]
         base = _clean_env()
-        base.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", base.get("XLA_FLAGS", ""))
+        base.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                     PYTHONPATH=str(ROOT), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                     JAX_NUM_PROCESSES=str(processes), **(env or {}))
         self.stamp = run_dir.parent / f"{run_dir.name}.fault.{port}"

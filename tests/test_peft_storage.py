@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import llmjax
-from llmjax import cli, compile_cache, config, peft
+from llmjax import cli, config, peft
 from llmjax.checkpoint import CheckpointError, save_params
 from llmjax.checkpoint.trees import tree_metadata as _tree_metadata
 from llmjax.loader import load_model as load_source
@@ -75,7 +75,6 @@ def merged_logits(cfg, state) -> np.ndarray:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft_storage")
-    compile_cache.enable(root / "jax_cache")
     from llmjax.data.tokenizer import train_sentencepiece
     tok = root / "tok"  # the fine-tune's tokenizer: exports must carry it
     train_sentencepiece([REPO / "README.md", REPO / "docs/peft.md"], tok, vocab_size=500)

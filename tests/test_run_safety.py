@@ -50,8 +50,11 @@ def make_config(run_dir, *extra):
 
 
 CHILD = textwrap.dedent('''
-    import json, logging, os, signal, sys, time
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import json, logging, os, re, signal, sys, time
+    # 8 devices, the session's other XLA flags kept (they are part of the compile cache key)
+    flags = re.sub("--xla_force_host_platform_device_count=[0-9]+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
     spec = json.loads(sys.argv[1])
     from llmjax import compile_cache
     compile_cache.enable(spec["cache"])

@@ -41,11 +41,14 @@ def overrides(run_dir, *extra):
 # One training process: jax.distributed from the spec (not from environment variable names),
 # kill -9 of itself once checkpoint `commit` has committed on the bucket.
 CHILD = textwrap.dedent('''
-    import json, logging, os, signal, sys, time
+    import json, logging, os, re, signal, sys, time
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("llmjax").setLevel(logging.INFO)
     spec = json.loads(sys.argv[1])
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+    # the session's other XLA flags kept (they are part of the compile cache key)
+    flags = re.sub("--xla_force_host_platform_device_count=[0-9]+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={spec['devices']}"
     import jax
     if spec.get("processes", 1) > 1:
         jax.distributed.initialize(spec["coordinator"], spec["processes"], spec["process_id"])

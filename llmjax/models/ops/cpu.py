@@ -17,7 +17,7 @@ The functions here compute the reference's values with `jax.custom_vjp`: every d
 (batched) row-major matmul whose transposed operand is materialised first (_t, _tn),
 residuals cross the scan bit-cast to uint16 (_stash), the MLP activation keeps only its
 inputs, and the norm backward uses the closed-form formula. Attention is blockwise.py.
-They share reference.py's signatures; tests/test_kernels.py checks outputs and gradients
+They share reference.py's signatures; tests/test_kernels*.py check outputs and gradients
 against it for every model family, in fp32 and bf16.
 """
 from __future__ import annotations
