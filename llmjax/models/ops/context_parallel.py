@@ -131,9 +131,9 @@ def _fold(carry, q: Array, k: Array, v: Array, qt: Tokens, kt: Tokens, st: Stati
     def step(carry, blk):
         kb, vb, kt_b = blk
 
-        def attend(carry):
+        def attend(carry, seen):
             m, l, acc = carry
-            seen = _visible(qt, kt_b, st.causal)[:, None, None]
+            seen = seen[:, None, None]
             s = jnp.where(seen, _scores(q, kb, st.scale), NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
             p = jnp.where(seen, jnp.exp(s - m_new), 0.0)
@@ -142,8 +142,8 @@ def _fold(carry, q: Array, k: Array, v: Array, qt: Tokens, kt: Tokens, st: Stati
                             preferred_element_type=jnp.float32)
             return m_new, l * fade + jnp.sum(p, axis=-1, keepdims=True), acc * fade + pv
 
-        any_seen = jnp.any(_visible(qt, kt_b, st.causal))
-        return jax.lax.cond(any_seen, attend, lambda c: c, carry), None
+        seen = _visible(qt, kt_b, st.causal)
+        return jax.lax.cond(jnp.any(seen), attend, lambda c, _: c, carry, seen), None
 
     blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
     return jax.lax.scan(step, carry, blocks)[0]
@@ -158,8 +158,8 @@ def _fold_grads(q, k, v, qt, kt, g, lse, row, st: Static):
     def step(dq, blk):
         kb, vb, kt_b = blk
 
-        def grads(dq):
-            seen = _visible(qt, kt_b, st.causal)[:, None, None]
+        def grads(dq, seen):
+            seen = seen[:, None, None]
             p = jnp.where(seen, jnp.exp(_scores(q, kb, st.scale) - lse), 0.0)
             dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dtype), g,
                             preferred_element_type=jnp.float32)
@@ -169,12 +169,12 @@ def _fold_grads(q, k, v, qt, kt, g, lse, row, st: Static):
             dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32)
             return dq, (dk, dv)
 
-        def nothing(dq):
+        def nothing(dq, _):
             zeros = jnp.zeros(kb.shape, jnp.float32)
             return dq, (zeros, zeros)
 
-        any_seen = jnp.any(_visible(qt, kt_b, st.causal))
-        return jax.lax.cond(any_seen, grads, nothing, dq)
+        seen = _visible(qt, kt_b, st.causal)
+        return jax.lax.cond(jnp.any(seen), grads, nothing, dq, seen)
 
     blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
     dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
