@@ -1,0 +1,334 @@
+"""Attention with the sequence sharded over a `context` mesh axis (context parallelism).
+
+Every device holds t / context of the queries, keys and values. Two strategies:
+
+- "allgather": each device all-gathers K/V (with their segments, positions and prefix flags)
+  over the context axis and attends its own queries to all of them;
+- "ring": K/V chunks travel around the ring of context shards (`jax.lax.ppermute`), one step
+  per shard; every device folds each chunk it holds into an online-softmax carry (running
+  max, sum, f32 accumulator) and passes it on.
+
+Either way the keys a device sees are processed in blocks of `block` keys with an online
+softmax, so no device ever holds a [t_local, t] score matrix, only [t_local, block] pieces.
+Blocks no query of the device can see (causal, other documents, padding) are skipped
+(`lax.cond`). The backward pass is a custom VJP that keeps only the local q, k, v, output and
+the per-row log-sum-exp and recomputes the probabilities block by block (FlashAttention's
+backward): allgather gathers K/V again and reduce-scatters their gradients; the ring sends
+K/V around again with their gradient accumulators, which arrive back at their owner after a
+full turn. Activation memory therefore falls as 1/context (docs/long-context.md).
+
+The mask is rebuilt from segment ids, positions and the prefix flags (the dense mask of
+llmjax.models.attention.make_mask never exists): a key is visible from a query of the same
+non-zero segment when `index[key] <= index[query]` (causal), or when both are in the
+prefix-LM prefix, or always (not causal). `index` is each token's original position, so the
+model may reorder the sequence (`load_balance_order`) to give every shard equal causal work.
+Padding queries (segment 0) see nothing and output 0.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.errors import ConfigError
+from llmjax.models.ops.splash import _mesh_axes
+
+Array = jax.Array
+STRATEGIES = ("allgather", "ring")
+BLOCK = 512  # keys per online-softmax step (the score piece is [b, heads, t_local, BLOCK])
+NEG = -1e30  # finite: a row that has seen nothing yet keeps a finite running max
+
+
+def load_balance_order(t: int, shards: int) -> np.ndarray:
+    """The token order that gives every context shard equal causal work: [t] original positions.
+
+    The sequence is cut into 2 * shards chunks; shard i gets chunk i and chunk 2*shards-1-i
+    (early queries see few keys, late ones many: the pair evens it out). The model reorders
+    tokens, positions, segments and targets with it (x[:, order]) and passes it as `index`."""
+    if shards < 1:
+        raise ConfigError(f"mesh.context={shards} must be at least 1")
+    chunks = 2 * shards
+    if t % chunks:
+        raise ConfigError(f"train.seq_len={t} is not divisible by 2 x mesh.context={chunks}: "
+                          f"load balancing cuts the sequence into 2 x context equal chunks; "
+                          f"choose a seq_len that is a multiple of {chunks}")
+    size = t // chunks
+    pieces = []
+    for i in range(shards):
+        pieces += [np.arange(i * size, (i + 1) * size),
+                   np.arange((chunks - 1 - i) * size, (chunks - i) * size)]
+    return np.concatenate(pieces).astype(np.int32)
+
+
+class Tokens(NamedTuple):
+    """What the mask needs of a run of tokens: segments [b, n] int32 (0 = padding), index [n]
+    int32 (original positions), prefix [b, n] bool or None."""
+
+    segments: Array
+    index: Array
+    prefix: Optional[Array]
+
+
+class Static(NamedTuple):
+    """The op's static settings (hashable: the custom VJP's non-differentiable argument)."""
+
+    strategy: str
+    axis: Optional[str]  # None: no context axis to communicate over (size 1 or absent)
+    shards: int
+    causal: bool
+    scale: float
+    block: int
+
+
+def _visible(qt: Tokens, kt: Tokens, causal: bool) -> Array:
+    """[b, tq, tk] bool: which keys each query sees."""
+    seen = (qt.segments[:, :, None] == kt.segments[:, None, :]) & (kt.segments[:, None, :] != 0)
+    if causal:
+        order = (kt.index[None, :] <= qt.index[:, None])[None]
+        if qt.prefix is not None:
+            order = order | (qt.prefix[:, :, None] & kt.prefix[:, None, :])
+        seen = seen & order
+    return seen
+
+
+def _key_blocks(x: Array, block: int) -> Array:
+    """[b, n, ...] -> [n / block, b, block, ...]: the scan runs over key blocks."""
+    b, n = x.shape[:2]
+    return jnp.moveaxis(x.reshape((b, n // block, block) + x.shape[2:]), 1, 0)
+
+
+def _token_blocks(kt: Tokens, block: int) -> Tokens:
+    index = kt.index.reshape(-1, block)
+    prefix = None if kt.prefix is None else _key_blocks(kt.prefix, block)
+    return Tokens(_key_blocks(kt.segments, block), index, prefix)
+
+
+def _unblock(x: Array) -> Array:
+    """[n / block, b, block, ...] -> [b, n, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape((x.shape[0], -1) + x.shape[3:])
+
+
+def _block_size(n: int, block: int) -> int:
+    """The largest divisor of n that is at most `block`."""
+    return next(c for c in range(min(n, block), 0, -1) if n % c == 0)
+
+
+def _scores(q: Array, k: Array, scale: float) -> Array:
+    """q [b, tq, kh, g, d], k [b, tk, kh, d] -> f32 scores [b, kh, g, tq, tk]."""
+    return jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def _fold(carry, q: Array, k: Array, v: Array, qt: Tokens, kt: Tokens, st: Static):
+    """Fold keys/values [b, n, kh, d] into the online-softmax carry (m, l, acc), block by block:
+    m, l [b, kh, g, tq, 1] the running max and sum, acc [b, kh, g, tq, d] f32."""
+    block = _block_size(k.shape[1], st.block)
+
+    def step(carry, blk):
+        kb, vb, kt_b = blk
+
+        def attend(carry, seen):
+            m, l, acc = carry
+            seen = seen[:, None, None]
+            s = jnp.where(seen, _scores(q, kb, st.scale), NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+            p = jnp.where(seen, jnp.exp(s - m_new), 0.0)
+            fade = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(vb.dtype), vb,
+                            preferred_element_type=jnp.float32)
+            return m_new, l * fade + jnp.sum(p, axis=-1, keepdims=True), acc * fade + pv
+
+        seen = _visible(qt, kt_b, st.causal)
+        return jax.lax.cond(jnp.any(seen), attend, lambda c, _: c, carry, seen), None
+
+    blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
+    return jax.lax.scan(step, carry, blocks)[0]
+
+
+def _fold_grads(q, k, v, qt, kt, g, lse, row, st: Static):
+    """Gradient contributions of keys/values [b, n, kh, d] (recomputing their probabilities
+    from the saved log-sum-exp): dq [b, tq, kh, g, d] f32, dk and dv [b, n, kh, d] f32."""
+    block = _block_size(k.shape[1], st.block)
+    dtype = q.dtype
+
+    def step(dq, blk):
+        kb, vb, kt_b = blk
+
+        def grads(dq, seen):
+            seen = seen[:, None, None]
+            p = jnp.where(seen, jnp.exp(_scores(q, kb, st.scale) - lse), 0.0)
+            dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dtype), g,
+                            preferred_element_type=jnp.float32)
+            dp = jnp.einsum("btkgd,bskd->bkgts", g, vb, preferred_element_type=jnp.float32)
+            ds = (p * (dp - row) * st.scale).astype(dtype)
+            dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kb, preferred_element_type=jnp.float32)
+            dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32)
+            return dq, (dk, dv)
+
+        def nothing(dq, _):
+            zeros = jnp.zeros(kb.shape, jnp.float32)
+            return dq, (zeros, zeros)
+
+        seen = _visible(qt, kt_b, st.causal)
+        return jax.lax.cond(jnp.any(seen), grads, nothing, dq, seen)
+
+    blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
+    return dq, _unblock(dk), _unblock(dv)
+
+
+def _gather(x, st: Static):
+    """All-gather a local [b, n, ...] (or [n] index) piece along its sequence axis."""
+    if x is None or st.axis is None:
+        return x
+    return jax.lax.all_gather(x, st.axis, axis=0 if x.ndim == 1 else 1, tiled=True)
+
+
+def _gather_tokens(kt: Tokens, st: Static) -> Tokens:
+    return Tokens(*(_gather(x, st) for x in kt))
+
+
+def _pass_on(tree, st: Static):
+    """Send every array of `tree` to the next context shard (device i -> i + 1)."""
+    perm = [(i, (i + 1) % st.shards) for i in range(st.shards)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, st.axis, perm), tree)
+
+
+def _forward(q, k, v, qt: Tokens, kt: Tokens, st: Static):
+    """q [b, tq, kh, g, d] local queries, k/v [b, tq, kh, d] local keys (their tokens qt, kt)
+    -> (out [b, tq, kh, g, d] in q's dtype, lse [b, kh, g, tq, 1] f32)."""
+    shape = (q.shape[0], q.shape[2], q.shape[3], q.shape[1], 1)
+    carry = (jnp.full(shape, NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
+             jnp.zeros(shape[:-1] + (q.shape[-1],), jnp.float32))
+    if st.strategy == "allgather" or st.axis is None:
+        carry = _fold(carry, q, _gather(k, st), _gather(v, st), qt, _gather_tokens(kt, st), st)
+    else:
+        carry = _fold(carry, q, k, v, qt, kt, st)
+
+        def ring_step(state, _):
+            carry, kv = state
+            kv = _pass_on(kv, st)
+            return (_fold(carry, q, *kv[:2], qt, kv[2], st), kv), None
+
+        (carry, _), _ = jax.lax.scan(ring_step, (carry, (k, v, kt)), None,
+                                     length=st.shards - 1)
+    m, l, acc = carry
+    seen_any = l > 0  # padding queries see nothing: output 0, no gradient
+    out = jnp.where(seen_any, acc / jnp.where(seen_any, l, 1.0), 0.0)
+    lse = jnp.where(seen_any, m + jnp.log(jnp.where(seen_any, l, 1.0)), 0.0)
+    return jnp.einsum("bkgtd->btkgd", out).astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _local_attention(q, k, v, qt: Tokens, kt: Tokens, st: Static):
+    return _forward(q, k, v, qt, kt, st)[0]
+
+
+def _local_fwd(q, k, v, qt, kt, st):
+    out, lse = _forward(q, k, v, qt, kt, st)
+    return out, (q, k, v, qt, kt, out, lse)
+
+
+def _local_bwd(st: Static, res, g):
+    q, k, v, qt, kt, out, lse = res
+    g = g.astype(q.dtype)
+    # Softmax backward's row term rowsum(dP * P) = rowsum(g * out) (FlashAttention's D).
+    row = jnp.einsum("btkgd,btkgd->bkgt", g.astype(jnp.float32),
+                     out.astype(jnp.float32))[..., None]
+    if st.strategy == "allgather" or st.axis is None:
+        dq, dk, dv = _fold_grads(q, _gather(k, st), _gather(v, st), qt, _gather_tokens(kt, st),
+                                 g, lse, row, st)
+        if st.axis is not None:  # the transpose of the all-gather: each shard's keys' sum
+            dk, dv = (jax.lax.psum_scatter(x, st.axis, scatter_dimension=1, tiled=True)
+                      for x in (dk, dv))
+    else:
+        dq, dk, dv = _fold_grads(q, k, v, qt, kt, g, lse, row, st)
+
+        def ring_step(state, _):
+            dq, kv, dkv = state
+            kv, dkv = _pass_on((kv, dkv), st)
+            dq_i, dk_i, dv_i = _fold_grads(q, kv[0], kv[1], qt, kv[2], g, lse, row, st)
+            return (dq + dq_i, kv, (dkv[0] + dk_i, dkv[1] + dv_i)), None
+
+        (dq, _, (dk, dv)), _ = jax.lax.scan(ring_step, (dq, (k, v, kt), (dk, dv)), None,
+                                            length=st.shards - 1)
+        dk, dv = _pass_on((dk, dv), st)  # the last hop brings each chunk's gradient home
+    none = Tokens(None, None, None)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), none, none
+
+
+_local_attention.defvjp(_local_fwd, _local_bwd)
+
+
+def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
+              bias: Optional[Array] = None, segments=None, causal: bool = False,
+              scale: float, dropout=None, index: Optional[Array] = None,
+              prefix: Optional[Array] = None, strategy: str = "allgather",
+              axis: str = "context", block: int = BLOCK) -> Array:
+    """softmax(q k^T * scale, masked) v with the sequence sharded over the mesh axis `axis`.
+
+    q [b, t, heads, d]; k, v [b, t, kv_heads, d] (self-attention: the same t); segments
+    (q_segments, k_segments) [b, t] int, 0 = padding; `index` [t] the original position of
+    each token in the current order (None: arange(t)); `prefix` [b, t] bool, a prefix-LM's
+    bidirectional prefix (with causal). `mask` is not read (the segments, index and prefix
+    state it); no bias, no dropout. The mesh is the abstract mesh in context (jax.set_mesh):
+    batch over the logical rules' "batch" axes, heads over "heads", sequence over `axis`
+    (absent or size 1: no communication). Returns [b, t, heads, d] in q's dtype.
+    """
+    del mask
+    if bias is not None or dropout is not None:
+        raise ValueError("context-parallel attention takes no bias and no dropout")
+    if segments is None:
+        raise ValueError("context-parallel attention needs the segment ids")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"context-parallel attention strategy {strategy!r} is not one of "
+                          f"{', '.join(STRATEGIES)}")
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    if k.shape[1] != t:
+        raise ValueError(f"context-parallel attention is self-attention: {k.shape[1]} keys "
+                         f"for {t} queries")
+    q_segments, k_segments = (s.astype(jnp.int32) for s in segments)
+    index = jnp.arange(t, dtype=jnp.int32) if index is None else index.astype(jnp.int32)
+    if prefix is not None:
+        prefix = prefix.astype(bool)
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else mesh.shape.get(axis, 1)
+    if t % shards:
+        raise ConfigError(f"train.seq_len={t} is not divisible by mesh.context={shards}: "
+                          f"every context shard holds an equal piece of the sequence")
+    st = Static(strategy, axis if shards > 1 else None, shards, bool(causal), float(scale),
+                int(block))
+
+    def run(q, k, v, q_segments, k_segments, index, *prefix):
+        prefix = prefix[0] if prefix else None
+        qg = q.reshape(q.shape[:2] + (k.shape[2], q.shape[2] // k.shape[2], q.shape[3]))
+        out = _local_attention(qg, k, v, Tokens(q_segments, index, prefix),
+                               Tokens(k_segments, index, prefix), st)
+        return out.reshape(q.shape)
+
+    args = (q, k, v, q_segments, k_segments, index) + (() if prefix is None else (prefix,))
+    if mesh.empty:
+        return run(*args)
+    batch_axes = _without(_mesh_axes("batch", b, mesh), axis)
+    head_axes = _without(_mesh_axes("heads", heads, mesh), axis)
+    n_head_shards = math.prod(mesh.shape[a] for a in head_axes or ())
+    if kv_heads % n_head_shards:
+        # Key/value heads that cannot follow the query heads' split: one per query head.
+        k, v = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+        args = (q, k, v) + args[3:]
+    seq = axis if shards > 1 else None
+    qo = jax.P(batch_axes, seq, head_axes, None)
+    tok = jax.P(batch_axes, seq)
+    specs = (qo, qo, qo, tok, tok, jax.P(seq)) + (() if prefix is None else (tok,))
+    return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=qo, check_vma=False)(*args)
+
+
+def _without(axes: Optional[tuple[str, ...]], axis: str) -> Optional[tuple[str, ...]]:
+    """Mesh axes minus the context axis (the sequence owns it); None when none remain."""
+    axes = tuple(a for a in axes or () if a != axis)
+    return axes or None
