@@ -10,32 +10,37 @@ masks) are tested beside the op.
 """
 from __future__ import annotations
 
+import re
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from llmjax import parallel
 from llmjax.config import ConfigError, MeshConfig
+from llmjax.models import Transformer
 from llmjax.train.experiment import build
-from helpers import MeshRuns, host, sgd_config
+from helpers import MeshRuns, host, initial_params, sgd_config
 
 # (data, fsdp, tensor, expert, context)
 CONTEXT4_FSDP2 = (1, 2, 1, 1, 4)
 CONTEXT2_TENSOR2_DATA2 = (2, 1, 2, 1, 2)
-CONTEXT2 = (4, 1, 1, 1, 2)
 
-_RUNS: dict = {}
+_RUNS: list = []
 
 
-def mesh_runs(preset: str, objective: str, packed: bool = False) -> MeshRuns:
-    """One MeshRuns (single-device init, batch, runs by mesh) per model and objective, shared
-    by the tests of this module; `packed`: its rows re-cut into several documents."""
-    if (preset, objective, packed) not in _RUNS:
-        runs = MeshRuns(preset, objective)
-        if packed:
-            runs.batch = pack(runs.batch)
-        _RUNS[preset, objective, packed] = runs
-    return _RUNS[preset, objective, packed]
+def mesh_runs() -> MeshRuns:
+    """The one model of this module, shared by its tests: llama-tiny (RoPE, grouped-query
+    attention) trained as a prefix LM on packed rows, so every run covers the causal mask
+    (load balanced: the default), packed documents crossing the context split, padding, RoPE
+    positions restarting per document and the prefix LM's bidirectional prefix at once."""
+    if not _RUNS:
+        runs = MeshRuns("llama-tiny", "prefix_lm")
+        runs.batch = pack(runs.batch)
+        _RUNS.append(runs)
+    return _RUNS[0]
 
 
 def pack(batch: dict) -> dict:
@@ -53,15 +58,19 @@ def pack(batch: dict) -> dict:
     return {**batch, "tokens": tokens, "segment_ids": segments, "positions": positions}
 
 
-def assert_same_step(runs: MeshRuns, mesh, **model):
+def assert_same_step(mesh, **model):
     """One step on `mesh` (model overrides) equals the step on one device: loss, gradient
     norm and every gradient leaf, with test_parallel's tolerances."""
+    runs = mesh_runs()
+    segments = runs.batch["segment_ids"]
+    assert (segments.max(axis=1) == 4).all() and (segments == 0).any()  # packed, padded
     _, ref_state, ref = runs.run((1, 1, 1))
     exp, state, got = runs.run(mesh, **model)
     assert exp.mesh.shape["context"] == mesh[4]
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(got["tokens"], ref["tokens"])
+    np.testing.assert_allclose(got["lm_accuracy"], ref["lm_accuracy"], rtol=1e-6)
     ref_grads = jax.tree.map(np.subtract, runs.params0, host(ref_state.params))
     grads = jax.tree.map(np.subtract, runs.params0, host(state.params))
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
@@ -74,22 +83,30 @@ def assert_same_step(runs: MeshRuns, mesh, **model):
 
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
 def test_context4_fsdp2_step_matches_one_device(strategy):
-    """gpt-tiny, causal LM, load balanced (the default), sequence split 4 ways."""
-    assert_same_step(mesh_runs("gpt-tiny", "clm"), CONTEXT4_FSDP2, context_parallel=strategy)
+    assert_same_step(CONTEXT4_FSDP2, context_parallel=strategy)
 
 
-def test_context2_tensor2_data2_packed_segments():
-    """llama-tiny (RoPE, GQA) on packed rows: several documents per row, positions restarting
-    at each, the segment mask crossing the context split."""
-    runs = mesh_runs("llama-tiny", "clm", packed=True)
-    segments = runs.batch["segment_ids"]
-    assert (segments.max(axis=1) == 4).all() and (segments == 0).any()
-    assert_same_step(runs, CONTEXT2_TENSOR2_DATA2)
+def test_context2_tensor2_data2_step_matches_one_device():
+    assert_same_step(CONTEXT2_TENSOR2_DATA2)
 
 
-def test_prefix_lm_under_context2():
-    """The prefix LM's bidirectional prefix, reordered with its tokens (load balanced)."""
-    assert_same_step(mesh_runs("gpt-tiny", "prefix_lm"), CONTEXT2, context_parallel="ring")
+def test_no_dense_mask_under_context_parallelism():
+    """The traced forward under a context mesh holds no [.., t, t] array (the dense mask of
+    make_mask, or whole score matrices); the same model on one device does."""
+    cfg = sgd_config("llama-tiny", "clm").model
+    t = 96  # not d_model (64): hidden states [b, t, d] are not square
+    inputs = {"tokens": jnp.zeros((8, t), jnp.int32)}
+    square = re.compile(rf"\[[0-9,]*{t},{t}\]")
+
+    def traced(mesh_cfg, devices):
+        mesh = parallel.make_mesh(mesh_cfg, devices)
+        params = jax.eval_shape(lambda: initial_params(cfg))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
+            return str(jax.make_jaxpr(
+                lambda p: Transformer(cfg).apply({"params": p}, **inputs))(params))
+
+    assert square.search(traced(MeshConfig(data=1), jax.devices()[:1]))
+    assert not square.search(traced(MeshConfig(data=1, fsdp=2, context=4), jax.devices()))
 
 
 def test_batch_token_arrays_split_over_context():
