@@ -227,3 +227,27 @@ def test_memory_falls_with_context_and_no_score_matrix(capsys):
         row = temp[strategy]
         assert row[1] < temp["dense reference"][1] / 4
         assert row[8] < row[1] / 4, row  # about 1/context
+
+
+def test_axes_the_inputs_do_not_use_and_mqa():
+    """Batch 1 and 3 query heads on a (data 2, context 2, tensor 2) mesh: the data and tensor
+    axes shard nothing (the inputs are replicated over them) and one key/value head serves all
+    (MQA); gradients still equal the reference's (the shard_map transposes are right)."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((1, 32, 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 32, 1, 8)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    seg = jnp.asarray([[1] * 12 + [2] * 20], jnp.int32)
+
+    def grads(op):
+        return jax.grad(lambda q, k, v: jnp.sum(op(q, k, v) * w), (0, 1, 2))(q, k, v)
+
+    ref = grads(lambda q, k, v: reference.attention(
+        q, k, v, mask=make_mask(seg, seg, True), causal=True, scale=SCALE))
+    ops = [functools.partial(cp.attention, segments=(seg, seg), causal=True, scale=SCALE,
+                             strategy=s, block=4) for s in cp.STRATEGIES]
+    with nn.logical_axis_rules(DEFAULT_RULES), jax.set_mesh(_mesh((2, 2, 2))):
+        got = jax.jit(lambda: [grads(op) for op in ops])()
+    for strategy, g in zip(cp.STRATEGIES, got):
+        for which, a, r in zip("qkv", g, ref):
+            np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5, err_msg=f"{strategy} d{which}")
