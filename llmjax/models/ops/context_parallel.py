@@ -207,15 +207,14 @@ def _forward(q, k, v, qt: Tokens, kt: Tokens, st: Static):
     if st.strategy == "allgather" or st.axis is None:
         carry = _fold(carry, q, _gather(k, st), _gather(v, st), qt, _gather_tokens(kt, st), st)
     else:
-        carry = _fold(carry, q, k, v, qt, kt, st)
-
         def ring_step(state, _):
-            carry, kv = state
-            kv = _pass_on(kv, st)
-            return (_fold(carry, q, *kv[:2], qt, kv[2], st), kv), None
+            carry, (kc, vc, ktc) = state
+            after = _pass_on((kc, vc, ktc), st)  # independent of the fold: can overlap it
+            return (_fold(carry, q, kc, vc, qt, ktc, st), after), None
 
-        (carry, _), _ = jax.lax.scan(ring_step, (carry, (k, v, kt)), None,
-                                     length=st.shards - 1)
+        (carry, (kc, vc, ktc)), _ = jax.lax.scan(ring_step, (carry, (k, v, kt)), None,
+                                                 length=st.shards - 1)
+        carry = _fold(carry, q, kc, vc, qt, ktc, st)  # the last chunk stays put
     m, l, acc = carry
     seen_any = l > 0  # padding queries see nothing: output 0, no gradient
     out = jnp.where(seen_any, acc / jnp.where(seen_any, l, 1.0), 0.0)
@@ -246,17 +245,21 @@ def _local_bwd(st: Static, res, g):
             dk, dv = (jax.lax.psum_scatter(x, st.axis, scatter_dimension=1, tiled=True)
                       for x in (dk, dv))
     else:
-        dq, dk, dv = _fold_grads(q, k, v, qt, kt, g, lse, row, st)
-
+        # Each chunk travels with its gradient accumulators; after `shards` hops (the last
+        # one below) the accumulators are back with the chunk's owner.
         def ring_step(state, _):
-            dq, kv, dkv = state
-            kv, dkv = _pass_on((kv, dkv), st)
-            dq_i, dk_i, dv_i = _fold_grads(q, kv[0], kv[1], qt, kv[2], g, lse, row, st)
-            return (dq + dq_i, kv, (dkv[0] + dk_i, dkv[1] + dv_i)), None
+            dq, (kc, vc, ktc), (dk, dv) = state
+            after = _pass_on((kc, vc, ktc), st)  # independent of the gradients: can overlap
+            dq_i, dk_i, dv_i = _fold_grads(q, kc, vc, qt, ktc, g, lse, row, st)
+            return (dq + dq_i, after, _pass_on((dk + dk_i, dv + dv_i), st)), None
 
-        (dq, _, (dk, dv)), _ = jax.lax.scan(ring_step, (dq, (k, v, kt), (dk, dv)), None,
-                                            length=st.shards - 1)
-        dk, dv = _pass_on((dk, dv), st)  # the last hop brings each chunk's gradient home
+        zeros = jnp.zeros(k.shape, jnp.float32)
+        dq = jnp.zeros(q.shape, jnp.float32)
+        (dq, (kc, vc, ktc), (dk, dv)), _ = jax.lax.scan(
+            ring_step, (dq, (k, v, kt), (zeros, zeros)), None, length=st.shards - 1)
+        dq_i, dk_i, dv_i = _fold_grads(q, kc, vc, qt, ktc, g, lse, row, st)
+        dq = dq + dq_i
+        dk, dv = _pass_on((dk + dk_i, dv + dv_i), st)
     none = Tokens(None, None, None)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), none, none
 
