@@ -114,8 +114,8 @@ def test_no_context_axis_no_mesh_and_bf16():
     case = _case()
     q, k, v, seg, prefix = (jnp.asarray(case[n]) for n in ("q", "k", "v", "seg", "prefix"))
     keep = (seg != 0)[..., None, None]
-    ref = reference.attention(q, k, v, mask=make_mask(seg, seg, True, prefix), causal=True,
-                              scale=SCALE) * keep
+    ref = jax.jit(lambda q, k, v: reference.attention(
+        q, k, v, mask=make_mask(seg, seg, True, prefix), causal=True, scale=SCALE))(q, k, v) * keep
 
     def op(q, k, v):
         return cp.attention(q, k, v, segments=(seg, seg), causal=True, scale=SCALE,
@@ -242,12 +242,14 @@ def test_axes_the_inputs_do_not_use_and_mqa():
     def grads(op):
         return jax.grad(lambda q, k, v: jnp.sum(op(q, k, v) * w), (0, 1, 2))(q, k, v)
 
-    ref = grads(lambda q, k, v: reference.attention(
-        q, k, v, mask=make_mask(seg, seg, True), causal=True, scale=SCALE))
+    def dense(q, k, v):
+        return reference.attention(q, k, v, mask=make_mask(seg, seg, True), causal=True,
+                                   scale=SCALE)
+
     ops = [functools.partial(cp.attention, segments=(seg, seg), causal=True, scale=SCALE,
                              strategy=s, block=4) for s in cp.STRATEGIES]
     with nn.logical_axis_rules(DEFAULT_RULES), jax.set_mesh(_mesh((2, 2, 2))):
-        got = jax.jit(lambda: [grads(op) for op in ops])()
+        ref, *got = jax.jit(lambda: [grads(op) for op in [dense] + ops])()
     for strategy, g in zip(cp.STRATEGIES, got):
         for which, a, r in zip("qkv", g, ref):
             np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5, err_msg=f"{strategy} d{which}")
