@@ -197,8 +197,11 @@ def _largest_float_array(compiled) -> int:
 def test_memory_falls_with_context_and_no_score_matrix(capsys):
     """Forward + backward at t=4096 (b=1, 4 heads, 2 key/value heads, d=64, f32): no device's
     program has a float array of even a quarter of its [heads, t_local, t] scores (the dense
-    reference's has the whole [heads, t, t]: the check sees them), and memory_analysis's
-    temporaries per device fall about as 1/context (the table is printed)."""
+    reference's has the whole [heads, t, t]: the check sees them); memory_analysis's
+    temporaries per device (the table is printed) are a small fraction of the dense op's and
+    fall with the context size: the [heads, 512, 512] score tiles are fixed, the local
+    queries, outputs and gradients shrink as 1/context (the ring's K/V chunks too; the
+    all-gather holds all K/V while it runs)."""
     t, heads = 4096, 4
 
     def dense(q, k, v, seg):
@@ -225,8 +228,9 @@ def test_memory_falls_with_context_and_no_score_matrix(capsys):
                 f"{row[c] / 2 ** 20:.1f}" if c in row else "" for c in (1, 2, 4, 8)) + " |")
     for strategy in cp.STRATEGIES:
         row = temp[strategy]
-        assert row[1] < temp["dense reference"][1] / 4
-        assert row[8] < row[1] / 4, row  # about 1/context
+        assert max(row.values()) < temp["dense reference"][1] / 20, row  # no [t, t] term
+        assert row[8] < row[4] < row[1], row  # the [t / context] terms fall
+    assert temp["ring"][8] < temp["ring"][1] / 2  # allgather also holds all K/V (t terms)
 
 
 def test_axes_the_inputs_do_not_use_and_mqa():

@@ -95,22 +95,23 @@ def _visible(qt: Tokens, kt: Tokens, causal: bool) -> Array:
     return seen
 
 
-def _key_blocks(x: Array, block: int) -> Array:
-    """[b, n, ...] -> [n / block, b, block, ...]: the scan runs over key blocks."""
-    b, n = x.shape[:2]
-    return jnp.moveaxis(x.reshape((b, n // block, block) + x.shape[2:]), 1, 0)
+def _split(x: Array, axis: int, block: int) -> Array:
+    """Cut `axis` into blocks of `block`: [.., n, ..] -> [n / block, .., block, ..] (the
+    block number leads, for lax.scan)."""
+    n = x.shape[axis]
+    x = x.reshape(x.shape[:axis] + (n // block, block) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
 
 
-def _token_blocks(kt: Tokens, block: int) -> Tokens:
-    index = kt.index.reshape(-1, block)
-    prefix = None if kt.prefix is None else _key_blocks(kt.prefix, block)
-    return Tokens(_key_blocks(kt.segments, block), index, prefix)
+def _merge(x: Array, axis: int) -> Array:
+    """The inverse of _split(x, axis, block)."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
-def _unblock(x: Array) -> Array:
-    """[n / block, b, block, ...] -> [b, n, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], -1) + x.shape[3:])
+def _split_tokens(tokens: Tokens, block: int) -> Tokens:
+    prefix = None if tokens.prefix is None else _split(tokens.prefix, 1, block)
+    return Tokens(_split(tokens.segments, 1, block), _split(tokens.index, 0, block), prefix)
 
 
 def _block_size(n: int, block: int) -> int:
@@ -123,62 +124,86 @@ def _scores(q: Array, k: Array, scale: float) -> Array:
     return jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
 
 
+def _tiles(q, k, v, qt: Tokens, kt: Tokens, st: Static):
+    """Query blocks (q [nq, b, bq, kh, g, d] and their tokens) and key blocks (k, v
+    [nk, b, bk, kh, d] and their tokens): the [bq, bk] tiles of the scores are visited one at
+    a time, and a tile no query of it can see is skipped."""
+    bq, bk = _block_size(q.shape[1], st.block), _block_size(k.shape[1], st.block)
+    return ((_split(q, 1, bq), _split_tokens(qt, bq)),
+            (_split(k, 1, bk), _split(v, 1, bk), _split_tokens(kt, bk)), bq)
+
+
 def _fold(carry, q: Array, k: Array, v: Array, qt: Tokens, kt: Tokens, st: Static):
-    """Fold keys/values [b, n, kh, d] into the online-softmax carry (m, l, acc), block by block:
-    m, l [b, kh, g, tq, 1] the running max and sum, acc [b, kh, g, tq, d] f32."""
-    block = _block_size(k.shape[1], st.block)
+    """Fold keys/values [b, n, kh, d] into the online-softmax carry (m, l, acc), tile by
+    tile: m, l [b, kh, g, tq, 1] the running max and sum, acc [b, kh, g, tq, d] f32."""
+    (qs, qts), keys, bq = _tiles(q, k, v, qt, kt, st)
 
-    def step(carry, blk):
-        kb, vb, kt_b = blk
+    def query_block(_, xs):
+        qb, qtb, carry = xs
 
-        def attend(carry, seen):
-            m, l, acc = carry
-            seen = seen[:, None, None]
-            s = jnp.where(seen, _scores(q, kb, st.scale), NEG)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-            p = jnp.where(seen, jnp.exp(s - m_new), 0.0)
-            fade = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(vb.dtype), vb,
-                            preferred_element_type=jnp.float32)
-            return m_new, l * fade + jnp.sum(p, axis=-1, keepdims=True), acc * fade + pv
+        def key_block(carry, blk):
+            kb, vb, ktb = blk
 
-        seen = _visible(qt, kt_b, st.causal)
-        return jax.lax.cond(jnp.any(seen), attend, lambda c, _: c, carry, seen), None
+            def attend(carry, seen):
+                m, l, acc = carry
+                seen = seen[:, None, None]
+                s = jnp.where(seen, _scores(qb, kb, st.scale), NEG)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+                p = jnp.where(seen, jnp.exp(s - m_new), 0.0)
+                fade = jnp.exp(m - m_new)
+                pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(vb.dtype), vb,
+                                preferred_element_type=jnp.float32)
+                return m_new, l * fade + jnp.sum(p, axis=-1, keepdims=True), acc * fade + pv
 
-    blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
-    return jax.lax.scan(step, carry, blocks)[0]
+            seen = _visible(qtb, ktb, st.causal)
+            return jax.lax.cond(jnp.any(seen), attend, lambda c, _: c, carry, seen), None
+
+        return None, jax.lax.scan(key_block, carry, keys)[0]
+
+    blocked = jax.tree.map(lambda x: _split(x, 3, bq), carry)
+    return jax.tree.map(lambda x: _merge(x, 3),
+                        jax.lax.scan(query_block, None, (qs, qts, blocked))[1])
 
 
 def _fold_grads(q, k, v, qt, kt, g, lse, row, st: Static):
     """Gradient contributions of keys/values [b, n, kh, d] (recomputing their probabilities
-    from the saved log-sum-exp): dq [b, tq, kh, g, d] f32, dk and dv [b, n, kh, d] f32."""
-    block = _block_size(k.shape[1], st.block)
+    tile by tile from the saved log-sum-exp): dq [b, tq, kh, g, d], dk and dv [b, n, kh, d],
+    all f32."""
+    (qs, qts), keys, bq = _tiles(q, k, v, qt, kt, st)
     dtype = q.dtype
 
-    def step(dq, blk):
-        kb, vb, kt_b = blk
+    def query_block(dkv, xs):
+        qb, qtb, gb, lseb, rowb = xs
 
-        def grads(dq, seen):
-            seen = seen[:, None, None]
-            p = jnp.where(seen, jnp.exp(_scores(q, kb, st.scale) - lse), 0.0)
-            dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dtype), g,
-                            preferred_element_type=jnp.float32)
-            dp = jnp.einsum("btkgd,bskd->bkgts", g, vb, preferred_element_type=jnp.float32)
-            ds = (p * (dp - row) * st.scale).astype(dtype)
-            dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kb, preferred_element_type=jnp.float32)
-            dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32)
-            return dq, (dk, dv)
+        def key_block(dq, blk):
+            kb, vb, ktb = blk
 
-        def nothing(dq, _):
-            zeros = jnp.zeros(kb.shape, jnp.float32)
-            return dq, (zeros, zeros)
+            def grads(dq, seen):
+                seen = seen[:, None, None]
+                p = jnp.where(seen, jnp.exp(_scores(qb, kb, st.scale) - lseb), 0.0)
+                dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dtype), gb,
+                                preferred_element_type=jnp.float32)
+                dp = jnp.einsum("btkgd,bskd->bkgts", gb, vb, preferred_element_type=jnp.float32)
+                ds = (p * (dp - rowb) * st.scale).astype(dtype)
+                dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kb,
+                                     preferred_element_type=jnp.float32)
+                dk = jnp.einsum("bkgts,btkgd->bskd", ds, qb, preferred_element_type=jnp.float32)
+                return dq, (dk, dv)
 
-        seen = _visible(qt, kt_b, st.causal)
-        return jax.lax.cond(jnp.any(seen), grads, nothing, dq, seen)
+            def nothing(dq, _):
+                zeros = jnp.zeros(kb.shape, jnp.float32)
+                return dq, (zeros, zeros)
 
-    blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
-    return dq, _unblock(dk), _unblock(dv)
+            seen = _visible(qtb, ktb, st.causal)
+            return jax.lax.cond(jnp.any(seen), grads, nothing, dq, seen)
+
+        dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), keys)
+        return (dkv[0] + _merge(dk, 1), dkv[1] + _merge(dv, 1)), dq
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    blocked = (qs, qts, _split(g, 1, bq), _split(lse, 3, bq), _split(row, 3, bq))
+    (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), blocked)
+    return _merge(dq, 1), dk, dv
 
 
 def _gather(x, st: Static):
@@ -304,6 +329,10 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     if t % shards:
         raise ConfigError(f"train.seq_len={t} is not divisible by mesh.context={shards}: "
                           f"every context shard holds an equal piece of the sequence")
+    if shards > 1:
+        # A load-balanced shard holds two distant chunks of t / (2 context) tokens: tiles
+        # within one chunk keep causal tile skipping (and so the balance) effective.
+        block = min(block, max(t // (2 * shards), 1))
     st = Static(strategy, axis if shards > 1 else None, shards, bool(causal), float(scale),
                 int(block))
 
