@@ -8,14 +8,16 @@ Every device holds t / context of the queries, keys and values. Two strategies:
   per shard; every device folds each chunk it holds into an online-softmax carry (running
   max, sum, f32 accumulator) and passes it on.
 
-Either way the keys a device sees are processed in blocks of `block` keys with an online
-softmax, so no device ever holds a [t_local, t] score matrix, only [t_local, block] pieces.
-Blocks no query of the device can see (causal, other documents, padding) are skipped
-(`lax.cond`). The backward pass is a custom VJP that keeps only the local q, k, v, output and
-the per-row log-sum-exp and recomputes the probabilities block by block (FlashAttention's
-backward): allgather gathers K/V again and reduce-scatters their gradients; the ring sends
-K/V around again with their gradient accumulators, which arrive back at their owner after a
-full turn. Activation memory therefore falls as 1/context (docs/long-context.md).
+Either way a device visits its scores in [block, block] tiles (a block of its queries
+against a block of the keys it holds) with an online softmax, so it never holds its
+[t_local, t] scores, only one tile's. Tiles no query of them can see (later keys under a
+causal mask, other documents, padding) are skipped (`lax.cond`): about half the causal work,
+and with the load-balanced order (tiles never straddle its chunks) every shard skips as much.
+The backward pass is a custom VJP that keeps only the local q, k, v, output and the per-row
+log-sum-exp and recomputes the probabilities tile by tile (FlashAttention's backward):
+allgather gathers K/V again and reduce-scatters their gradients; the ring sends K/V around
+again with their gradient accumulators, which arrive back at their owner after a full turn.
+No temporary grows with t^2; the local ones shrink as 1/context (docs/long-context.md).
 
 The mask is rebuilt from segment ids, positions and the prefix flags (the dense mask of
 llmjax.models.attention.make_mask never exists): a key is visible from a query of the same
@@ -39,7 +41,7 @@ from llmjax.models.ops.splash import _mesh_axes
 
 Array = jax.Array
 STRATEGIES = ("allgather", "ring")
-BLOCK = 512  # keys per online-softmax step (the score piece is [b, heads, t_local, BLOCK])
+BLOCK = 512  # queries and keys per tile: the score piece is [b, heads, BLOCK, BLOCK]
 NEG = -1e30  # finite: a row that has seen nothing yet keeps a finite running max
 
 
@@ -305,7 +307,9 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     bidirectional prefix (with causal). `mask` is not read (the segments, index and prefix
     state it); no bias, no dropout. The mesh is the abstract mesh in context (jax.set_mesh):
     batch over the logical rules' "batch" axes, heads over "heads", sequence over `axis`
-    (absent or size 1: no communication). Returns [b, t, heads, d] in q's dtype.
+    (absent or size 1: no communication). `block`: the tile size (at most t / (2 context)
+    under context parallelism; the largest divisor of the local length below it). Returns
+    [b, t, heads, d] in q's dtype, sharded like q.
     """
     del mask
     if bias is not None or dropout is not None:
