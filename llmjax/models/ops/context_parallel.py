@@ -8,14 +8,16 @@ Every device holds t / context of the queries, keys and values. Two strategies:
   per shard; every device folds each chunk it holds into an online-softmax carry (running
   max, sum, f32 accumulator) and passes it on.
 
-Either way the keys a device sees are processed in blocks of `block` keys with an online
-softmax, so no device ever holds a [t_local, t] score matrix, only [t_local, block] pieces.
-Blocks no query of the device can see (causal, other documents, padding) are skipped
-(`lax.cond`). The backward pass is a custom VJP that keeps only the local q, k, v, output and
-the per-row log-sum-exp and recomputes the probabilities block by block (FlashAttention's
-backward): allgather gathers K/V again and reduce-scatters their gradients; the ring sends
-K/V around again with their gradient accumulators, which arrive back at their owner after a
-full turn. Activation memory therefore falls as 1/context (docs/long-context.md).
+Either way a device visits its scores in [block, block] tiles (a block of its queries
+against a block of the keys it holds) with an online softmax, so it never holds its
+[t_local, t] scores, only one tile's. Tiles no query of them can see (later keys under a
+causal mask, other documents, padding) are skipped (`lax.cond`): about half the causal work,
+and with the load-balanced order (tiles never straddle its chunks) every shard skips as much.
+The backward pass is a custom VJP that keeps only the local q, k, v, output and the per-row
+log-sum-exp and recomputes the probabilities tile by tile (FlashAttention's backward):
+allgather gathers K/V again and reduce-scatters their gradients; the ring sends K/V around
+again with their gradient accumulators, which arrive back at their owner after a full turn.
+No temporary grows with t^2; the local ones shrink as 1/context (docs/long-context.md).
 
 The mask is rebuilt from segment ids, positions and the prefix flags (the dense mask of
 llmjax.models.attention.make_mask never exists): a key is visible from a query of the same
@@ -39,7 +41,7 @@ from llmjax.models.ops.splash import _mesh_axes
 
 Array = jax.Array
 STRATEGIES = ("allgather", "ring")
-BLOCK = 512  # keys per online-softmax step (the score piece is [b, heads, t_local, BLOCK])
+BLOCK = 512  # queries and keys per tile: the score piece is [b, heads, BLOCK, BLOCK]
 NEG = -1e30  # finite: a row that has seen nothing yet keeps a finite running max
 
 
@@ -95,22 +97,23 @@ def _visible(qt: Tokens, kt: Tokens, causal: bool) -> Array:
     return seen
 
 
-def _key_blocks(x: Array, block: int) -> Array:
-    """[b, n, ...] -> [n / block, b, block, ...]: the scan runs over key blocks."""
-    b, n = x.shape[:2]
-    return jnp.moveaxis(x.reshape((b, n // block, block) + x.shape[2:]), 1, 0)
+def _split(x: Array, axis: int, block: int) -> Array:
+    """Cut `axis` into blocks of `block`: [.., n, ..] -> [n / block, .., block, ..] (the
+    block number leads, for lax.scan)."""
+    n = x.shape[axis]
+    x = x.reshape(x.shape[:axis] + (n // block, block) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
 
 
-def _token_blocks(kt: Tokens, block: int) -> Tokens:
-    index = kt.index.reshape(-1, block)
-    prefix = None if kt.prefix is None else _key_blocks(kt.prefix, block)
-    return Tokens(_key_blocks(kt.segments, block), index, prefix)
+def _merge(x: Array, axis: int) -> Array:
+    """The inverse of _split(x, axis, block)."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
-def _unblock(x: Array) -> Array:
-    """[n / block, b, block, ...] -> [b, n, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], -1) + x.shape[3:])
+def _split_tokens(tokens: Tokens, block: int) -> Tokens:
+    prefix = None if tokens.prefix is None else _split(tokens.prefix, 1, block)
+    return Tokens(_split(tokens.segments, 1, block), _split(tokens.index, 0, block), prefix)
 
 
 def _block_size(n: int, block: int) -> int:
@@ -123,62 +126,86 @@ def _scores(q: Array, k: Array, scale: float) -> Array:
     return jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
 
 
+def _tiles(q, k, v, qt: Tokens, kt: Tokens, st: Static):
+    """Query blocks (q [nq, b, bq, kh, g, d] and their tokens) and key blocks (k, v
+    [nk, b, bk, kh, d] and their tokens): the [bq, bk] tiles of the scores are visited one at
+    a time, and a tile no query of it can see is skipped."""
+    bq, bk = _block_size(q.shape[1], st.block), _block_size(k.shape[1], st.block)
+    return ((_split(q, 1, bq), _split_tokens(qt, bq)),
+            (_split(k, 1, bk), _split(v, 1, bk), _split_tokens(kt, bk)), bq)
+
+
 def _fold(carry, q: Array, k: Array, v: Array, qt: Tokens, kt: Tokens, st: Static):
-    """Fold keys/values [b, n, kh, d] into the online-softmax carry (m, l, acc), block by block:
-    m, l [b, kh, g, tq, 1] the running max and sum, acc [b, kh, g, tq, d] f32."""
-    block = _block_size(k.shape[1], st.block)
+    """Fold keys/values [b, n, kh, d] into the online-softmax carry (m, l, acc), tile by
+    tile: m, l [b, kh, g, tq, 1] the running max and sum, acc [b, kh, g, tq, d] f32."""
+    (qs, qts), keys, bq = _tiles(q, k, v, qt, kt, st)
 
-    def step(carry, blk):
-        kb, vb, kt_b = blk
+    def query_block(_, xs):
+        qb, qtb, carry = xs
 
-        def attend(carry, seen):
-            m, l, acc = carry
-            seen = seen[:, None, None]
-            s = jnp.where(seen, _scores(q, kb, st.scale), NEG)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-            p = jnp.where(seen, jnp.exp(s - m_new), 0.0)
-            fade = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(vb.dtype), vb,
-                            preferred_element_type=jnp.float32)
-            return m_new, l * fade + jnp.sum(p, axis=-1, keepdims=True), acc * fade + pv
+        def key_block(carry, blk):
+            kb, vb, ktb = blk
 
-        seen = _visible(qt, kt_b, st.causal)
-        return jax.lax.cond(jnp.any(seen), attend, lambda c, _: c, carry, seen), None
+            def attend(carry, seen):
+                m, l, acc = carry
+                seen = seen[:, None, None]
+                s = jnp.where(seen, _scores(qb, kb, st.scale), NEG)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+                p = jnp.where(seen, jnp.exp(s - m_new), 0.0)
+                fade = jnp.exp(m - m_new)
+                pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(vb.dtype), vb,
+                                preferred_element_type=jnp.float32)
+                return m_new, l * fade + jnp.sum(p, axis=-1, keepdims=True), acc * fade + pv
 
-    blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
-    return jax.lax.scan(step, carry, blocks)[0]
+            seen = _visible(qtb, ktb, st.causal)
+            return jax.lax.cond(jnp.any(seen), attend, lambda c, _: c, carry, seen), None
+
+        return None, jax.lax.scan(key_block, carry, keys)[0]
+
+    blocked = jax.tree.map(lambda x: _split(x, 3, bq), carry)
+    return jax.tree.map(lambda x: _merge(x, 3),
+                        jax.lax.scan(query_block, None, (qs, qts, blocked))[1])
 
 
 def _fold_grads(q, k, v, qt, kt, g, lse, row, st: Static):
     """Gradient contributions of keys/values [b, n, kh, d] (recomputing their probabilities
-    from the saved log-sum-exp): dq [b, tq, kh, g, d] f32, dk and dv [b, n, kh, d] f32."""
-    block = _block_size(k.shape[1], st.block)
+    tile by tile from the saved log-sum-exp): dq [b, tq, kh, g, d], dk and dv [b, n, kh, d],
+    all f32."""
+    (qs, qts), keys, bq = _tiles(q, k, v, qt, kt, st)
     dtype = q.dtype
 
-    def step(dq, blk):
-        kb, vb, kt_b = blk
+    def query_block(dkv, xs):
+        qb, qtb, gb, lseb, rowb = xs
 
-        def grads(dq, seen):
-            seen = seen[:, None, None]
-            p = jnp.where(seen, jnp.exp(_scores(q, kb, st.scale) - lse), 0.0)
-            dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dtype), g,
-                            preferred_element_type=jnp.float32)
-            dp = jnp.einsum("btkgd,bskd->bkgts", g, vb, preferred_element_type=jnp.float32)
-            ds = (p * (dp - row) * st.scale).astype(dtype)
-            dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kb, preferred_element_type=jnp.float32)
-            dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=jnp.float32)
-            return dq, (dk, dv)
+        def key_block(dq, blk):
+            kb, vb, ktb = blk
 
-        def nothing(dq, _):
-            zeros = jnp.zeros(kb.shape, jnp.float32)
-            return dq, (zeros, zeros)
+            def grads(dq, seen):
+                seen = seen[:, None, None]
+                p = jnp.where(seen, jnp.exp(_scores(qb, kb, st.scale) - lseb), 0.0)
+                dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(dtype), gb,
+                                preferred_element_type=jnp.float32)
+                dp = jnp.einsum("btkgd,bskd->bkgts", gb, vb, preferred_element_type=jnp.float32)
+                ds = (p * (dp - rowb) * st.scale).astype(dtype)
+                dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, kb,
+                                     preferred_element_type=jnp.float32)
+                dk = jnp.einsum("bkgts,btkgd->bskd", ds, qb, preferred_element_type=jnp.float32)
+                return dq, (dk, dv)
 
-        seen = _visible(qt, kt_b, st.causal)
-        return jax.lax.cond(jnp.any(seen), grads, nothing, dq, seen)
+            def nothing(dq, _):
+                zeros = jnp.zeros(kb.shape, jnp.float32)
+                return dq, (zeros, zeros)
 
-    blocks = (_key_blocks(k, block), _key_blocks(v, block), _token_blocks(kt, block))
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
-    return dq, _unblock(dk), _unblock(dv)
+            seen = _visible(qtb, ktb, st.causal)
+            return jax.lax.cond(jnp.any(seen), grads, nothing, dq, seen)
+
+        dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), keys)
+        return (dkv[0] + _merge(dk, 1), dkv[1] + _merge(dv, 1)), dq
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    blocked = (qs, qts, _split(g, 1, bq), _split(lse, 3, bq), _split(row, 3, bq))
+    (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), blocked)
+    return _merge(dq, 1), dk, dv
 
 
 def _gather(x, st: Static):
@@ -207,15 +234,14 @@ def _forward(q, k, v, qt: Tokens, kt: Tokens, st: Static):
     if st.strategy == "allgather" or st.axis is None:
         carry = _fold(carry, q, _gather(k, st), _gather(v, st), qt, _gather_tokens(kt, st), st)
     else:
-        carry = _fold(carry, q, k, v, qt, kt, st)
-
         def ring_step(state, _):
-            carry, kv = state
-            kv = _pass_on(kv, st)
-            return (_fold(carry, q, *kv[:2], qt, kv[2], st), kv), None
+            carry, (kc, vc, ktc) = state
+            after = _pass_on((kc, vc, ktc), st)  # independent of the fold: can overlap it
+            return (_fold(carry, q, kc, vc, qt, ktc, st), after), None
 
-        (carry, _), _ = jax.lax.scan(ring_step, (carry, (k, v, kt)), None,
-                                     length=st.shards - 1)
+        (carry, (kc, vc, ktc)), _ = jax.lax.scan(ring_step, (carry, (k, v, kt)), None,
+                                                 length=st.shards - 1)
+        carry = _fold(carry, q, kc, vc, qt, ktc, st)  # the last chunk stays put
     m, l, acc = carry
     seen_any = l > 0  # padding queries see nothing: output 0, no gradient
     out = jnp.where(seen_any, acc / jnp.where(seen_any, l, 1.0), 0.0)
@@ -246,17 +272,21 @@ def _local_bwd(st: Static, res, g):
             dk, dv = (jax.lax.psum_scatter(x, st.axis, scatter_dimension=1, tiled=True)
                       for x in (dk, dv))
     else:
-        dq, dk, dv = _fold_grads(q, k, v, qt, kt, g, lse, row, st)
-
+        # Each chunk travels with its gradient accumulators; after `shards` hops (the last
+        # one below) the accumulators are back with the chunk's owner.
         def ring_step(state, _):
-            dq, kv, dkv = state
-            kv, dkv = _pass_on((kv, dkv), st)
-            dq_i, dk_i, dv_i = _fold_grads(q, kv[0], kv[1], qt, kv[2], g, lse, row, st)
-            return (dq + dq_i, kv, (dkv[0] + dk_i, dkv[1] + dv_i)), None
+            dq, (kc, vc, ktc), (dk, dv) = state
+            after = _pass_on((kc, vc, ktc), st)  # independent of the gradients: can overlap
+            dq_i, dk_i, dv_i = _fold_grads(q, kc, vc, qt, ktc, g, lse, row, st)
+            return (dq + dq_i, after, _pass_on((dk + dk_i, dv + dv_i), st)), None
 
-        (dq, _, (dk, dv)), _ = jax.lax.scan(ring_step, (dq, (k, v, kt), (dk, dv)), None,
-                                            length=st.shards - 1)
-        dk, dv = _pass_on((dk, dv), st)  # the last hop brings each chunk's gradient home
+        zeros = jnp.zeros(k.shape, jnp.float32)
+        dq = jnp.zeros(q.shape, jnp.float32)
+        (dq, (kc, vc, ktc), (dk, dv)), _ = jax.lax.scan(
+            ring_step, (dq, (k, v, kt), (zeros, zeros)), None, length=st.shards - 1)
+        dq_i, dk_i, dv_i = _fold_grads(q, kc, vc, qt, ktc, g, lse, row, st)
+        dq = dq + dq_i
+        dk, dv = _pass_on((dk + dk_i, dv + dv_i), st)
     none = Tokens(None, None, None)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), none, none
 
@@ -277,7 +307,9 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     bidirectional prefix (with causal). `mask` is not read (the segments, index and prefix
     state it); no bias, no dropout. The mesh is the abstract mesh in context (jax.set_mesh):
     batch over the logical rules' "batch" axes, heads over "heads", sequence over `axis`
-    (absent or size 1: no communication). Returns [b, t, heads, d] in q's dtype.
+    (absent or size 1: no communication). `block`: the tile size (at most t / (2 context)
+    under context parallelism; the largest divisor of the local length below it). Returns
+    [b, t, heads, d] in q's dtype, sharded like q.
     """
     del mask
     if bias is not None or dropout is not None:
@@ -301,6 +333,10 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     if t % shards:
         raise ConfigError(f"train.seq_len={t} is not divisible by mesh.context={shards}: "
                           f"every context shard holds an equal piece of the sequence")
+    if shards > 1:
+        # A load-balanced shard holds two distant chunks of t / (2 context) tokens: tiles
+        # within one chunk keep causal tile skipping (and so the balance) effective.
+        block = min(block, max(t // (2 * shards), 1))
     st = Static(strategy, axis if shards > 1 else None, shards, bool(causal), float(scale),
                 int(block))
 
