@@ -19,6 +19,7 @@ import numpy as np
 from llmjax.config import ModelConfig, context_parallel_unsupported
 from llmjax.errors import ConfigError
 from llmjax.models.ops import blockwise, cpu, cudnn, platform, reference, splash
+from llmjax.models.ops import context_parallel as cp  # `context_parallel` names a flag below
 
 KERNELS = ("auto", "xla", "cpu_custom_vjp")
 
@@ -96,8 +97,7 @@ def sequence_split(cfg: ModelConfig, length: int, *, causal: bool,
     if shards == 1 or decode or length % shards:
         return SequenceSplit(1)
     if causal and cfg.context_load_balance and length % (2 * shards) == 0:
-        from llmjax.models.ops import context_parallel
-        return SequenceSplit(shards, context_parallel.load_balance_order(length, shards))
+        return SequenceSplit(shards, cp.load_balance_order(length, shards))
     return SequenceSplit(shards)
 
 
@@ -115,7 +115,6 @@ def attention_op(cfg: ModelConfig, *, decode: bool = False, cross: bool = False,
         if reason := context_parallel_unsupported(cfg) or (dropout and "attention dropout"):
             raise ConfigError(f"mesh.context > 1 cannot run this model: {reason}; "
                               f"use mesh.context=1")
-        from llmjax.models.ops import context_parallel as cp
         return functools.partial(cp.attention, strategy=cfg.context_parallel)
     impl = resolve_attention(cfg)
     if impl == "splash" and (decode or cross or prefix_lm):
