@@ -97,6 +97,13 @@ class ModelConfig:
     # Backend-specific kernels (llmjax/models/ops/): auto = cpu_custom_vjp on the
     # CPU backend (explicit backward matmuls XLA:CPU runs faster), xla (plain jnp) elsewhere.
     kernels: str = "auto"  # auto | xla | cpu_custom_vjp
+    # Attention when mesh.context > 1 splits the sequence (llmjax/models/ops/context_parallel.py,
+    # docs/long-context.md): allgather = every device gathers all keys/values for its queries;
+    # ring = key/value blocks passed around the context ring (less memory, more steps).
+    context_parallel: str = "allgather"  # allgather | ring
+    # Causal models under mesh.context > 1: reorder the sequence (zigzag chunks) so every device
+    # holds early and late tokens and does equal attention work; the loss is unchanged.
+    context_load_balance: bool = True
     # Declared hooks for parameter-efficient methods (set by llmjax.peft, 0 = off).
     prompt_tokens: int = 0  # soft prompt prepended to the input embeddings
     prefix_tokens: int = 0  # per-layer learned key/value prefixes
@@ -149,6 +156,7 @@ class ModelConfig:
         _choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "splash", "auto"))
         _choice("model.kernels", self.kernels, ("auto", "xla", "cpu_custom_vjp"))
         _choice("model.qk_norm", self.qk_norm, ("none", "head", "full"))
+        _choice("model.context_parallel", self.context_parallel, ("allgather", "ring"))
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be positive")
@@ -267,6 +275,48 @@ def splash_unsupported(cfg: ModelConfig) -> Optional[str]:
     return None
 
 
+def context_parallel_unsupported(cfg: ModelConfig) -> Optional[str]:
+    """Why this model's attention cannot run with its sequence split over mesh.context (None:
+    it can), naming the key to change. Config arithmetic like splash_unsupported: the
+    context-parallel op takes segment ids, a causal flag and a prefix-LM prefix, no dense mask
+    or bias."""
+    if cfg.architecture == "encoder_decoder":
+        return ("model.architecture=encoder_decoder: cross-attention and T5's relative position "
+                "bias are not split over the sequence")
+    if cfg.position == "relative":
+        return "model.position=relative adds a T5 relative position bias to the scores"
+    if cfg.attention_dropout:
+        return (f"model.attention_dropout={cfg.attention_dropout} drops attention probabilities, "
+                f"which the sharded op never holds whole; set it to 0")
+    if cfg.prompt_tokens:
+        return ("prompt tuning (peft.method=prompt_tuning) prepends a soft prompt every token "
+                "sees")
+    if cfg.prefix_tokens:
+        return ("prefix tuning (peft.method=prefix_tuning) prepends learned keys/values every "
+                "query sees")
+    return None
+
+
+def check_context_parallel(model: ModelConfig, context: int, seq_len: int) -> None:
+    """ConfigError, naming the key, when a `context`-way split of `seq_len` tokens cannot run:
+    the split must divide the sequence (in 2 * context chunks when a causal model is load
+    balanced) and the model's attention must be one the context-parallel op can do."""
+    if context <= 1:
+        return
+    if seq_len % context:
+        raise ConfigError(f"mesh.context={context} must divide train.seq_len={seq_len}; choose "
+                          f"mesh.context among {_divisors(seq_len)}")
+    balance = model.context_load_balance and model.architecture == "decoder"
+    if balance and seq_len % (2 * context):
+        raise ConfigError(f"model.context_load_balance splits train.seq_len={seq_len} into "
+                          f"2 * mesh.context = {2 * context} chunks, which does not divide it; "
+                          f"choose a seq_len divisible by {2 * context}, another mesh.context, "
+                          f"or set model.context_load_balance=false")
+    if reason := context_parallel_unsupported(model):
+        raise ConfigError(f"mesh.context={context} cannot run this model: {reason}; "
+                          f"use mesh.context=1")
+
+
 @dataclasses.dataclass
 class MeshConfig:
     """Device mesh: sizes per axis, -1 = the rest of the devices."""
@@ -275,6 +325,9 @@ class MeshConfig:
     fsdp: int = 1  # fully sharded data-parallel axis (batch and parameters split)
     tensor: int = 1  # tensor-parallel axis (heads and MLP width split)
     expert: int = 1  # expert-parallel axis (MoE experts split; the batch too, outside experts)
+    # Context-parallel axis: the sequence of every activation split over this many devices
+    # (long context; model.context_parallel picks how attention runs; docs/long-context.md).
+    context: int = 1
     dcn_data: int = 1  # data parallelism across slices (multi-slice TPU)
     # Ordered logical-axis rules: [logical name, mesh axis or list of axes or null].
     # Empty = llmjax.parallel.DEFAULT_RULES.
@@ -282,7 +335,7 @@ class MeshConfig:
 
     def validate(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor,
-                 "expert": self.expert}
+                 "expert": self.expert, "context": self.context}
         if list(sizes.values()).count(-1) > 1:
             raise ConfigError(f"mesh: at most one axis may be -1 (the rest), got {sizes}")
         for key, size in sizes.items():
@@ -689,6 +742,12 @@ class Config:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len="
                               f"{self.model.max_len} (learned positions): raise model.max_len "
                               f"or lower train.seq_len")
+        if self.mesh.context > 1 and any(m in ("prompt_tuning", "prefix_tuning")
+                                         for m in self.peft.methods()):
+            raise ConfigError(f"mesh.context={self.mesh.context} cannot run peft.method="
+                              f"{self.peft.method}: its learned prompt or key/value prefix is "
+                              f"seen by every token of the split sequence; use mesh.context=1")
+        check_context_parallel(self.model, self.mesh.context, self.train.seq_len)
         if self.mesh.expert > 1 and not self.model.num_experts:
             raise ConfigError(f"mesh.expert={self.mesh.expert} splits experts, but the model is "
                               f"dense (model.num_experts=0): set mesh.expert=1")

@@ -1,8 +1,10 @@
 """Device mesh, logical-axis rules and the NamedShardings derived from them.
 
 Model code names axes (`embed`, `heads`, `mlp`, `vocab`, ...); this module
-alone says how those names map onto mesh axes (`data`, `fsdp`, `expert`, `tensor`). The `expert` axis splits MoE
-experts; outside the experts it splits the batch like `data`.
+alone says how those names map onto mesh axes (`data`, `fsdp`, `expert`, `context`, `tensor`). The
+`expert` axis splits MoE experts; outside the experts it splits the batch like `data`. The
+`context` axis splits the sequence (the `length` dimension of activations and of the batch's
+token arrays): context parallelism, docs/long-context.md.
 `jax.jit` with NamedSharding in/out shardings is today's pjit.
 """
 from __future__ import annotations
@@ -22,8 +24,13 @@ from llmjax.tree import path_str
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Outermost first: the inner axes get the fastest links (ICI rings on TPU). `context` sits
+# inside the batch axes and outside `tensor`, whose per-layer collectives are the most frequent.
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
+# Batch arrays whose second dimension is the sequence (train.seq_len): split over `context`.
+SEQUENCE_KEYS = ("tokens", "segment_ids", "positions", "loss_mask", "token_types",
+                 "chosen", "chosen_mask", "rejected", "rejected_mask")
 
 # Ordered: the first rule whose mesh axis is still free in a given array wins.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -31,7 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # Inside an MoE layer the expert dimension takes the expert axis, its rows the rest.
     ("expert", "expert"),
     ("expert_batch", ("data", "fsdp")),
-    ("length", None),
+    ("length", "context"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -68,9 +75,9 @@ def rules_from_config(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
-    """(data, fsdp, expert, tensor): resolve -1 ("the rest"), check the product equals the
-    device count."""
-    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
+    """(data, fsdp, expert, context, tensor): resolve -1 ("the rest"), check the product
+    equals the device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.context, cfg.tensor]
     known = math.prod(s for s in sizes if s != -1) * cfg.dcn_data
     if -1 in sizes:
         if num_devices % known:
@@ -80,20 +87,20 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) * cfg.dcn_data != num_devices:
         raise ConfigError(
-            f"mesh: data*fsdp*expert*tensor*dcn_data = {math.prod(sizes) * cfg.dcn_data} but there are "
+            f"mesh: data*fsdp*expert*context*tensor*dcn_data = {math.prod(sizes) * cfg.dcn_data} but there are "
             f"{num_devices} devices; set one axis to -1 or make the product {num_devices}")
     sizes[0] *= cfg.dcn_data
     return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh; multi-slice meshes fold DCN parallelism into
-    `data`."""
+    """A (data, fsdp, expert, context, tensor) mesh; multi-slice meshes fold DCN parallelism
+    into `data`."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
     if cfg.dcn_data > 1:
         ici = (shape[0] // cfg.dcn_data,) + tuple(shape[1:])
-        grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data, 1, 1, 1), devices)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (cfg.dcn_data,) + (1,) * (len(MESH_AXES) - 1), devices)
     else:
         try:  # topology-aware placement on TPU/GPU (ICI rings for the inner axes)
             grid = mesh_utils.create_device_mesh(shape, devices)
@@ -172,8 +179,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis over data and fsdp; everything else replicated."""
+    """Leading (batch) axis over data, fsdp and expert; everything else replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shardings(mesh: Mesh, keys) -> dict[str, NamedSharding]:
+    """One sharding per batch array: rows over the batch axes; the token-level arrays
+    (SEQUENCE_KEYS, [batch, seq_len]) also split their sequence over `context`."""
+    rows = batch_sharding(mesh)
+    if mesh.shape["context"] == 1:
+        return {k: rows for k in keys}
+    tokens = NamedSharding(mesh, P(BATCH_AXES, "context"))
+    return {k: tokens if k in SEQUENCE_KEYS else rows for k in keys}
 
 
 def _dict_path(path) -> tuple:

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax import parallel
 from llmjax.config import from_dict
 from llmjax.data.device import to_global
 from llmjax.data.pipeline import make_iterator
@@ -73,7 +72,8 @@ def sgd_config(preset: str, objective: str, mesh=(1, 1, 1), model=None, train=No
     return from_dict({
         "model": {"preset": preset, "num_heads": 8, "head_dim": 8, **(model or {})},
         "objective": {"name": objective},
-        "mesh": dict(zip(("data", "fsdp", "tensor", "expert"), mesh)),  # expert: MoE meshes
+        # expert: MoE meshes; context: tests/test_context_parallel.py
+        "mesh": dict(zip(("data", "fsdp", "tensor", "expert", "context"), mesh)),
         "train": {"batch_size": 8, "seq_len": 32, "steps": 10, **(train or {})},
         # SGD, lr 1, no clipping: the update is exactly minus the gradient.
         "optimizer": {"name": "sgd", "b1": 0.0, "learning_rate": 1.0, "schedule": "constant",
@@ -125,7 +125,7 @@ class MeshRuns:
             state = jax.device_put(self.init, shardings)
             state = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=self.key_impl))
             step = compiled_step(exp, shardings, self.batch)
-            batch = to_global(self.batch, parallel.batch_sharding(exp.mesh))
+            batch = to_global(self.batch, exp.batch_shardings(self.batch))
             new, metrics = step(state, batch)
             self.runs[key] = (exp, new, host(metrics))
         return self.runs[key]

@@ -50,7 +50,8 @@ def runs(request):
 def test_one_step_matches_single_device(runs, mesh):
     _, ref_state, ref = runs.run((1, 1, 1))
     exp, state, got = runs.run(mesh)
-    assert dict(exp.mesh.shape) == {**dict(zip(("data", "fsdp", "tensor"), mesh)), "expert": 1}
+    assert dict(exp.mesh.shape) == {**dict(zip(("data", "fsdp", "tensor"), mesh)), "expert": 1,
+                                   "context": 1}
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-5)
     for key in ("tokens",) + tuple(k for k in ref if k.endswith("_accuracy")):
@@ -131,7 +132,7 @@ def test_mesh_product_must_equal_device_count(no_compiles):
     with pytest.raises(ConfigError, match=r"mesh: fixed axes.*3"):
         parallel.make_mesh(MeshConfig(data=-1, fsdp=3), jax.devices())
     # -1 takes the rest.
-    assert parallel.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 1, 2)
+    assert parallel.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 1, 1, 2)
 
 
 def test_batch_must_divide_over_data_and_fsdp(no_compiles):

@@ -12,12 +12,16 @@ import numpy as np
 def to_global(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, Any]:
     """This host's rows -> global jax.Arrays sharded by `sharding` over the leading (batch) axis.
 
-    Each host passes its own rows (global_batch // process_count); the global
-    batch is their concatenation in process order.
+    `sharding` is one sharding for every array or a dict of them by name (context parallelism
+    also splits the token arrays' sequence). Each host passes its own rows
+    (global_batch // process_count); the global batch is their concatenation in process order.
     """
     import jax
 
-    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for name, value in batch.items()}
+    def of(name: str) -> Any:
+        return sharding[name] if isinstance(sharding, dict) else sharding
+
+    return {name: jax.make_array_from_process_local_data(of(name), np.asarray(value)) for name, value in batch.items()}
 
 
 _END = object()

@@ -108,14 +108,20 @@ class Attention(nn.Module):
         if cfg.attention_dropout and not deterministic:
             drop = nn.Dropout(cfg.attention_dropout, name="probs_dropout")
             dropout = lambda p: drop(p, deterministic=False)  # noqa: E731
+        split = ctx.context_parallel and not self.cross and not self.decode
         attend = ops.attention_op(cfg, decode=self.decode, cross=self.cross,
-                                  prefix_lm=prefix is not None, dropout=dropout is not None)
-        # `causal` lets a kernel skip hidden keys: a decoding step's cache mask and a
-        # prefix LM's bidirectional prefix are not the causal pattern.
-        causal = self.causal and not self.decode and prefix is None
+                                  prefix_lm=prefix is not None, dropout=dropout is not None,
+                                  context_parallel=split)
         segments = None if q_segments is None else (q_segments, q_segments)
-        out = attend(q, k, v, mask=mask, bias=bias, segments=segments, causal=causal,
-                     scale=scale, dropout=dropout)
+        if split:  # sequence over the context axis: causal by original position, plus prefix
+            out = attend(q, k, v, segments=segments, causal=self.causal, scale=scale,
+                         index=ctx.index, prefix=prefix)
+        else:
+            # `causal` lets a kernel skip hidden keys: a decoding step's cache mask and a
+            # prefix LM's bidirectional prefix are not the causal pattern.
+            causal = self.causal and not self.decode and prefix is None
+            out = attend(q, k, v, mask=mask, bias=bias, segments=segments, causal=causal,
+                         scale=scale, dropout=dropout)
         out = constrain(out, ("batch", "length", "heads", "kv"))
         return Dense((cfg.d_model,), ("heads", "kv", "embed"), in_dims=2, use_bias=cfg.use_bias,
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernels=cfg.kernels,

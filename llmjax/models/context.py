@@ -2,7 +2,9 @@
 
 The Transformer builds one Context per stack (masks, relative bias, positions, the encoder
 output for cross-attention); nn.scan broadcasts it to every Block, and each Attention reads
-what it needs from it instead of taking the pieces as arguments.
+what it needs from it instead of taking the pieces as arguments. Under context parallelism
+(mesh.context > 1) the stack's tokens may be reordered for load balancing: every per-token
+array here is then in that order, and `index` says where each token came from.
 """
 from __future__ import annotations
 
@@ -24,3 +26,8 @@ class Context:
     encoded: Optional[Array] = None  # [b, s_enc, d] encoder output, for cross-attention
     cross_mask: Optional[Array] = None  # [b, 1, t, s_enc] which encoder tokens a query sees
     encoded_positions: Optional[Array] = None  # [b, s_enc]
+    # [t] original position of each token in the current order (load balancing); None: natural
+    index: Optional[Array] = None
+    # The sequence is split over the `context` mesh axis: self-attention runs the
+    # context-parallel op (segments, causal by `index`, `prefix`); `mask` is None.
+    context_parallel: bool = struct.field(pytree_node=False, default=False)

@@ -12,8 +12,10 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llmjax.config import ModelConfig
+from llmjax.models import ops
 from llmjax.models.attention import Attention, make_mask
 from llmjax.models.context import Context
 from llmjax.models.heads import Heads
@@ -148,6 +150,17 @@ class Embedder(nn.Module):
         return self.token.attend(x)
 
 
+def input_defaults(tokens: Array, segment_ids: Optional[Array], positions: Optional[Array]
+                   ) -> tuple[Array, Array]:
+    """int32 (segments, positions) [b, t]: one document per row and positions restarting at
+    every document where not given."""
+    segments = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
+    segments = segments.astype(jnp.int32)
+    if positions is None:
+        positions = default_positions(segments)
+    return segments, positions.astype(jnp.int32)
+
+
 def default_positions(segments: Array) -> Array:
     """0, 1, 2, ... restarting at every new segment (packed documents)."""
     idx = jnp.arange(segments.shape[1])[None, :]
@@ -215,12 +228,25 @@ class Transformer(nn.Module):
             return self.decode_step(decoder_tokens, encoded, enc_segments, enc_positions,
                                     decoder_segment_ids, decoder_positions, deterministic, logits)
         causal = cfg.architecture == "decoder"
+        split = ops.sequence_split(cfg, tokens.shape[1], causal=causal, decode=self.decode)
+        if split.order is not None:
+            # Load balancing: the stack sees the tokens in split.order (each device holds an
+            # early and a late chunk); positions and segments follow their tokens.
+            segments, positions = input_defaults(tokens, segment_ids, positions)
+            tokens, segment_ids, positions, token_types, prefix_mask = (
+                None if a is None else a[:, split.order]
+                for a in (tokens, segments, positions, token_types, prefix_mask))
         x, segments, positions, prefix_mask = self._inputs(
             tokens, segment_ids, positions, token_types, prefix_mask, deterministic)
         bias = self.relative_bias if cfg.position == "relative" else None
-        ctx = self._context(segments, positions, causal, bias, prefix_mask, cfg.prompt_tokens)
+        ctx = self._context(segments, positions, causal, bias, prefix_mask, cfg.prompt_tokens,
+                            split)
         stack = self.decoder if causal else self.encoder
         hidden = stack(x, ctx, deterministic)  # [b, prompt + t, d]
+        if split.order is not None:  # back to the natural order for the heads and the loss
+            inverse = np.argsort(split.order)
+            hidden = constrain(hidden[:, inverse], ("batch", "length", "embed"))
+            segments = segments[:, inverse]
         if cfg.prompt_tokens:
             hidden = hidden[:, cfg.prompt_tokens:]  # [b, t, d]
             segments = segments[:, cfg.prompt_tokens:]
@@ -273,11 +299,7 @@ class Transformer(nn.Module):
         the encoder only: `prompt=False` for the decoder), dropout.
         Returns (x [b, t', d], segments [b, t'], positions [b, t'], prefix_mask), with t' the
         length after the prompt."""
-        segments = jnp.ones_like(tokens, jnp.int32) if segment_ids is None else segment_ids
-        segments = segments.astype(jnp.int32)  # [b, t]
-        if positions is None:
-            positions = default_positions(segments)
-        positions = positions.astype(jnp.int32)  # [b, t]
+        segments, positions = input_defaults(tokens, segment_ids, positions)
         x = self.embed(tokens, positions, token_types)  # [b, t, d]
         if prompt:
             x, segments, positions, prefix_mask = self._prepend_prompt(x, segments, positions,
@@ -287,11 +309,19 @@ class Transformer(nn.Module):
         return x, segments, positions, prefix_mask
 
     def _context(self, segments, positions, causal, relative_bias=None, prefix_mask=None,
-                 visible=0):
+                 visible=0, split: Optional[ops.SequenceSplit] = None):
         """The self-attention Context of a stack: its mask (None while decoding with a KV
         cache, which masks by the cached segments; the first `visible` keys, a soft prompt,
-        are seen by every token) and relative bias."""
+        are seen by every token) and relative bias. A sequence split over the context axis
+        (`split`) builds no [b, 1, t, t] mask: the context-parallel op masks by segments,
+        original positions (`index`) and prefix, block by block."""
         cfg = self.cfg
+        if split is not None and split.shards > 1:
+            if relative_bias is not None or visible:  # config.check_context_parallel refuses these
+                raise ValueError("context parallelism cannot add a relative bias or soft prompt")
+            index = None if split.order is None else jnp.asarray(split.order, jnp.int32)
+            return Context(positions=positions, segments=segments, prefix=prefix_mask,
+                           index=index, context_parallel=True)
         decoding = self.decode and causal  # only decoder stacks hold a KV cache
         mask = None
         if not decoding:

@@ -9,7 +9,6 @@ from typing import Optional
 import jax
 import numpy as np
 
-from llmjax import parallel
 from llmjax.checkpoint import TrainCheckpoints
 from llmjax.config import Config
 from llmjax.data.device import to_global
@@ -95,5 +94,5 @@ def evaluate_run(config: Config, devices=None, step: Optional[int] = None) -> di
     keys = list(it.output_shapes())
     it.close()
     eval_fn = exp.eval_step(keys, state_sh)
-    metrics = evaluate(exp, state, eval_fn, parallel.batch_sharding(exp.mesh), cfg.train.eval_steps)
+    metrics = evaluate(exp, state, eval_fn, exp.batch_shardings(keys), cfg.train.eval_steps)
     return {"step": float(step), **metrics}

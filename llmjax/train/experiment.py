@@ -11,7 +11,7 @@ import jax
 from jax.sharding import Mesh
 
 from llmjax import objectives, parallel, peft
-from llmjax.config import Config, ConfigError
+from llmjax.config import Config, ConfigError, check_context_parallel
 from llmjax.data.labelled import check_num_labels
 from llmjax.data.tokenizer import SpecialTokens, load_tokenizer
 from llmjax.models import Transformer, dummy_inputs
@@ -72,8 +72,8 @@ class Experiment:
             return init(jax.random.key(self.config.train.seed))
 
     def batch_shardings(self, batch_keys) -> dict:
-        sh = parallel.batch_sharding(self.mesh)
-        return {k: sh for k in batch_keys}
+        """Rows over the batch axes; token arrays' sequence over `context` too."""
+        return parallel.batch_shardings(self.mesh, batch_keys)
 
     def train_step(self, batch_keys, state_sh: Optional[TrainState] = None) -> Callable:
         train = self.config.train
@@ -104,6 +104,8 @@ def build(config: Config, devices=None, special: Optional[SpecialTokens] = None)
     plan = peft.build(config.peft)
     model_cfg = plan.model_config(config.model)
     model_cfg.validate()
+    # Again with PEFT's hooks set and mesh.context=-1 resolved: before anything compiles.
+    check_context_parallel(model_cfg, mesh.shape["context"], config.train.seq_len)
     if model_cfg.num_heads % mesh.shape["tensor"]:
         raise ConfigError(f"model.num_heads={model_cfg.num_heads} is not divisible by "
                           f"mesh.tensor={mesh.shape['tensor']}: choose a tensor size that divides it")

@@ -49,6 +49,7 @@ class InitReport:
 # (new heads are initialised, old ones dropped: both listed) and the PEFT hooks. Every
 # other field is architecture: same-shaped weights would compute something else.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "kernels",
+                  "context_parallel", "context_load_balance",
                   "dropout", "initializer_range", "pooler", "mlm_head", "nsp_head", "num_labels",
                   "prompt_tokens", "prefix_tokens", "adapter_dim")
 # Optional sizes compared by their effective value (None = the default derived size).

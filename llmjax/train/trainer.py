@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import yaml
 
-from llmjax import parallel, paths, peft
+from llmjax import paths, peft
 from llmjax.checkpoint import CheckpointError, TrainCheckpoints
 from llmjax.config import Config
 from llmjax.data.device import prefetch_to_device
@@ -122,7 +122,7 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
         except ValueError as err:
             raise CheckpointError(f"{ckpt.step_dir(resumed)}/data: {err}") from None
     keys = list(train_it.output_shapes())
-    batch_sh = parallel.batch_sharding(exp.mesh)
+    batch_sh = exp.batch_shardings(keys)
     eval_fn = exp.eval_step(keys, state_sh)
     batches = prefetch_to_device(train_it, batch_sh)
     # Rows past the resumed step (or all rows of a fresh run) came from a killed attempt.

@@ -3,17 +3,23 @@
 `kernels(name)` gives the dense / tied-head / norm / activation ops for `model.kernels`
 (auto | xla | cpu_custom_vjp); `attention_op(cfg, ...)` gives the attention op for
 `model.attention_impl` (auto | xla | cudnn | splash), the call's situation and
-`model.kernels`. Layers call what these return and know nothing of backends.
+`model.kernels`. Layers call what these return and know nothing of backends. With a
+`context` mesh axis > 1, `sequence_split` says how the model splits (and reorders) the
+sequence and `attention_op(..., context_parallel=True)` gives the context-parallel op.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import functools
+from typing import Callable, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from llmjax.config import ModelConfig
+from llmjax.config import ModelConfig, context_parallel_unsupported
 from llmjax.errors import ConfigError
 from llmjax.models.ops import blockwise, cpu, cudnn, platform, reference, splash
+from llmjax.models.ops import context_parallel as cp  # `context_parallel` names a flag below
 
 KERNELS = ("auto", "xla", "cpu_custom_vjp")
 
@@ -66,13 +72,50 @@ def resolve_attention(cfg: ModelConfig) -> str:
     return impl
 
 
+def context_shards() -> int:
+    """Size of the `context` axis of the mesh being traced under (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get("context", 1)
+
+
+class SequenceSplit(NamedTuple):
+    """How a stack's sequence is laid out over the `context` axis."""
+
+    shards: int  # devices the sequence is split over (1: not split, ordinary attention)
+    order: Optional[np.ndarray] = None  # [t] load-balancing order (original positions); None: natural
+
+
+def sequence_split(cfg: ModelConfig, length: int, *, causal: bool,
+                   decode: bool = False) -> SequenceSplit:
+    """The split of a `length`-token self-attention stack under the current mesh.
+
+    Training lengths are checked in config validation (config.check_context_parallel); a
+    length the axis does not divide (init's 8-token dummy inputs) runs ordinary attention,
+    which computes the same function with the same parameters. Decoding steps (KV cache) are
+    never split. Causal stacks are load balanced when model.context_load_balance is on."""
+    shards = context_shards()
+    if shards == 1 or decode or length % shards:
+        return SequenceSplit(1)
+    if causal and cfg.context_load_balance and length % (2 * shards) == 0:
+        return SequenceSplit(shards, cp.load_balance_order(length, shards))
+    return SequenceSplit(shards)
+
+
 def attention_op(cfg: ModelConfig, *, decode: bool = False, cross: bool = False,
-              prefix_lm: bool = False, dropout: bool = False) -> Callable:
+              prefix_lm: bool = False, dropout: bool = False,
+              context_parallel: bool = False) -> Callable:
     """The attention op for one call: reference.attention's signature.
 
     decode: a KV-cache decoding step; cross: cross-attention; prefix_lm: the mask has a
     per-example bidirectional prefix; dropout: attention probabilities are dropped (only
-    the reference exposes them)."""
+    the reference exposes them); context_parallel: the sequence is split over the `context`
+    mesh axis (sequence_split): the context-parallel op, which also takes `index` (the
+    original position of each token) and `prefix` instead of a dense mask."""
+    if context_parallel and not (decode or cross):
+        if reason := context_parallel_unsupported(cfg) or (dropout and "attention dropout"):
+            raise ConfigError(f"mesh.context > 1 cannot run this model: {reason}; "
+                              f"use mesh.context=1")
+        return functools.partial(cp.attention, strategy=cfg.context_parallel)
     impl = resolve_attention(cfg)
     if impl == "splash" and (decode or cross or prefix_lm):
         if prefix_lm and cfg.attention_impl == "splash":
