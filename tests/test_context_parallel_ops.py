@@ -21,7 +21,7 @@ from llmjax.parallel import DEFAULT_RULES
 
 B, T, H, KH, D = 2, 64, 4, 2, 8
 SCALE = 0.3
-BLOCK = 8  # several key blocks per device, so the online softmax and block skipping run
+BLOCK = 8  # several query and key tiles per device: the online softmax and tile skipping run
 # name: (causal, with a prefix-LM prefix). Row 0 of the batch is one document (plain causal),
 # row 1 two packed documents and right padding: each case covers both.
 VARIANTS = {"causal_and_packed": (True, False), "prefix_lm": (True, True),

@@ -107,7 +107,8 @@ def test_llama2_70b_adam_on_v5e_8_does_not_fit():
 def test_two_slices_put_the_data_axis_over_dcn():
     p = _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=1", "mesh.fsdp=4",
                                                    "mesh.tensor=1"], "v5e:2x2", slices=2)
-    assert p.target.num_chips == 8 and p.mesh == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+    assert p.target.num_chips == 8 and p.mesh == {"data": 2, "fsdp": 4, "expert": 1,
+                                                  "context": 1, "tensor": 1}
     dcn = [c for c in p.train.roofline.collectives if c.cross_slice]
     assert dcn and all(c.kind in ("all-reduce", "reduce-scatter", "all-gather") for c in dcn)
     assert p.times()["dcn"] > 0

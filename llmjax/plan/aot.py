@@ -57,8 +57,9 @@ def build_for(cfg: Config, target: Target, devices=None):
         if str(err).startswith("mesh:"):
             m = cfg.mesh
             raise ConfigError(f"{target.describe()} has {target.num_chips} chips but the mesh "
-                              f"(data {m.data} x fsdp {m.fsdp} x tensor {m.tensor} x dcn_data "
-                              f"{m.dcn_data}) does not cover them: {err}") from None
+                              f"(data {m.data} x fsdp {m.fsdp} x context {m.context} x tensor "
+                              f"{m.tensor} x dcn_data {m.dcn_data}) does not cover them: {err}"
+                              ) from None
         raise
 
 
