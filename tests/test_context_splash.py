@@ -131,6 +131,60 @@ def test_short_local_length_runs_the_xla_op(monkeypatch):
     assert calls[0]["causal"] and calls[0]["scale"] == 0.25 and calls[0]["axis"] == "context"
 
 
+def _routes_to_splash() -> bool:
+    """Whether ops/select.py gives this op to a splash model under context parallelism."""
+    from llmjax.config import model_config
+    from llmjax.models import ops
+    op = ops.attention_op(model_config("llama-tiny", attention_impl="splash"),
+                          context_parallel=True)
+    return getattr(op, "func", op) is cs.attention
+
+
+@pytest.mark.skipif(not _routes_to_splash(), reason="ops/select.py does not route "
+                    "attention_impl=splash under mesh.context > 1 to context_splash yet")
+def test_train_step_on_a_context_mesh_equals_one_device():
+    """One SGD step (lr 1) of llama-tiny (GQA, RoPE, causal, load balanced by default) on
+    packed and padded rows of 256 tokens, context 2 with attention_impl=splash (interpret
+    mode), equals the single-device XLA step: loss and every parameter."""
+    import math
+
+    from helpers import compiled_step, fast_init, sgd_config, to_global
+    from llmjax.data.pipeline import make_iterator
+    from llmjax.train.experiment import build
+
+    def config(mesh, **model):
+        return sgd_config("llama-tiny", "clm", mesh, train={"seq_len": 256, "batch_size": 2},
+                          model={"num_heads": 4, "head_dim": 32, **model})
+
+    ref = build(config((1, 1, 1, 1, 1)), devices=jax.devices()[:1])
+    batch = next(make_iterator(ref.config.data, ref.objective.batch_kind, 256, 2,
+                               vocab_size=ref.config.model.vocab_size))
+    segments = np.ones((2, 256), np.int32)
+    segments[:, 100:] = 2
+    segments[1, 230:] = 0
+    positions = np.concatenate([np.arange(100), np.arange(156)])[None].repeat(2, 0)
+    batch = {**batch, "segment_ids": segments, "positions": positions.astype(np.int32),
+             "tokens": np.where(segments > 0, batch["tokens"], 0).astype(np.int32)}
+    init = fast_init(ref)
+    impl = jax.random.key_impl(init.rng)
+    init = jax.device_get(init.replace(rng=jax.random.key_data(init.rng)))
+
+    def step(mesh, **model):
+        exp = build(config(mesh, **model), devices=jax.devices()[:math.prod(mesh)])
+        shardings = exp.state_shardings()
+        state = jax.device_put(init, shardings)
+        state = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=impl))
+        new, metrics = compiled_step(exp, shardings, batch)(
+            state, to_global(batch, exp.batch_shardings(batch)))
+        return jax.device_get(new.params), jax.device_get(metrics)
+
+    want, want_metrics = step((1, 1, 1, 1, 1))
+    got, metrics = step((1, 1, 1, 1, 2), attention_impl="splash")
+    np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-6)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=1e-5)
+
+
 def _libtpu() -> bool:
     from llmjax.plan import aot
     return aot.libtpu_available()
