@@ -146,7 +146,7 @@ def attention(q: Array, k: Array, v: Array, *, mask: Optional[Array] = None,
     if strategy != "allgather":
         raise ValueError(f"splash under context parallelism all-gathers K/V; strategy "
                          f"{strategy!r} runs on context_parallel's XLA op")
-    b, t, heads, d = q.shape
+    b, t, heads = q.shape[:3]
     kv_heads = k.shape[2]
     if k.shape[1] != t:
         raise ValueError(f"context-parallel attention is self-attention: {k.shape[1]} keys "
