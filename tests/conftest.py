@@ -46,7 +46,7 @@ MARKERS = {
              "test_convert_hf", "test_peft_storage", "test_storage_train",
              "test_tpu_plan", "test_eval_tasks", "test_storage_runs", "test_rope_scaling",
              "test_eval_smollm2", "test_eval_train", "test_context_parallel_ops",
-             "test_context_parallel"),
+             "test_context_parallel", "test_context_splash"),
     "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
                      "test_checkpoint", "test_storage_runs", "test_eval_multihost"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune", "test_eval_smollm2"),

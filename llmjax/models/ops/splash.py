@@ -60,12 +60,16 @@ def _kernel(heads: int, q_len: int, kv_len: int, causal: bool, mqa: bool, interp
     x 64 heads; later traces reuse them)."""
     shape = (q_len, kv_len)
     mask = sa.MultiHeadMask([sa.CausalMask(shape) if causal else sa.FullMask(shape)] * heads)
-    bq, bkv = _block(q_len), _block(kv_len)
-    sizes = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
-                          block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
-                          block_q_dq=bq, block_kv_dq=bkv)
+    sizes = block_sizes(_block(q_len), _block(kv_len))
     make = sa.make_splash_mqa_single_device if mqa else sa.make_splash_mha_single_device
     return make(mask, block_sizes=sizes, interpret=interpret)
+
+
+def block_sizes(bq: int, bkv: int) -> sa.BlockSizes:
+    """The kernel's blocks, forward and backward: `bq` queries x `bkv` keys."""
+    return sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                         block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                         block_q_dq=bq, block_kv_dq=bkv)
 
 
 @functools.cache
@@ -86,27 +90,34 @@ def _pad_to_lanes(x: Array, axis: int, value) -> Array:
 def _per_device(q: Array, k: Array, v: Array, q_seg: Array, k_seg: Array, *,
                 causal: bool, interpret: bool) -> Array:
     """q [b, h, t, d], k/v [b, kh, s, d], segments [b, t] / [b, s] -> [b, h, t, d]."""
-    b, h, t, d = q.shape
+    h, t = q.shape[1], q.shape[2]
     kh = k.shape[1]
     # Added positions form their own segment: real queries never see them, and each added
     # query sees at least itself under a causal mask (no empty softmax row).
     q, k, v = (_pad_to_lanes(x, 2, 0) for x in (q, k, v))
     q_seg, k_seg = (_pad_to_lanes(s, 1, PAD_SEGMENT) for s in (q_seg, k_seg))
     t_pad, s_pad = q.shape[2], k.shape[2]
+    kernel = _kernel(h if kh == h else h // kh, t_pad, s_pad, causal, kh != h, interpret)
+    return run_kernel(kernel, q, k, v, q_seg, k_seg)[:, :, :t]
+
+
+def run_kernel(kernel, q: Array, k: Array, v: Array, q_seg: Array, k_seg: Array) -> Array:
+    """A kernel over a batch: q [b, h, t, d], k/v [b, kh, s, d], segments [b, t] / [b, s]
+    -> [b, h, t, d]. kh == h: `kernel` is the MHA kernel of h heads; else the MQA kernel of
+    h / kh heads, run once per key/value head (each serves a group of query heads)."""
+    b, h, t, d = q.shape
+    kh = k.shape[1]
     if kh == h:
-        kernel = _kernel(h, t_pad, s_pad, causal, False, interpret)
         one = lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids)  # noqa: E731
-    else:  # each key/value head serves a group of query heads: the MQA kernel per group
+    else:
         group = h // kh
-        kernel = _kernel(group, t_pad, s_pad, causal, True, interpret)
 
         def one(q, k, v, ids):
-            q = q.reshape(kh, group, t_pad, d)
+            q = q.reshape(kh, group, t, d)
             out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
-            return out.reshape(h, t_pad, d)
-    out = jax.vmap(lambda q, k, v, qs, ks: one(q, k, v, sa.SegmentIds(qs, ks)))(
+            return out.reshape(h, t, d)
+    return jax.vmap(lambda q, k, v, qs, ks: one(q, k, v, sa.SegmentIds(qs, ks)))(
         q, k, v, q_seg, k_seg)
-    return out[:, :, :t]
 
 
 def _mesh_axes(name: str, size: int, mesh) -> Optional[tuple[str, ...]]:
