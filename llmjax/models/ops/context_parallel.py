@@ -228,6 +228,15 @@ def _pass_on(tree, st: Static):
 def _forward(q, k, v, qt: Tokens, kt: Tokens, st: Static):
     """q [b, tq, kh, g, d] local queries, k/v [b, tq, kh, d] local keys (their tokens qt, kt)
     -> (out [b, tq, kh, g, d] in q's dtype, lse [b, kh, g, tq, 1] f32)."""
+    # The tokens (segments, index) are the same in every layer. Under nn.scan, jax's scan
+    # partial evaluation hoists whatever depends only on loop invariants out of the layer loop
+    # and keeps it for the backward: every tile's mask, stacked, i.e. a [t_local, t] array per
+    # device (960 MiB at 8K tokens, context 2). A zero that depends on q keeps the masks
+    # inside the loop, built per tile (measured: 3,037 -> 970 MiB temporaries).
+    first = q.reshape(-1)[0]
+    dep = (first == first).astype(jnp.int32) * 0
+    qt = Tokens(qt.segments + dep, qt.index + dep, qt.prefix)
+    kt = Tokens(kt.segments + dep, kt.index + dep, kt.prefix)
     shape = (q.shape[0], q.shape[2], q.shape[3], q.shape[1], 1)
     carry = (jnp.full(shape, NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
              jnp.zeros(shape[:-1] + (q.shape[-1],), jnp.float32))

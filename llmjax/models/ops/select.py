@@ -20,6 +20,7 @@ from llmjax.config import ModelConfig, context_parallel_unsupported
 from llmjax.errors import ConfigError
 from llmjax.models.ops import blockwise, cpu, cudnn, platform, reference, splash
 from llmjax.models.ops import context_parallel as cp  # `context_parallel` names a flag below
+from llmjax.models.ops import context_splash
 
 KERNELS = ("auto", "xla", "cpu_custom_vjp")
 
@@ -115,6 +116,10 @@ def attention_op(cfg: ModelConfig, *, decode: bool = False, cross: bool = False,
         if reason := context_parallel_unsupported(cfg) or (dropout and "attention dropout"):
             raise ConfigError(f"mesh.context > 1 cannot run this model: {reason}; "
                               f"use mesh.context=1")
+        if (resolve_attention(cfg) == "splash" and not prefix_lm
+                and cfg.context_parallel == "allgather"):  # the Mosaic kernel on TPU
+            return functools.partial(context_splash.attention,
+                                     load_balance=cfg.context_load_balance)
         return functools.partial(cp.attention, strategy=cfg.context_parallel)
     impl = resolve_attention(cfg)
     if impl == "splash" and (decode or cross or prefix_lm):
