@@ -25,9 +25,10 @@ ALIGNED_LLAMA = ["model.d_model=256", "model.num_heads=2", "model.num_kv_heads=1
                  "mesh.tensor=1", "train.batch_size=32"]
 
 
-def _plan(path, overrides, target="v5e:2x2", slices=1, steps=("train",), save_hlo=None):
+def _plan(path, overrides, target="v5e:2x2", slices=1, steps=("train",), save_hlo=None,
+          decode=None):
     return aot.plan(config.load(path, overrides), parse(target, slices), steps=steps,
-                    save_hlo=save_hlo)
+                    save_hlo=save_hlo, decode=decode)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def compiled():
         pytest.skip("libtpu is not installed (pip install 'llmjax[tpu]'); CI installs it")
     return {
         "gpt-v5e": _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=1", "mesh.fsdp=2",
-                                                              "mesh.tensor=2"]),
+                                                              "mesh.tensor=2"],
+                         decode={"batch": 4, "context": 64, "prompt": None}),
         "gpt-v4": _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=2", "mesh.fsdp=2"],
                         "v4:2x2x1"),
         "llama-v4": _plan("configs/experiments/llama-tiny.yaml",
@@ -75,6 +77,30 @@ def test_argument_bytes_equal_hand_computation(compiled):
     assert p.memory.params == params
     assert p.memory.optimizer == 2 * params + 4 + 4  # mu, nu and two int32 counts
     assert p.train.memory.arguments == 3 * params + scalars + batch
+
+
+@needs_libtpu
+def test_kv_cache_decode_compiles_with_the_generate_shardings(compiled):
+    """gpt-tiny's prefill and decode step on v5e 2x2 (fsdp 2 x tensor 2): the cache's rows
+    split over fsdp and its heads over tensor; learned positions: a model.max_len cache."""
+    from llmjax.plan.report import format_plan
+    p = compiled["gpt-v5e"]
+    d = p.decode
+    assert (d.batch, d.context, d.prompt) == (4, 128, 32)
+    layers, heads, dh, fp32 = 2, 4, 16, 4
+    rows = 4 // 2
+    kv = rows * d.context * (heads // 2) * dh * fp32  # one of key / value, per layer
+    segments, index = rows * d.context * 4, 4
+    assert d.cache_bytes == layers * (2 * kv + segments + index)
+    assert d.param_bytes == p.memory.params  # fp32 (the compute dtype), the training layout
+    assert d.step.arguments >= d.param_bytes + d.cache_bytes
+    assert d.step.roofline.hbm_bytes >= d.param_bytes + d.cache_bytes  # all read per token
+    assert d.token_seconds >= d.floor_seconds > 0 and d.prefill_seconds > 0
+    assert any(c.kind == "all-gather" for c in d.step.roofline.collectives)  # fsdp weights
+    assert d.tokens_per_second == 4 / d.token_seconds
+    text = format_plan(p)
+    assert "decode (KV cache; batch 4, context 128 tokens, prompt 32)" in text
+    assert "per-token latency" in text and "KV cache" in text
 
 
 @needs_libtpu
