@@ -249,3 +249,17 @@ def test_compiler_out_of_memory_verdicts_are_read():
     assert aot._oom_bytes("Used 20.5G of 15.75G hbm") == (int(20.5 * 2 ** 30),
                                                           int(15.75 * 2 ** 30))
     assert aot._oom_bytes("INTERNAL: something else") is None
+
+
+def test_roofline_counts_the_moe_grouped_matmul_kernel():
+    """XLA:TPU lowers jax.lax.ragged_dot (dropless MoE experts) to a Mosaic custom call: each
+    of 1024 rows meets one of 8 [64, 64] expert matrices, 2 * 1024 * 64 * 64 FLOPs (the line
+    as the TPU compiler wrote it for moe-tiny, backend config cut)."""
+    line = ('  %ragged-dot-none = f32[1024,64]{1,0:T(8,128)S(1)} custom-call(%a, %b, %c, %d, %a, '
+            '/*index=5*/%x, %w), custom_call_target="tpu_custom_call", operand_layout_'
+            'constraints={s32[1]{0}, s32[9]{0}, s32[15]{0}, s32[15]{0}, s32[1]{0}, '
+            'f32[1024,64]{1,0}, f32[8,64,64]{2,1,0}}, frontend_attributes={mosaic_fusion_entry_'
+            'point="true",ragged_dot_tiling="128,64,64"}, metadata={op_name="ragged-dot-none"}')
+    assert hlo.ragged_dot_flops(hlo._parse_instr(line)) == 2 * 1024 * 64 * 64
+    other = line.replace(',ragged_dot_tiling="128,64,64"', "")
+    assert hlo.ragged_dot_flops(hlo._parse_instr(other)) == 0

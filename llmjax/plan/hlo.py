@@ -169,6 +169,23 @@ def matmul_flops(instr: Instr, types: dict[str, str]) -> float:
     return 0.0
 
 
+def ragged_dot_flops(instr: Instr) -> float:
+    """FLOPs of a grouped matmul that XLA:TPU lowered to a Mosaic kernel (a custom call with
+    `ragged_dot_tiling`: MoE experts): each of the m rows meets one group's [k, n] matrix, so
+    2 m k n, with m the rows of its 2-D arrays and k, n the minor dims of the 3-D one."""
+    if "ragged_dot_tiling" not in instr.attrs:
+        return 0.0
+    constraints = re.search(r"operand_layout_constraints=\{(.*?)\}, \w+=", instr.attrs)
+    arrays = [(d, [int(x) for x in dims.split(",") if x]) for d, dims in
+              _ARRAY.findall((constraints.group(1) if constraints else "") + " " + instr.type)]
+    floats = [dims for d, dims in arrays if d in ("f32", "bf16", "f16", "f8e4m3fn", "f8e5m2")]
+    grouped = [dims for dims in floats if len(dims) == 3]
+    rows = [dims for dims in floats if len(dims) == 2]
+    if len(grouped) != 1 or not rows:
+        return 0.0
+    return 2.0 * rows[0][0] * grouped[0][1] * grouped[0][2]
+
+
 def _real_taps(attrs: str, lhs_labels: str, out_labels: str, lhs: list[int],
                out: list[int]) -> float:
     """Window taps per output element that land on real input (not padding, not the holes
@@ -373,7 +390,8 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                     note_collectives(fused, times)  # its time is the collective's (ICI/DCN)
                     if not any(x.opcode in ("convolution", "dot") for x in fused.instrs):
                         continue  # a bare async collective; else a matmul fused with it
-            flops = matmul_flops(i, comp.types) + (flops_inside(fused) if fused else 0.0)
+            flops = matmul_flops(i, comp.types) + (flops_inside(fused) if fused else 0.0) + \
+                (ragged_dot_flops(i) if i.opcode == "custom-call" else 0.0)
             nbytes = _operand_bytes(fused, i, comp.types) + _output_bytes(fused, i, comp.types)
             if i.opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', i.attrs)
