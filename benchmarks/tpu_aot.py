@@ -14,6 +14,7 @@ optimized HLO), not measurements on a TPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -36,8 +37,11 @@ MODELS = {
     # MaxText's Llama 3.1 8B figure is at 8192 tokens; the 128K-vocabulary head in chunks.
     "llama3.1-8b": ("configs/experiments/llama-tiny.yaml", ["model=llama3.1-8b",
                                                            "train.logits_chunk=1024"], 8192),
-    "mixtral-8x7b": ("configs/experiments/moe-tiny.yaml", ["model=mixtral-8x7b",
-                                                          "mesh.expert=1"], 4096),
+    "mixtral-8x7b": ("configs/experiments/moe-tiny.yaml", ["model=mixtral-8x7b"], 4096),
+    # The capacity-based experts (GSPMD-sharded dispatch/combine einsums) over an expert axis:
+    # dropless sorts the whole global batch on every chip (an all-gather before the sort).
+    "mixtral-8x7b-dense": ("configs/experiments/moe-tiny.yaml", ["model=mixtral-8x7b",
+                                                                "model.moe_impl=dense"], 4096),
 }
 COMMON = ["model.dtype=bfloat16", "model.attention_impl=auto", "data.source=synthetic"]
 # --fixed: one configuration per model instead of a sweep (the big models: a compile takes
@@ -49,6 +53,7 @@ FIXED = {
     "llama2-70b": sweep.Choice(1, -1, 1, "full", 4),
     "llama3.1-8b": sweep.Choice(1, -1, 1, "full", 2),
     "mixtral-8x7b": sweep.Choice(1, -1, 1, "full", 4),
+    "mixtral-8x7b-dense": sweep.Choice(1, -1, 1, "full", 4, expert=8),
 }
 # MaxText's published MFU (github.com/AI-Hypercomputer/maxtext: README's v5p table;
 # docs/reference/models/tiering.md for v6e, "256 Chips, BF16, SL=8192" for Llama 3.1 8B).
@@ -109,8 +114,8 @@ def main() -> int:
             begin = time.perf_counter()
             if args.fixed and model in FIXED:
                 choice = FIXED[model]
-                choice = sweep.Choice(choice.data, target.num_chips // (choice.data * choice.tensor),
-                                      choice.tensor, choice.remat, choice.per_chip_batch)
+                fsdp = target.num_chips // (choice.data * choice.tensor * choice.expert)
+                choice = dataclasses.replace(choice, fsdp=fsdp)
                 cfg = config.load(path, overrides + choice.overrides(target))
                 p = aot.plan(cfg, target, steps=("train",))
                 if not (p.fits and p.train):
