@@ -99,6 +99,8 @@ def main() -> int:
     parser.add_argument("--max-configs", type=int, default=6)
     parser.add_argument("--fixed", action="store_true",
                         help="compile FIXED's configuration for the models that have one")
+    parser.add_argument("--remat", default=None, choices=sweep.REMATS,
+                        help="with --fixed: this remat policy instead of FIXED's")
     args = parser.parse_args()
     aot.require_libtpu()
     print("| model (seq) | target | configuration | HBM/chip GiB | compile s | est. step ms "
@@ -115,7 +117,8 @@ def main() -> int:
             if args.fixed and model in FIXED:
                 choice = FIXED[model]
                 fsdp = target.num_chips // (choice.data * choice.tensor * choice.expert)
-                choice = dataclasses.replace(choice, fsdp=fsdp)
+                choice = dataclasses.replace(choice, fsdp=fsdp,
+                                             remat=args.remat or choice.remat)
                 cfg = config.load(path, overrides + choice.overrides(target))
                 p = aot.plan(cfg, target, steps=("train",))
                 if not (p.fits and p.train):
