@@ -190,6 +190,15 @@ def test_without_libtpu_names_the_extra(capsys, monkeypatch):
 
 
 @needs_libtpu
+def test_decode_options_that_do_not_fit_fail_before_any_compile(capsys):
+    base = ["plan", "configs/experiments/gpt-tiny.yaml", "mesh.data=4", "--target", "v5e-4"]
+    err = _error(capsys, base + ["--decode-len", "4096"])
+    assert "--decode-len 4096" in err and "model.max_len=128" in err
+    err = _error(capsys, base + ["--decode-batch", "6"])
+    assert "--decode-batch 6" in err and "(4:" in err
+
+
+@needs_libtpu
 def test_mesh_that_does_not_match_the_chips_names_both_numbers(capsys):
     err = _error(capsys, ["plan", "configs/experiments/gpt-tiny.yaml", "mesh.data=2",
                           "mesh.fsdp=4", "--target", "v5e-4"])

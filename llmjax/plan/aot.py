@@ -20,7 +20,7 @@ from typing import Optional
 from llmjax.config import Config
 from llmjax.errors import ConfigError
 from llmjax.plan import hlo
-from llmjax.plan.decode import DecodePlan, plan_decode
+from llmjax.plan.decode import DecodePlan, plan_decode, resolve as resolve_decode
 from llmjax.plan.topology import Target
 
 INSTALL = "pip install 'llmjax[tpu]'"
@@ -208,14 +208,20 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
     """Build, lower and compile `steps` for `target` (only the arithmetic when the state
     alone cannot fit: no compile is needed to say so); with `decode` (plan_decode's keyword
     arguments: batch, context, prompt) also the KV-cache prefill and decode step."""
-    result, exp = _plan_steps(cfg, target, steps, save_hlo, devices)
-    if decode is not None:
+    note = []
+
+    def check_decode(exp):  # before any compile: a wrong option fails fast
         try:
-            result.decode = plan_decode(exp, target, **decode)
+            resolve_decode(exp, **decode)
         except ConfigError as err:
             if any(v is not None for v in decode.values()):
                 raise  # the decode options given do not fit this model
-            result.decode_note = str(err)  # the defaults do not: the train plan stands
+            note.append(str(err))  # the defaults do not: the train plan stands
+    result, exp = _plan_steps(cfg, target, steps, save_hlo, devices,
+                              check_decode if decode is not None else None)
+    result.decode_note = " ".join(note)
+    if decode is not None and not note:
+        result.decode = plan_decode(exp, target, **decode)
         if save_hlo and result.decode is not None:
             for name in ("prefill", "step"):
                 Path(save_hlo).mkdir(parents=True, exist_ok=True)
@@ -224,7 +230,7 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
     return result
 
 
-def _plan_steps(cfg: Config, target: Target, steps, save_hlo, devices):
+def _plan_steps(cfg: Config, target: Target, steps, save_hlo, devices, check=None):
     import jax
     import jax.numpy as jnp
     from llmjax.metrics import flops_per_token
@@ -232,6 +238,8 @@ def _plan_steps(cfg: Config, target: Target, steps, save_hlo, devices):
     require_libtpu()
     cfg = for_target(cfg, target)
     exp = build_for(cfg, target, devices)
+    if check is not None:
+        check(exp)
     abstract = exp.abstract_state()
     state_sh = exp.state_shardings(abstract)
     shapes = batch_shapes(exp)

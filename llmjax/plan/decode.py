@@ -85,24 +85,16 @@ def _memory(compiled):
             m.generated_code_size_in_bytes)
 
 
-def plan_decode(exp, target, batch: Optional[int] = None, context: Optional[int] = None,
-                prompt: Optional[int] = None) -> DecodePlan:
-    """Compile prefill (`prompt` tokens) and one decode step (a `context`-token cache) of
-    `batch` rows for the experiment's mesh. Defaults: one row per batch shard, the train
-    sequence length as context, half of it as the prompt."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from llmjax import generate
-    from llmjax.models.api import abstract_params
-    from llmjax.parallel import batch_sharding, batch_shards, param_shardings
-    from llmjax.plan.aot import shard_bytes
+def resolve(exp, batch: Optional[int] = None, context: Optional[int] = None,
+            prompt: Optional[int] = None) -> tuple[int, int, int]:
+    """(batch, context, prompt) with the defaults filled in, or a ConfigError naming the
+    option that does not fit the model or the mesh (checked before anything compiles)."""
+    from llmjax.parallel import batch_shards
     cfg = exp.model_config
     if cfg.architecture == "encoder":
         raise ConfigError(f"{cfg.family} is encoder-only: it has no KV-cache decode "
                           f"(leave out the decode options)")
-    mesh, rules = exp.mesh, exp.rules
-    shards = batch_shards(mesh)
+    shards = batch_shards(exp.mesh)
     batch = batch or shards
     context = context or exp.config.train.seq_len
     if batch % shards:
@@ -116,6 +108,25 @@ def plan_decode(exp, target, batch: Optional[int] = None, context: Optional[int]
     if context > cfg.max_len or (encoder and cfg.position == "learned" and prompt > cfg.max_len):
         raise ConfigError(f"--decode-len {context} (or --decode-prompt {prompt}) exceeds "
                           f"model.max_len={cfg.max_len}; lower it or raise model.max_len")
+    return batch, context, prompt
+
+
+def plan_decode(exp, target, batch: Optional[int] = None, context: Optional[int] = None,
+                prompt: Optional[int] = None) -> DecodePlan:
+    """Compile prefill (`prompt` tokens) and one decode step (a `context`-token cache) of
+    `batch` rows for the experiment's mesh. Defaults: one row per batch shard, the train
+    sequence length as context, half of it as the prompt."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from llmjax import generate
+    from llmjax.models.api import abstract_params
+    from llmjax.parallel import batch_sharding, param_shardings
+    from llmjax.plan.aot import shard_bytes
+    cfg = exp.model_config
+    mesh, rules = exp.mesh, exp.rules
+    batch, context, prompt = resolve(exp, batch, context, prompt)
+    encoder = cfg.architecture == "encoder_decoder"
     # Serving weights in the compute dtype (a checkpoint's fp32 master weights cast once).
     dcfg = generate._decode_config(dataclasses.replace(cfg, param_dtype=cfg.dtype), context)
     program = generate._Program(dcfg, 0.0, 0, 1.0, mesh, rules)
