@@ -272,3 +272,37 @@ def test_roofline_counts_the_moe_grouped_matmul_kernel():
     assert hlo.ragged_dot_flops(hlo._parse_instr(line)) == 2 * 1024 * 64 * 64
     other = line.replace(',ragged_dot_tiling="128,64,64"', "")
     assert hlo.ragged_dot_flops(hlo._parse_instr(other)) == 0
+
+
+ASYNC_HLO = """\
+%fused_ag (p0: bf16[64,128], p1: bf16[8,128], p2: bf16[128,256]) -> (f32[8,256], bf16[64,128], bf16[256,128]) {
+  %p0 = bf16[64,128]{1,0} parameter(0)
+  %p1 = bf16[8,128]{1,0} parameter(1)
+  %p2 = bf16[128,256]{1,0} parameter(2)
+  %ag = bf16[256,128]{1,0} all-gather(%p0), replica_groups=[1,4]<=[4], dimensions={0}
+  %d = f32[8,256]{1,0} convolution(%p1, %p2), window={size=1}, dim_labels=bf_io->bf
+  ROOT %t = (f32[8,256]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) tuple(%d, %p0, %ag)
+}
+
+ENTRY %main (a: bf16[64,128], x: bf16[8,128], w: bf16[128,256], big: bf16[1024,128]) -> bf16[16,128] {
+  %a = bf16[64,128]{1,0} parameter(0)
+  %x = bf16[8,128]{1,0} parameter(1)
+  %w = bf16[128,256]{1,0} parameter(2)
+  %big = bf16[1024,128]{1,0} parameter(3)
+  %f = (f32[8,256]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) fusion(%a, %x, %w), kind=kOutput, calls=%fused_ag
+  %s = ((bf16[1024,128]{1,0}), bf16[16,128]{1,0}, u32[]) slice-start(%big), slice={[0:16], [0:128]}
+  ROOT %sd = bf16[16,128]{1,0} slice-done(%s)
+}
+"""
+
+
+def test_roofline_leaves_out_collective_buffers_carried_through_a_matmul_fusion():
+    """XLA:TPU fuses an in-flight all-gather into a matmul (async_collective_fusion): its
+    buffers pass through untouched by the matmul and cost ICI time, not HBM bytes; an async
+    slice reads and writes only the slice."""
+    r = hlo.analyze(ASYNC_HLO, peak_flops=1e12, hbm_bandwidth=1e9, slice_of=[0] * 4)
+    matmul = 8 * 128 * 2 + 128 * 256 * 2 + 8 * 256 * 4  # x, w read; f32 result written
+    assert r.hbm_bytes == matmul + 2 * 16 * 128 * 2
+    assert r.flops == 2 * 8 * 256 * 128
+    (gather,) = r.collectives
+    assert (gather.kind, gather.group, gather.bytes) == ("all-gather", 4, 256 * 128 * 2)

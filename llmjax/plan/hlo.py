@@ -32,7 +32,7 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
          "conditional", "after-all", "partition-id", "replica-id", "iota", "copy-done",
          "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done",
-         "send-done", "recv-done", "opt-barrier", "add-dependency", "domain"}
+         "send-done", "recv-done", "opt-barrier", "add-dependency", "domain", "slice-done"}
 _NO_TRAFFIC = {"AllocateBuffer", "AsyncCollectiveStart", "AsyncCollectiveDone",
                "AssumeGatherIndicesInBound"}
 _SLICERS = {"dynamic-slice", "slice", "gather"}
@@ -273,10 +273,18 @@ def _group_size(instr: Instr, num_devices: int) -> tuple[int, list[list[int]]]:
     return num_devices, []
 
 
+def _in_flight(user: Instr, fused: Computation) -> bool:
+    """A fused parameter's use that moves no data for the fusion's own work: a collective
+    fused in (XLA:TPU's async_collective_fusion carries in-flight all-gathers through a
+    matmul) or the root tuple passing it through unchanged."""
+    return user.opcode.removesuffix("-start") in COLLECTIVES or (user is fused.root and
+                                                                 user.opcode == "tuple")
+
+
 def _operand_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, str]) -> float:
     """Bytes an op reads: its operands, except that a fused parameter read only through
-    (dynamic-)slices costs the slices, and the buffer a dynamic-update-slice writes into in
-    place costs nothing."""
+    (dynamic-)slices costs the slices, the buffer a dynamic-update-slice writes into in
+    place costs nothing, and so do buffers of collectives carried through the fusion."""
     total = 0.0
     for index, name in enumerate(instr.operands):
         full = shape_bytes(types.get(name, ""))
@@ -285,8 +293,10 @@ def _operand_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, 
                           and i.args.strip() == str(index)), None)
             if pname is not None:
                 users = [u for u in fused.instrs if pname in u.operands]
-                if users and all(u.opcode in _SLICERS and u.operands[0] == pname
-                                 for u in users):
+                if users and all(_in_flight(u, fused) for u in users):
+                    full = 0.0  # a collective's buffer passed through (async_collective_fusion)
+                elif users and all(u.opcode in _SLICERS and u.operands[0] == pname
+                                   for u in users):
                     full = sum(shape_bytes(u.type) for u in users)
                 elif users and all(u.opcode == "dynamic-update-slice" and
                                    u.operands[0] == pname for u in users):
@@ -302,6 +312,8 @@ def _operand_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, 
 def _output_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, str]) -> float:
     """Bytes an op writes; an in-place dynamic-update-slice writes only its update."""
     def written(comp: Computation, node: Instr) -> float:
+        if node.opcode == "parameter" or node.opcode.removesuffix("-start") in COLLECTIVES:
+            return 0.0  # passed through, or a collective's result (its time is ICI's)
         if node.opcode == "dynamic-update-slice":
             return shape_bytes(comp.types.get(node.operands[1], ""))
         if node.opcode == "tuple":
@@ -390,6 +402,17 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                     note_collectives(fused, times)  # its time is the collective's (ICI/DCN)
                     if not any(x.opcode in ("convolution", "dot") for x in fused.instrs):
                         continue  # a bare async collective; else a matmul fused with it
+            if i.opcode in ("slice-start", "copy-start"):
+                # Async slice / copy: (operand, result, ...) or (dest, source, context); each
+                # reads and writes its result once (the tuple's other members alias buffers).
+                arrays = _ARRAY.findall(i.type)
+                one = arrays[1] if i.opcode == "slice-start" and len(arrays) > 1 else arrays[0]
+                nbytes = 2 * DTYPE_BYTES[one[0]] * math.prod(int(x) for x in one[1].split(",")
+                                                             if x)
+                out.hbm_bytes += nbytes * times
+                out.compute_seconds += nbytes / hbm_bandwidth * times
+                out.bytes_bound_seconds += nbytes / hbm_bandwidth * times
+                continue
             flops = matmul_flops(i, comp.types) + (flops_inside(fused) if fused else 0.0) + \
                 (ragged_dot_flops(i) if i.opcode == "custom-call" else 0.0)
             nbytes = _operand_bytes(fused, i, comp.types) + _output_bytes(fused, i, comp.types)
