@@ -279,9 +279,14 @@ ASYNC_HLO = """\
   %p0 = bf16[64,128]{1,0} parameter(0)
   %p1 = bf16[8,128]{1,0} parameter(1)
   %p2 = bf16[128,256]{1,0} parameter(2)
-  %ag = bf16[256,128]{1,0} all-gather(%p0), replica_groups=[1,4]<=[4], dimensions={0}
+  %ag = bf16[256,128]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
   %d = f32[8,256]{1,0} convolution(%p1, %p2), window={size=1}, dim_labels=bf_io->bf
   ROOT %t = (f32[8,256]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) tuple(%d, %p0, %ag)
+}
+
+%fused_ag2 (q0: bf16[64,128]) -> bf16[256,128] {
+  %q0 = bf16[64,128]{1,0} parameter(0)
+  ROOT %ag2 = bf16[256,128]{1,0} all-gather(%q0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
 }
 
 ENTRY %main (a: bf16[64,128], x: bf16[8,128], w: bf16[128,256], big: bf16[1024,128]) -> bf16[16,128] {
@@ -290,6 +295,7 @@ ENTRY %main (a: bf16[64,128], x: bf16[8,128], w: bf16[128,256], big: bf16[1024,1
   %w = bf16[128,256]{1,0} parameter(2)
   %big = bf16[1024,128]{1,0} parameter(3)
   %f = (f32[8,256]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) fusion(%a, %x, %w), kind=kOutput, calls=%fused_ag
+  %f2 = bf16[256,128]{1,0} fusion(%a), kind=kLoop, calls=%fused_ag2
   %s = ((bf16[1024,128]{1,0}), bf16[16,128]{1,0}, u32[]) slice-start(%big), slice={[0:16], [0:128]}
   ROOT %sd = bf16[16,128]{1,0} slice-done(%s)
 }
@@ -298,11 +304,13 @@ ENTRY %main (a: bf16[64,128], x: bf16[8,128], w: bf16[128,256], big: bf16[1024,1
 
 def test_roofline_leaves_out_collective_buffers_carried_through_a_matmul_fusion():
     """XLA:TPU fuses an in-flight all-gather into a matmul (async_collective_fusion): its
-    buffers pass through untouched by the matmul and cost ICI time, not HBM bytes; an async
-    slice reads and writes only the slice."""
+    buffers pass through untouched by the matmul and cost ICI time, not HBM bytes; one
+    collective split over a chain of such fusions (the same channel_id) counts once; an
+    async slice reads and writes only the slice."""
     r = hlo.analyze(ASYNC_HLO, peak_flops=1e12, hbm_bandwidth=1e9, slice_of=[0] * 4)
     matmul = 8 * 128 * 2 + 128 * 256 * 2 + 8 * 256 * 4  # x, w read; f32 result written
     assert r.hbm_bytes == matmul + 2 * 16 * 128 * 2
     assert r.flops == 2 * 8 * 256 * 128
     (gather,) = r.collectives
-    assert (gather.kind, gather.group, gather.bytes) == ("all-gather", 4, 256 * 128 * 2)
+    assert (gather.kind, gather.group, gather.count, gather.bytes) == ("all-gather", 4, 1,
+                                                                       256 * 128 * 2)

@@ -350,10 +350,19 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                     total += flops_inside(comps[callee], seen + (callee,))
         return total
 
-    def note_collectives(comp: Computation, times: int, seen=()) -> None:
+    # XLA:TPU splits one collective over a chain of async_collective_fusions, each holding a
+    # copy of the op with the same channel_id: one collective per (scope, channel).
+    channels: set = set()
+
+    def note_collectives(comp: Computation, times: int, seen=(), scope: str = "") -> None:
         for i in comp.instrs:
             kind = i.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
+                channel = re.search(r"channel_id=(\d+)", i.attrs)
+                if channel and scope:
+                    if (scope, channel.group(1)) in channels:
+                        continue
+                    channels.add((scope, channel.group(1)))
                 size, groups = _group_size(i, num_devices)
                 cross = bool(slice_of and groups and any(
                     len({slice_of[d] for d in g if d < len(slice_of)}) > 1 for g in groups))
@@ -366,7 +375,7 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                 c.count += times
             for callee in _called(i, "calls"):
                 if callee in comps and callee not in seen:
-                    note_collectives(comps[callee], times, seen + (callee,))
+                    note_collectives(comps[callee], times, seen + (callee,), scope)
 
     def walk(comp: Computation, times: int) -> None:
         for i in comp.instrs:
@@ -393,13 +402,14 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                 continue
             kind = i.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
-                note_collectives(Computation("", False, [i], comp.types), times)
+                note_collectives(Computation("", False, [i], comp.types), times, (), comp.name)
                 continue
             fused = None
             if i.opcode == "fusion":
                 fused = comps.get((_called(i, "calls") or [""])[0])
                 if fused is not None and any(x.opcode in COLLECTIVES for x in fused.instrs):
-                    note_collectives(fused, times)  # its time is the collective's (ICI/DCN)
+                    # its time is the collective's (ICI/DCN)
+                    note_collectives(fused, times, (), comp.name)
                     if not any(x.opcode in ("convolution", "dot") for x in fused.instrs):
                         continue  # a bare async collective; else a matmul fused with it
             if i.opcode in ("slice-start", "copy-start"):
