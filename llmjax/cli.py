@@ -241,6 +241,7 @@ EXAMPLES = {
     "convert hf-to-llmjax": "llmjax convert hf-to-llmjax hf/own-text exports/own-text",
     "convert llmjax-to-hf": "llmjax convert llmjax-to-hf runs/own-text hf/own-text",
     "convert gguf-to-llmjax": "llmjax convert gguf-to-llmjax model.gguf exports/model",
+    "convert llmjax-to-gguf": "llmjax convert llmjax-to-gguf runs/llama-tiny llama-tiny.gguf",
     "peft merge": "llmjax peft merge runs/gpt-tiny-peft-lora/adapter exports/merged",
     "export": "llmjax export runs/gpt-tiny-peft-lora exports/lora-merged",
     "peft summary": "llmjax peft summary configs/experiments/peft-lora.yaml peft.rank=4",

@@ -28,6 +28,7 @@ from llmjax.errors import ConfigError  # defined there: llmjax.errors is the one
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")  # model.rope_scaling (HF rope_type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,21 @@ class ModelConfig:
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     position: str = "learned"  # learned | rope | relative | none
     rope_theta: float = 10000.0  # RoPE base frequency (position=rope)
+    # RoPE frequency scaling for long context, as HF's `rope_scaling` (docs/long-context.md):
+    # linear = positions / factor; dynamic = NTK, the base grows with the longest position of
+    # each forward call beyond rope_original_max_len; llama3 = Llama 3.1 frequency bands;
+    # yarn = YaRN (NTK-by-parts ramp between beta_fast and beta_slow, plus attention factor).
+    rope_scaling: str = "none"  # none | linear | dynamic | llama3 | yarn
+    rope_scaling_factor: float = 1.0  # HF `factor`: how far the context is stretched (>= 1)
+    # HF `original_max_position_embeddings` (llama3) or `max_position_embeddings` (dynamic):
+    # the length the model was pretrained at; None: model.max_len.
+    rope_original_max_len: Optional[int] = None
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original/high are kept as they are
+    rope_yarn_beta_fast: float = 32.0  # yarn: rotations over the original length above which a frequency is kept
+    rope_yarn_beta_slow: float = 1.0  # yarn: rotations below which a frequency is divided by factor
+    # yarn: multiplies RoPE's cos and sin (HF attention_factor); None: 0.1 * ln(factor) + 1.
+    rope_attention_factor: Optional[float] = None
     relative_buckets: int = 32  # T5 relative position buckets (position=relative)
     relative_max_distance: int = 128  # T5: distances beyond this share the last bucket
     scale_attention: bool = True  # divide QK^T by sqrt(d_k); T5 folds it into init
@@ -149,6 +165,7 @@ class ModelConfig:
                 f"{self.num_heads}: choose num_kv_heads among {_divisors(self.num_heads)}")
         if self.position == "rope" and self.dim_per_head % 2:
             raise ConfigError(f"model.position=rope needs an even head dimension, got {self.dim_per_head}")
+        self._validate_rope_scaling()
         if self.position == "relative" and self.relative_buckets < 2:
             raise ConfigError("model.relative_buckets must be >= 2 for model.position=relative")
         if self.architecture != "encoder" and (self.pooler or self.mlm_head or self.nsp_head):
@@ -175,6 +192,41 @@ class ModelConfig:
             raise ConfigError(f"model.attention_impl=splash cannot run this model: {reason}; "
                               f"use model.attention_impl=auto or xla")
 
+
+    @property
+    def rope_original_len(self) -> int:
+        """The pretraining length RoPE scaling is measured against."""
+        return self.rope_original_max_len or self.max_len
+
+    def _validate_rope_scaling(self) -> None:
+        _choice("model.rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_scaling == "none":
+            return
+        if self.position != "rope":
+            raise ConfigError(f"model.rope_scaling={self.rope_scaling} scales rotary positions, "
+                              f"but model.position={self.position}: set model.position=rope or "
+                              f"model.rope_scaling=none")
+        if not self.rope_scaling_factor >= 1.0:  # also catches NaN
+            raise ConfigError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 "
+                              f"(the context stretch, e.g. 8 for Llama 3.1)")
+        if self.rope_original_max_len is not None and self.rope_original_max_len <= 0:
+            raise ConfigError(f"model.rope_original_max_len={self.rope_original_max_len} must be "
+                              f"positive (or null for model.max_len)")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} and "
+                              f"model.rope_high_freq_factor={self.rope_high_freq_factor}: llama3 "
+                              f"needs 0 < low < high (Llama 3.1: 1 and 4)")
+        if self.rope_scaling == "yarn" and not self.rope_yarn_beta_fast > self.rope_yarn_beta_slow > 0:
+            raise ConfigError(f"model.rope_yarn_beta_fast={self.rope_yarn_beta_fast} and "
+                              f"model.rope_yarn_beta_slow={self.rope_yarn_beta_slow}: yarn needs "
+                              f"beta_fast > beta_slow > 0 (defaults 32 and 1)")
+        if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+            raise ConfigError(f"model.rope_attention_factor={self.rope_attention_factor} must be "
+                              f"> 0 (or null: 0.1 * ln(factor) + 1 for yarn)")
+        if self.rope_scaling == "dynamic" and self.dim_per_head <= 2:
+            raise ConfigError(f"model.rope_scaling=dynamic needs a head dimension > 2, got "
+                              f"{self.dim_per_head}")
 
     def _validate_moe(self) -> None:
         _choice("model.moe_impl", self.moe_impl, ("dropless", "dense"))
@@ -259,7 +311,9 @@ class ObjectiveConfig:
     simpo_gamma: float = 0.5  # simpo: target reward margin
     # dpo's reference model: "adapter" (the base with the PEFT delta switched off: needs a
     # peft method whose delta is a parameter transform, e.g. lora; no second copy of the
-    # weights) or "copy" (a frozen copy of the initial parameters, kept in the train state)
+    # weights), "copy" (a frozen copy of the initial parameters, kept in the train state) or
+    # "cached" (the initial parameters' log-probs of every pair, computed once before step 0
+    # and stored in train.run_dir/reference_logprobs/: no reference forward, no reference weights)
     reference: str = "adapter"
 
     def validate(self) -> None:
@@ -277,8 +331,9 @@ class ObjectiveConfig:
                               f"{len(names)} objectives in objective.name={self.name!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.reference not in ("adapter", "copy"):
-            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter' or 'copy'")
+        if self.reference not in ("adapter", "copy", "cached"):
+            raise ConfigError(f"objective.reference={self.reference!r} is not 'adapter', 'copy' "
+                              "or 'cached'")
 
 
 @dataclasses.dataclass
@@ -384,8 +439,9 @@ class PeftConfig:
 
     method: str = "full"
     # Regex (re.search) over '/'-joined parameter paths. lora: kernels to adapt (default
-    # attention query/value); ia3: modules to scale (default attention key/value, mlp/wo);
-    # freeze: leaves to freeze (required). "" = the method's default.
+    # attention query/value; MoE experts 'mlp/(wi_0|wi_1|wo)' and router 'mlp/router' too);
+    # ia3: modules to scale (default attention key/value, mlp/wo); freeze: leaves to freeze
+    # (required). "" = the method's default.
     targets: str = ""
     trainable: str = ""  # regex of extra leaves kept trainable (e.g. 'heads/|lm_head')
     rank: int = 8  # lora
@@ -401,6 +457,9 @@ class PeftConfig:
     # dequantize it inside the jitted step; "" keeps it in its dtype (llmjax/peft/quantize.py)
     base_quantization: str = ""
     quantization_block: int = 64  # elements per quantization block (one absmax scale each)
+    # QLoRA's double quantization: the block scales stored as int8 in blocks of 256 (one
+    # float32 absmax each, after subtracting their mean): 0.127 instead of 0.5 bits per weight
+    double_quantization: bool = False
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.method.split("+") if m.strip()]
@@ -422,6 +481,9 @@ class PeftConfig:
         if self.quantization_block < 2 or self.quantization_block % 2:
             raise ConfigError(f"peft.quantization_block={self.quantization_block} must be an "
                               "even number >= 2")
+        if self.double_quantization and not self.base_quantization:
+            raise ConfigError("peft.double_quantization quantizes the scales of a quantized "
+                              "base: set peft.base_quantization (nf4 or int8) too")
         if self.base_quantization and self.methods() == ["full"]:
             raise ConfigError("peft.base_quantization quantizes the frozen base, but "
                               "peft.method=full trains every parameter; use e.g. peft.method=lora")
@@ -482,6 +544,9 @@ class DataConfig:
     tokenizer: str = ""  # directory of a tokenizer written by `llmjax tokenizer train`
     chat_template: str = ""  # source=chat (and preference prompts given as messages): "" = the tokenizer's own template, or a built-in name: chatml
     pack: bool = True  # pack several documents / examples per row (lm, sft, classification); False: one per row, padded
+    # lm rows: a document that does not fit the rest of a row fills it and goes on in the next
+    # row (no padding; long seq_len over long documents, docs/long-context.md). False: it starts the next row.
+    pack_split: bool = False
     shuffle: bool = True  # shuffle documents each epoch (training split only)
     seed: int = 0  # seed of the document shuffle
     num_workers: int = 0  # 0: tokenize in the calling thread; N > 0: N threads tokenize rows in parallel

@@ -38,7 +38,7 @@ MARKERS = {
     "slow": ("test_kernels", "test_moe_sharded", "test_convert_moe", "test_peft_sharded", "test_docs_commands", "test_splash",
              "test_logits_chunk", "test_parallel", "test_train_step", "test_benchmarks",
              "test_convert_hf", "test_peft_storage", "test_storage_train",
-             "test_tpu_plan", "test_eval_tasks", "test_storage_runs"),
+             "test_tpu_plan", "test_eval_tasks", "test_storage_runs", "test_rope_scaling"),
     "multiprocess": ("test_multihost", "test_multihost_faults", "test_run_safety",
                      "test_checkpoint", "test_storage_runs"),
     "network": ("test_convert_gguf", "test_checkpoint_finetune"),

@@ -67,7 +67,7 @@ def initial_params(cfg):
 
 
 def sgd_config(preset: str, objective: str, mesh=(1, 1, 1), model=None, train=None,
-               optimizer=None):
+               optimizer=None, peft=None):
     """A tiny run whose one step changes each parameter by exactly minus its gradient (SGD,
     lr 1, no clipping); 8 heads of 8 so that tensor=8 divides them."""
     return from_dict({
@@ -78,6 +78,7 @@ def sgd_config(preset: str, objective: str, mesh=(1, 1, 1), model=None, train=No
         # SGD, lr 1, no clipping: the update is exactly minus the gradient.
         "optimizer": {"name": "sgd", "b1": 0.0, "learning_rate": 1.0, "schedule": "constant",
                       "warmup_steps": 0, "grad_clip": 0.0, **(optimizer or {})},
+        **({"peft": peft} if peft else {}),
     })
 
 
@@ -99,9 +100,11 @@ def fast_init(exp):
 class MeshRuns:
     """One step of one model on every mesh, from the single-device init, computed lazily."""
 
-    def __init__(self, preset: str, objective: str, model: dict | None = None):
-        self.preset, self.objective, self.model = preset, objective, model or {}
-        ref = build(sgd_config(preset, objective, model=self.model), devices=jax.devices()[:1])
+    def __init__(self, preset: str, objective: str, model: dict | None = None,
+                 peft: dict | None = None):
+        self.preset, self.objective, self.model, self.peft = preset, objective, model or {}, peft
+        ref = build(sgd_config(preset, objective, model=self.model, peft=peft),
+                    devices=jax.devices()[:1])
         self.batch = next(make_iterator(ref.config.data, ref.objective.batch_kind, 32, 8,
                                         vocab_size=ref.config.model.vocab_size))
         init = fast_init(ref)
@@ -115,7 +118,7 @@ class MeshRuns:
         key = (mesh, tuple(sorted(model.items())))
         if key not in self.runs:
             exp = build(sgd_config(self.preset, self.objective, mesh,
-                                   model={**self.model, **model}),
+                                   model={**self.model, **model}, peft=self.peft),
                         devices=jax.devices()[:math.prod(mesh)])
             shardings = exp.state_shardings()
             # The single-device init, copied from the host onto this mesh (the step donates it).

@@ -64,7 +64,7 @@ def test_shape_mismatch(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
+    ("rope_scaling", {"rope_type": "longrope", "factor": 8.0}),  # others: test_rope_scaling.py
     ("attention_bias", True),
     ("hidden_act", "gelu"),
 ])

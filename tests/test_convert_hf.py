@@ -323,3 +323,52 @@ def test_minilm_encoder_and_tokenizer_match_transformers():
     diff = np.abs(got - ref)[valid].max()
     print("minilm", diff)
     assert diff <= TOL
+
+
+def test_qlora_adapter_exports_to_peft_over_the_dequantized_base(hf_dirs, tmp_path):
+    """A QLoRA plan's adapter (LoRA over an NF4 base) in the HF-PEFT format: peft loads it
+    onto the dequantized base (exported to HF) and gives the logits of llmjax's merge, which
+    equals the dequantized base plus the LoRA delta (numpy)."""
+    peft = pytest.importorskip("peft")
+    import jax
+
+    from llmjax.config import PeftConfig
+    from llmjax.peft import build as build_plan
+    path, cls = hf_dirs["llama-gqa-untied"]
+    model = from_pretrained(path)
+    cfg = PeftConfig(method="lora", rank=4, alpha=8.0, targets="attention/(query|value)/|mlp/wo",
+                     base_quantization="nf4", quantization_block=64)
+    plan = build_plan(cfg)
+    trainable, frozen = jax.jit(plan.split)(model.params, jax.random.key(0))
+    assert any(p.endswith("qcodes") for p in flatten_keys(frozen))
+    rng = np.random.RandomState(1)  # a trained adapter: B != 0
+    trainable = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.randn(*x.shape).astype(np.float32),
+                             trainable)
+    merge = jax.jit(plan.merge)
+    merged = jax.tree.map(np.asarray, merge(trainable, frozen))
+    base = jax.tree.map(np.asarray, merge({}, frozen))  # dequantized, no delta
+    expected = merge_lora(base, trainable, cfg.alpha)
+    for key, value in flatten_keys(expected).items():
+        np.testing.assert_allclose(flatten_keys(merged)[key], value, atol=1e-6, err_msg=key)
+    hf_base = export_hf(model.config, base, tmp_path / "dequantized")
+    adapter = export_lora(tmp_path / "adapter", model.config, trainable, alpha=cfg.alpha, rank=4)
+    hf = peft.PeftModel.from_pretrained(_load_hf(cls, hf_base), adapter).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    got = type(model)(model.config, merged).logits(IDS, MASK)
+    valid = MASK.astype(bool)
+    diff = np.abs(got - ref)[valid].max()
+    print("peft qlora", diff)
+    assert diff <= TOL
+    # (the adapter was trained over the dequantized base, which NF4's rounding moved away
+    # from the original: the HF side needs that base, not the original one)
+    original = flatten_keys(model.params)["decoder/layers/mlp/wo/kernel"]
+    assert np.abs(flatten_keys(base)["decoder/layers/mlp/wo/kernel"] - original).max() > 1e-3
+
+
+def flatten_keys(tree):
+    """{'a/b/c': numpy array} of a tree of arrays."""
+    import jax
+
+    from llmjax.tree import flatten
+    return flatten(jax.tree.map(np.asarray, tree))

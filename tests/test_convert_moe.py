@@ -93,6 +93,39 @@ def test_both_layouts_import_and_export_match_transformers(family, tmp_path):
     assert _max_diff(_hf_logits(back.eval()), got) <= TOL
 
 
+def test_expert_lora_exports_to_peft_and_loads(family, tmp_path):
+    """LoRA on the experts, the router and attention (and a shared expert): exported
+    as HF PEFT (`target_parameters` on the fused expert parameters), loaded by
+    PeftModel.from_pretrained, gives llmjax's merged logits."""
+    peft = pytest.importorskip("peft")
+    cls = family[0]
+    if cls.__name__ != "MixtralForCausalLM":  # Qwen2-MoE (shared expert too) passed as well
+        pytest.skip("the same fused expert modules as Mixtral: covered there (CI time)")
+    import jax
+    from llmjax.config import PeftConfig
+    from llmjax.convert import export_lora
+    from llmjax.peft import build
+    from llmjax.tree import flatten_parts, unflatten_parts
+    cls, per_expert, _, ref, _ = family
+    model = from_pretrained(per_expert)
+    plan = build(PeftConfig(method="lora", rank=4, alpha=8.0, targets=(
+        "mlp/(shared/)?(wi_0|wi_1|wo|router)|attention/query/")))
+    plan.model_config(model.config)
+    trainable, frozen = jax.jit(plan.split)(model.params, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    trainable = unflatten_parts({p: (0.2 * rng.standard_normal(v.shape)).astype(np.float32)
+                                 if p[-1] == "lora_b" else np.asarray(v)
+                                 for p, v in flatten_parts(trainable).items()})
+    got = type(model)(model.config, jax.jit(plan.merge)(trainable, frozen)).logits(IDS, MASK)
+    assert _max_diff(ref, np.asarray(got)) > 1e-2  # the adapter changes the output
+    out = export_lora(tmp_path / "adapter", model.config, trainable, alpha=8.0, rank=4)
+    hf = peft.PeftModel.from_pretrained(
+        cls.from_pretrained(per_expert, attn_implementation="eager").eval(), out).eval()
+    diff = _max_diff(_hf_logits(hf), np.asarray(got))
+    print("expert lora via peft", diff)
+    assert diff <= TOL
+
+
 def _permute(w, n_head):
     """HF half-split rotary rows -> llama.cpp's interleaved rows (as its converter writes)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
@@ -148,3 +181,21 @@ def test_mixtral_gguf_expert_tensors_import(tmp_path):
     got = jax.jit(lambda p, t, s: Transformer(cfg).apply({"params": p}, t, s)["logits"])(
         params, IDS, MASK)
     assert _max_diff(ref, np.asarray(got)) <= TOL
+
+    # Export (`llmjax convert llmjax-to-gguf`): the same tensors and metadata as the file
+    # written above by hand from the HF model, the layout llama.cpp's converter writes.
+    from llmjax import cli
+    from llmjax.pretrained import PretrainedModel
+    PretrainedModel(cfg, params, None).save(tmp_path / "llmjax")
+    assert cli.main(["convert", "llmjax-to-gguf", str(tmp_path / "llmjax"),
+                     str(tmp_path / "out.gguf")]) == 0
+    want, have = gguf.GGUFReader(str(tmp_path / "m.gguf")), gguf.GGUFReader(
+        str(tmp_path / "out.gguf"))
+    assert sorted(t.name for t in have.tensors) == sorted(t.name for t in want.tensors)
+    theirs = {t.name: t for t in want.tensors}
+    for t in have.tensors:
+        assert list(t.shape) == list(theirs[t.name].shape), t.name
+        np.testing.assert_allclose(t.data, theirs[t.name].data, atol=1e-6, err_msg=t.name)
+    for key in want.fields:
+        if key.startswith("llama."):
+            assert have.fields[key].contents() == pytest.approx(want.fields[key].contents()), key

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -346,3 +347,193 @@ def test_source_and_objective_must_agree(pairs_file):
     cfg = config(pairs_file)
     with pytest.raises(ConfigError, match="data.source='preference' feeds objectives"):
         make_iterator(cfg.data, "lm", SEQ, 2, process_index=0, process_count=1)
+
+
+# ------------------------------------------------------------------ cached reference (mode iii)
+
+
+def cached_config(pairs_file, run_dir, steps: int):
+    """reference=cached, validation on the same pairs; the trainer test's settings (the
+    fixture compiles the trainer's programs, so the trainer finds them in the cache)."""
+    c = config(pairs_file, reference="cached")
+    c.data.validation_files = [pairs_file]
+    c.train.steps, c.train.log_every, c.train.eval_steps = steps, 1, 1
+    c.train.run_dir, c.train.progress, c.train.tensorboard = str(run_dir), False, False
+    c.train.plot, c.checkpoint.every, c.checkpoint.async_save = False, 2, False
+    return c
+
+
+@pytest.fixture(scope="module")
+def cached_trained(pairs_file, tmp_path_factory):
+    """`llmjax train` with reference=cached, 2 steps (its programs land in the compilation
+    cache, where cached_run finds them)."""
+    from llmjax.train.trainer import train as run_train
+    run_dir = tmp_path_factory.mktemp("cached-trained")
+    result = run_train(cached_config(pairs_file, run_dir, 2), devices=jax.devices()[:1])
+    assert result.step == 2
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def cached_run(pairs_file, copy_run, cached_trained, tmp_path_factory):
+    """reference=cached on the copy run's model and initial state (less its reference copy):
+    the scores computed once into a run directory, attached to fresh batches."""
+    from llmjax.peft.reference import without_reference
+    from llmjax.train import reference_cache
+    cfg = cached_config(pairs_file, tmp_path_factory.mktemp("cached-run"), steps=2)
+    exp = build(cfg, devices=jax.devices()[:1])
+    shardings = exp.state_shardings()
+    state = host_copy(copy_run.state)
+    state = state.replace(frozen=without_reference(state.frozen))
+    assert jax.tree.structure(state) == jax.tree.structure(exp.abstract_state())
+    reference_cache.prepare(exp, state, cfg.train.run_dir, resumed=False, progress=False)
+    run = Run.__new__(Run)
+    run.exp, run.shardings, run.state = exp, shardings, state
+    run.batches = fresh_batches(exp)
+    run.first = next(run.batches)
+    run.compiled = exp.train_step(run.first.keys(), shardings).lower(
+        state, run.put(run.first)).compile()  # as the trainer compiles it
+    return run
+
+
+def fresh_batches(exp):
+    from llmjax.train.evaluate import data_iterator
+    return data_iterator(exp, "train")
+
+
+COMPARED = ("dpo_loss", "reward_chosen", "reward_rejected", "reward_margin", "loss")
+
+
+@pytest.fixture(scope="module")
+def copy_steps(copy_run):
+    """(state before, metrics) of the copy reference's first 4 steps on a fresh iterator."""
+    batches = make_iterator(copy_run.exp.config.data, "preference", SEQ, BATCH)
+    state, history = host_copy(copy_run.state), []
+    for _ in range(4):
+        before = host_copy(state)
+        state, metrics = copy_run.compiled(state, copy_run.put(next(batches)))
+        history.append((before, host(metrics)))
+    return history
+
+
+def test_cached_reference_equals_copy_reference(cached_run, copy_steps):
+    """Steps 0-3 of the copy reference's run, each also taken with the cached scores from the
+    same policy state: the same losses and rewards within 1e-6 (the reference scores agree);
+    step 0 is ln 2."""
+    from llmjax.peft.reference import without_reference
+    assert set(cached_run.first) == {"chosen", "chosen_mask", "rejected", "rejected_mask",
+                                     "ref_chosen", "ref_rejected"}
+    assert cached_run.first["ref_chosen"].dtype == np.float32
+    batches = fresh_batches(cached_run.exp)
+    for step, (before, expected) in enumerate(copy_steps):
+        state = before.replace(frozen=without_reference(before.frozen))
+        _, metrics = cached_run.compiled(state, cached_run.put(next(batches)))
+        metrics = host(metrics)
+        if step == 0:  # (not to the bit: the scores come from another compiled program)
+            assert float(metrics["dpo_loss"]) == pytest.approx(math.log(2), abs=5e-7)
+            assert f"{float(metrics['dpo_loss']):.6f}" == "0.693147"
+            assert abs(float(metrics["reward_margin"])) < 1e-6
+        for name in COMPARED:
+            assert float(metrics[name]) == pytest.approx(float(expected[name]), abs=1e-6), (
+                step, name)
+    assert float(metrics["dpo_loss"]) < math.log(2) - 1e-3  # it trained
+
+
+def test_cached_reference_through_the_trainer_resumes_exactly(pairs_file, cached_trained,
+                                                              copy_steps, caplog):
+    """llmjax train with reference=cached, stopped after 2 steps and resumed to 4: the
+    resumed run reads the files (no recompute) and follows the copy reference's run. (Within
+    1e-4, not 1e-6: the trainer compiles with other XLA options than copy_run, and Adam's
+    first step, lr * sign(g), turns 1e-7 gradient noise into whole-lr differences.)"""
+    from llmjax.metrics import read_metrics
+    from llmjax.train import reference_cache
+    from llmjax.train.trainer import train as run_train
+
+    run_dir = cached_trained
+    assert sorted(os.listdir(run_dir / reference_cache.CACHE_DIR)) == ["train.npz",
+                                                                        "validation.npz"]
+    with caplog.at_level("INFO"):
+        result = run_train(cached_config(pairs_file, run_dir, 4), devices=jax.devices()[:1])
+    assert result.resumed_from == 2 and result.step == 4
+    assert "written to" not in caplog.text and "64 train pairs read from" in caplog.text
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") != "eval"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["dpo_loss"] == pytest.approx(math.log(2), abs=5e-7)
+    for row, (_, expected) in zip(rows, copy_steps):
+        for name in COMPARED:
+            assert row[name] == pytest.approx(float(expected[name]), abs=1e-4), (row["step"], name)
+    assert math.isfinite(result.eval_metrics["dpo_loss"])
+
+
+def test_cached_reference_holds_no_reference_params(cached_run, copy_run):
+    """The compiled step's arguments: the state (params + two Adam moments, no reference
+    copy) and the batch; the copy reference's are one parameter set larger."""
+    def nbytes(tree):
+        return sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "nbytes")
+                   and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+    params = nbytes(cached_run.state.params)
+    assert REFERENCE not in cached_run.state.frozen and not cached_run.exp.objective.needs_reference
+    batch = sum(v.nbytes for v in cached_run.first.values())
+    args = cached_run.compiled.memory_analysis().argument_size_in_bytes
+    assert args <= 3 * params + batch + 1024, (args, params, batch)
+    copy_args = copy_run.compiled.memory_analysis().argument_size_in_bytes
+    assert copy_args - args >= params - 8 * BATCH - 1024
+
+
+def test_cached_reference_file_reuse_and_stale_detection(cached_run, pairs_file, tmp_path,
+                                                         monkeypatch, caplog):
+    """The file is reused when data and initial parameters fit (also on resume); other
+    initial parameters are detected and recomputed; a resumed run with other data is
+    refused naming the file."""
+    from llmjax.checkpoint import CheckpointError
+    from llmjax.train import reference_cache
+    exp, state = cached_run.exp, cached_run.state
+    run_dir = exp.config.train.run_dir
+    path = reference_cache.cache_path(run_dir, "train")
+    saved = reference_cache.read(path)
+    assert saved["chosen"].shape == (64,) and np.all(saved["chosen"] < 0)
+
+    def no_compute(*args):
+        raise AssertionError("recomputed a valid cache")
+    with monkeypatch.context() as patch:  # fitting file: read, not computed (fresh and resumed)
+        patch.setattr(reference_cache, "compute", no_compute)
+        for resumed in (False, True):
+            exp.reference_logprobs.clear()
+            reference_cache.prepare(exp, state, run_dir, resumed=resumed, progress=False)
+            np.testing.assert_array_equal(exp.reference_logprobs["train"]["ref_chosen"],
+                                          saved["chosen"])
+    # other initial parameters: a fresh run recomputes and replaces the file
+    moved = state.replace(params=jax.tree.map(lambda x: x * 1.01, state.params))
+    exp.reference_logprobs.clear()
+    with caplog.at_level("WARNING"):
+        reference_cache.prepare(exp, moved, run_dir, resumed=False, progress=False)
+    assert f"{path} was computed for other initial parameters" in caplog.text
+    again = reference_cache.read(path)
+    assert again["params"] != saved["params"] and again["data"] == saved["data"]
+    assert not np.allclose(again["chosen"], saved["chosen"])
+    # other data (one pair fewer) on resume: refused, naming the file
+    rows = open(pairs_file).read().splitlines()[1:]
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(rows) + "\n")
+    cfg = config(str(other), reference="cached")
+    cfg.train.run_dir, cfg.train.eval_steps = run_dir, 0
+    other_exp = build(cfg, devices=jax.devices()[:1])
+    with pytest.raises(CheckpointError, match=f"{path}: computed for other data"):
+        reference_cache.prepare(other_exp, state, run_dir, resumed=True, progress=False)
+
+
+def test_params_fingerprint_is_exact_and_mesh_independent():
+    """The uint32 sums are the same for a leaf on one device and sharded over 8, and change
+    with a single flipped bit."""
+    from llmjax.train.reference_cache import _leaf_sums
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 24)), jnp.float32)
+    one = np.asarray(jax.jit(_leaf_sums)(x))
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("d")))
+    assert np.array_equal(np.asarray(jax.jit(_leaf_sums)(sharded)), one)
+    flipped = np.asarray(x).copy().view(np.uint32)
+    flipped[3, 5] ^= 1
+    assert not np.array_equal(np.asarray(jax.jit(_leaf_sums)(jnp.asarray(flipped.view(np.float32)))), one)
+    swapped = np.asarray(x).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert not np.array_equal(np.asarray(jax.jit(_leaf_sums)(jnp.asarray(swapped))), one)

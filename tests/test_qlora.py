@@ -160,5 +160,53 @@ def test_merge_dequantizes_and_adds_the_delta(qlora):
 def test_bad_settings():
     with pytest.raises(ConfigError, match="peft.base_quantization='nf3'"):
         config({"base_quantization": "nf3"})
+    with pytest.raises(ConfigError, match="set peft.base_quantization"):
+        config({"double_quantization": True})
     with pytest.raises(ConfigError, match="peft.method=full"):
         from_dict({"peft": {"method": "full", "base_quantization": "nf4"}})
+
+
+# ------------------------------------------------------------------ double quantization
+
+
+def test_double_quantization_round_trip_and_bound():
+    """Scales stored as int8 (blocks of 256, after their mean): the weights come back within
+    NF4's bound plus the scales' own rounding (absmax2 / 254), hardly worse than without."""
+    w = jax.random.normal(jax.random.key(0), (256, 512), jnp.float32)
+    flat = {("dense", "kernel"): w}
+    single = jax.jit(lambda f: q.dequantize_flat(q.quantize_flat(f, "nf4", 64), "nf4", 64))(flat)
+    stored = jax.jit(lambda f: q.quantize_flat(f, "nf4", 64, double=True))(flat)
+    assert stored[("dense", "kernel", q.SCALE)].dtype == jnp.int8
+    assert stored[("dense", "kernel", q.SCALE2)].shape == (256 * 512 // 64 // 256,)
+    back = np.asarray(jax.jit(lambda f: q.dequantize_flat(f, "nf4", 64))(stored)[("dense", "kernel")])
+    blocks = np.asarray(w).reshape(-1, 64)
+    absmax = np.abs(blocks).max(1, keepdims=True)
+    err = np.abs(back.reshape(-1, 64) - blocks)
+    scale_err = float(np.asarray(stored[("dense", "kernel", q.SCALE2)]).max()) / 254
+    assert np.all(err <= absmax * q.max_error_bound("nf4") * (1 + 1e-6) + scale_err)
+    single_err = np.abs(np.asarray(single[("dense", "kernel")]) - np.asarray(w)).mean()
+    print(f"mean |error| nf4 {single_err:.4f}, with double quantization {err.mean():.4f}")
+    assert err.mean() <= 1.02 * single_err
+
+
+@pytest.mark.parametrize("name,model", [
+    ("reference GPT", {"preset": "gpt-tiny", "vocab_size": 8192, "d_model": 384,
+                       "num_layers": 6, "num_heads": 6, "d_ff": 1536, "max_len": 512}),
+    ("SmolLM2-135M", {"preset": "smollm2-135m"})])
+def test_double_quantization_bytes(name, model):
+    """Stored bytes of the quantized kernels and embeddings (shapes only: eval_shape), nf4
+    block 64 over float32 weights: 4.5 bits per weight with float32 scales, 4.127 with
+    double quantization."""
+    from llmjax.models.api import abstract_params
+    cfg = from_dict({"model": model}).model
+    flat = flatten_parts(abstract_params(cfg, boxed=False))
+    weights = sum(math.prod(v.shape) for p, v in flat.items() if q.quantizable(p, v.shape, 64))
+
+    def stored(double):
+        out = jax.eval_shape(lambda f: q.quantize_flat(f, "nf4", 64, double), flat)
+        return sum(math.prod(v.shape) * v.dtype.itemsize for p, v in out.items()
+                   if p[-1] in q.LEAVES)
+    single, double = stored(False) * 8 / weights, stored(True) * 8 / weights
+    print(f"{name}: {weights:,} quantized weights; bits per weight {single:.3f} -> {double:.3f}")
+    assert single == pytest.approx(4.5)
+    assert double == pytest.approx(4 + 8 / 64 + 32 / 64 / 256, abs=1e-3)

@@ -296,3 +296,19 @@ def test_no_local_path_named_gs_was_created(tmp_path_factory):
         if root.is_dir():
             found = [str(p) for p in root.rglob("gs:*")]
             assert not found, found
+
+
+def test_dpo_reference_cache_file_on_the_bucket(gcs_bucket):
+    """objective.reference=cached keeps its scores beside the run on object storage too:
+    written as one object, read back with its keys."""
+    import numpy as np
+    from llmjax.train import reference_cache
+    path = reference_cache.cache_path(f"{gcs_bucket}/dpo-run", "train")
+    assert reference_cache.read(path) is None
+    chosen, rejected = np.array([-1.5, -2.0], np.float32), np.array([-3.0, -0.25], np.float32)
+    reference_cache.write(path, chosen, rejected, "data-key", "params-key")
+    saved = reference_cache.read(path)
+    assert str(path) == f"{gcs_bucket}/dpo-run/reference_logprobs/train.npz"
+    np.testing.assert_array_equal(saved["chosen"], chosen)
+    np.testing.assert_array_equal(saved["rejected"], rejected)
+    assert (saved["data"], saved["params"]) == ("data-key", "params-key")

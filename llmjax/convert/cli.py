@@ -1,4 +1,4 @@
-"""`llmjax convert hf-to-llmjax | llmjax-to-hf | gguf-to-llmjax SRC OUT`."""
+"""`llmjax convert hf-to-llmjax | llmjax-to-hf | gguf-to-llmjax | llmjax-to-gguf SRC OUT`."""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +18,16 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
             ("llmjax-to-hf", "llmjax export -> HF directory (config.json + safetensors)",
              llmjax_to_hf),
             ("gguf-to-llmjax", "LLaMA-architecture GGUF file -> llmjax export (dequantised)",
-             gguf_to_llmjax)]:
+             gguf_to_llmjax),
+            ("llmjax-to-gguf", "llmjax export (LLaMA / Mixtral-style) -> GGUF file for "
+             "llama.cpp", llmjax_to_gguf)]:
         p = commands.add_parser(name, help=help_)
         p.add_argument("src", metavar="SRC")
         p.add_argument("out", metavar="OUT")
-        if name != "llmjax-to-hf":
+        if name == "llmjax-to-gguf":
+            p.add_argument("--dtype", default="f32", choices=("f32", "f16"),
+                           help="weight type of the matrices (norms and routers stay f32)")
+        elif name != "llmjax-to-hf":
             p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                            help="compute dtype recorded in the config (params stay fp32)")
         else:
@@ -34,7 +39,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                                 "model.safetensors.index.json (default 5GB, as transformers)")
         p.add_argument("--force", action="store_true",
                        help="replace an earlier export of the same kind in OUT (a training "
-                            "run's directory is never written into)")
+                            "run's directory is never written into; llmjax-to-gguf: an "
+                            "existing OUT file)")
         p.set_defaults(handler=handler)
 
 
@@ -91,4 +97,27 @@ def llmjax_to_hf(args: argparse.Namespace) -> int:
     weights = sorted(p.name for p in out.glob("model*.safetensors"))
     print(f"wrote {out}: config.json, {', '.join(weights[:3])}"
           f"{f' ... ({len(weights)} shards + index)' if len(weights) > 3 else ''} ({args.dtype})")
+    return 0
+
+
+def llmjax_to_gguf(args: argparse.Namespace) -> int:
+    from llmjax.convert.gguf_export import export_gguf
+    from llmjax.pretrained import from_pretrained
+
+    if not paths.resolve(args.src, "SRC").joinpath("config.yaml").exists():
+        raise ConfigError(f"{args.src}: no config.yaml (not an llmjax export)")
+    if Path(args.out).suffix != ".gguf":
+        raise ConfigError(f"{args.out}: the output file must end in .gguf")
+    if Path(args.out).exists() and not args.force:
+        raise ConfigError(f"{args.out} exists: pass --force to replace it")
+    model = from_pretrained(args.src)
+    file = getattr(model.tokenizer, "path", None)  # an HF tokenizer.json: written if BPE
+    out = export_gguf(args.out, model.config, model.params, dtype=args.dtype,
+                      tokenizer_dir=file.parent if file is not None else None,
+                      special_ids=dict(model.tokenizer.special_ids) if file is not None else None,
+                      force=args.force)
+    cfg = model.config
+    print(f"wrote {out}: llama architecture, {cfg.num_layers} layers"
+          f"{f', {cfg.num_experts} experts (top-{cfg.experts_per_token})' if cfg.num_experts else ''}"
+          f", {args.dtype}")
     return 0

@@ -8,6 +8,7 @@ LLaMA table in llmjax.convert.hf.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -100,10 +101,6 @@ def gguf_config(reader) -> ModelConfig:
     d, heads = count("embedding_length"), count("attention.head_count")
     kv = count("attention.head_count_kv", heads)
     head_dim = count("rope.dimension_count", max(d // heads, 1))
-    if _field(reader, f"{arch}.rope.scaling.type", "none") not in ("none", None):
-        raise ConversionError(f"GGUF metadata field {arch}.rope.scaling.type="
-                              f"{_field(reader, f'{arch}.rope.scaling.type')!r} is not supported:"
-                              f" only plain RoPE is implemented")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = count("vocab_size", len(tokens) if tokens else None)
     names = {t.name for t in reader.tensors}
@@ -123,7 +120,57 @@ def gguf_config(reader) -> ModelConfig:
         norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
         activation="silu", gated_mlp=True, position="rope",
         rope_theta=number("rope.freq_base", 10000.0), use_bias=False,
-        tie_embeddings="output.weight" not in names, scan_layers=False, **moe)
+        tie_embeddings="output.weight" not in names, scan_layers=False, **moe,
+        **_rope_scaling(reader, arch, head_dim, number("rope.freq_base", 10000.0)))
+
+
+# Llama 3.1's rope_scaling, the one llama.cpp's converter turns into a rope_freqs tensor
+# without writing the parameters (factor: the tensor's largest entry).
+LLAMA3_DEFAULTS = {"rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0,
+                   "rope_original_max_len": 8192}
+
+
+def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict[str, Any]:
+    """ModelConfig rope_scaling fields from `{arch}.rope.scaling.*` and a `rope_freqs` tensor.
+
+    llama.cpp knows linear (positions / factor, as HF), yarn and longrope; Llama 3.x files
+    carry the per-frequency divisors of HF's llama3 scaling as `rope_freqs.weight`, which are
+    accepted when they are Llama 3.1's (low 1, high 4, original context
+    `{arch}.rope.scaling.original_context_length` or 8192, factor their largest entry)."""
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none") or "none"
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if kind == "linear":
+        factor = _field(reader, f"{arch}.rope.scaling.factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float, np.number)) \
+                or not factor >= 1:
+            raise ConversionError(f"GGUF metadata field {arch}.rope.scaling.factor={factor!r}: "
+                                  f"linear RoPE scaling needs a factor >= 1")
+        return {"rope_scaling": "linear", "rope_scaling_factor": float(factor)}
+    if kind != "none":
+        raise ConversionError(f"GGUF metadata field {arch}.rope.scaling.type={kind!r} is not "
+                              f"supported: llmjax implements none and linear (and Llama 3's "
+                              f"rope_freqs)")
+    if freqs is None:
+        return {}
+    from llmjax.models.rope import static_inv_freq
+
+    divisors = np.asarray(freqs.data, np.float32).reshape(-1)
+    fields = {**LLAMA3_DEFAULTS, "rope_scaling": "llama3",
+              "rope_scaling_factor": float(divisors.max(initial=1.0))}
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    if isinstance(original, (int, np.integer)) and original > 0:
+        fields["rope_original_max_len"] = int(original)
+    candidate = ModelConfig(position="rope", rope_theta=theta, **fields)
+    plain = dataclasses.replace(candidate, rope_scaling="none")
+    expected = static_inv_freq(plain, head_dim) / static_inv_freq(candidate, head_dim)
+    if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-4):
+        raise ConversionError(
+            f"GGUF tensor rope_freqs.weight (per-frequency RoPE divisors, shape "
+            f"{divisors.shape}) is not Llama 3.1's llama3 scaling (factor "
+            f"{fields['rope_scaling_factor']}, low 1, high 4, original context "
+            f"{fields['rope_original_max_len']}); convert from the Hugging Face checkpoint, "
+            f"whose config.json names the parameters")
+    return fields
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -139,6 +186,8 @@ def gguf_tensors(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
     out = {}
     for tensor in reader.tensors:
         name = tensor.name
+        if name == "rope_freqs.weight":  # read as model.rope_scaling (gguf_config)
+            continue
         match = re.match(r"^blk\.(\d+)\.(\w+)\.weight$", name)
         if match and match.group(2) in _LAYER_NAMES:
             hf = f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
@@ -167,8 +216,6 @@ def import_gguf(path: str | os.PathLike, scan_layers: bool = True,
                 **overrides: Any) -> tuple[ModelConfig, Params]:
     """(ModelConfig, params) of a llama-architecture GGUF file (dequantised to fp32);
     Mixtral-architecture files (llama.expert_count) become an MoE model."""
-    import dataclasses
-
     reader = _reader(path)
     cfg = gguf_config(reader)
     family = FAMILIES["mixtral" if cfg.num_experts else "llama"]

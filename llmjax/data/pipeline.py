@@ -6,8 +6,9 @@ seeded per-epoch permutation (B = global batch size) and packs their pieces
 into rows. Hence:
 - a host computes only its own rows (streams [h*B/P, (h+1)*B/P)), and the
   hosts' batches are disjoint and together are exactly the single-host batch;
-- the iterator state is two integers per local stream (document, piece), so a
-  restored iterator yields exactly the batches of an uninterrupted run;
+- the iterator state is two integers per local stream (document, piece; and the tokens
+  of that piece already emitted with data.pack_split), so a restored iterator yields
+  exactly the batches of an uninterrupted run;
 - every token of every document is emitted once per epoch (long documents are
   split into row-sized chunks, never dropped).
 """
@@ -81,13 +82,15 @@ class _Stream:
 
     def __init__(self, index: int, num_streams: int, num_documents: int, order: Callable[[int, int], int],
                  pieces_of: Callable[[int], list[Piece]], seq_len: int, packed: bool, num_epochs: int | None,
-                 max_pieces: int = 0):
+                 max_pieces: int = 0, split: bool = False):
         self.index, self.num_streams, self.num_documents = index, num_streams, num_documents
         self.order, self.pieces_of, self.seq_len, self.packed = order, pieces_of, seq_len, packed
         self.max_pieces = max_pieces  # 0: as many as fit (lm, sft); classification: the label slots
+        self.split = split  # a piece that does not fit fills the row and goes on in the next one
         self.num_epochs = num_epochs
         self.document = 0  # k: the stream's k-th document
         self.piece = 0  # next piece of that document
+        self.offset = 0  # tokens of that piece already in earlier rows (split only)
         self._cached: tuple[int, list[Piece]] | None = None
 
     def _global_position(self, document: int) -> tuple[int, int]:
@@ -116,13 +119,19 @@ class _Stream:
                 self.document, self.piece = self.document + 1, 0
                 continue
             piece = pieces[self.piece]
+            if self.offset:
+                piece = {key: value[self.offset:] for key, value in piece.items()}
             size = _piece_length(piece)
             if row and (not self.packed or used + size > self.seq_len
                         or (self.max_pieces and len(row) >= self.max_pieces)):
+                room = self.seq_len - used
+                if self.split and self.packed and used + size > self.seq_len and room > 0:
+                    row.append({key: value[:room] for key, value in piece.items()})
+                    self.offset += room
                 break
             row.append(piece)
             used += size
-            self.piece += 1
+            self.piece, self.offset = self.piece + 1, 0
             if not self.packed:
                 break
         return row
@@ -136,11 +145,12 @@ def _piece_length(piece: Piece) -> int:
 
 
 def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int,
-              max_segments: int = 0) -> dict[str, np.ndarray]:
+              max_segments: int = 0, values: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Fixed-shape int32 arrays from rows of pieces; pad id 0 everywhere, segment id 0 = padding.
 
     Classification: labels [B] (one example per row), or [B, max_segments] when packed (the
-    label of segment k+1 at k, NO_LABEL in unused slots)."""
+    label of segment k+1 at k, NO_LABEL in unused slots). `values`: per-document float
+    fields of one-piece rows (BatchIterator.attach), float32 [B], 0 in empty rows."""
     size = len(rows)
     if kind in ("nsp", "seq2seq", "preference"):  # one piece per row: left-aligned fields, zero padded
         if kind == "preference":
@@ -150,10 +160,13 @@ def _assemble(kind: str, rows: list[list[Piece]], seq_len: int, target_len: int,
         else:
             widths = {"inputs": seq_len, "targets": target_len}
         batch = {key: np.zeros((size, width), np.int32) for key, width in widths.items()}
+        batch.update({name: np.zeros((size,), np.float32) for name in values})
         for r, row in enumerate(rows):
             for piece in row:
-                for key in batch:
+                for key in widths:
                     batch[key][r, : len(piece[key])] = piece[key]
+                for name in values:
+                    batch[name][r] = piece[name]
         return batch
     batch = {name: np.zeros((size, seq_len), np.int32) for name in ("tokens", "segment_ids", "positions")}
     if kind == "sft":
@@ -196,7 +209,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
     def __init__(self, source: DocumentSource, make_builder: Callable[[], ExampleBuilder], kind: str, seq_len: int,
                  target_len: int, global_batch_size: int, process_index: int, process_count: int, shuffle: bool,
-                 seed: int, num_epochs: int | None, num_workers: int, pack: bool = True, max_segments: int = 0):
+                 seed: int, num_epochs: int | None, num_workers: int, pack: bool = True, max_segments: int = 0,
+                 pack_split: bool = False):
         if kind not in KINDS:
             raise ValueError(f"unknown batch kind {kind!r}; use one of {KINDS}.")
         if global_batch_size % process_count:
@@ -213,11 +227,16 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self.num_documents = len(source)
         # Packed classification rows hold up to max_segments examples (static label shape).
         self.max_segments = max_segments if kind == "classification" and pack else 0
+        # lm rows only: sft/classification pieces must stay whole (loss masks, labels).
+        self.pack_split = pack_split and kind == "lm" and pack
         local = global_batch_size // process_count
+        self._make_builder, self._probe = make_builder, None
+        self._values: dict[str, np.ndarray] = {}  # per-document floats (attach)
         self._builders = [make_builder() for _ in range(local)]
         self._streams = [
             _Stream(process_index * local + i, global_batch_size, self.num_documents, self._order,
-                    self._pieces_with(builder), seq_len, kind in PACKABLE and pack, num_epochs, self.max_segments)
+                    self._pieces_with(builder), seq_len, kind in PACKABLE and pack, num_epochs, self.max_segments,
+                    self.pack_split)
             for i, builder in enumerate(self._builders)
         ]
         self._pool = concurrent.futures.ThreadPoolExecutor(num_workers) if num_workers > 0 else None
@@ -229,7 +248,43 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return shuffled_index(position, self.num_documents, self.seed, epoch) if self.shuffle else position
 
     def _pieces_with(self, builder: ExampleBuilder) -> Callable[[int], list[Piece]]:
-        return lambda index: builder(self.source[index])
+        def pieces(index: int) -> list[Piece]:
+            out = builder(self.source[index])
+            if self._values:
+                out = [{**piece, **{k: v[index] for k, v in self._values.items()}} for piece in out]
+            return out
+        return pieces
+
+    def document_pieces(self, index: int) -> list[Piece]:
+        """The pieces of document `index` of the source (in source order, not shuffled), made
+        by a builder of their own: the iterator's position and counters are untouched."""
+        return self._probe_builder()(self.source[index])
+
+    def batch_of(self, indices: list[int]) -> dict[str, np.ndarray]:
+        """A batch whose row r holds document indices[r] of the source (an index past the
+        end: an empty row), outside the iteration order; attached values included."""
+        rows = [self._pieces_with(self._probe_builder())(i) if i < self.num_documents else []
+                for i in indices]
+        return _assemble(self.kind, rows, self.seq_len, self.target_len, self.max_segments,
+                         tuple(self._values))
+
+    def _probe_builder(self) -> ExampleBuilder:
+        if self._probe is None:
+            self._probe = self._make_builder()
+        return self._probe
+
+    def attach(self, values: dict[str, np.ndarray]) -> None:
+        """Add per-document floats to every batch: field `name` (float32 [B]) holds row r's
+        document's `values[name][document]` (e.g. cached dpo reference log-probs,
+        llmjax/train/reference_cache.py). Only for kinds with one document per row; call
+        before the first batch. The iterator state does not change (resume stays exact)."""
+        if self.kind != "preference":
+            raise ValueError(f"per-document values need one document per row; not kind {self.kind!r}")
+        for name, array in values.items():
+            if np.shape(array) != (self.num_documents,):
+                raise ValueError(f"values {name!r} have shape {np.shape(array)}, not "
+                                 f"({self.num_documents},) (one per document of the source)")
+        self._values = {name: np.asarray(array, np.float32) for name, array in values.items()}
 
     def __iter__(self) -> "BatchIterator":
         return self
@@ -241,7 +296,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             rows = [stream.next_row() for stream in self._streams]
         else:
             rows = list(self._pool.map(_Stream.next_row, self._streams))
-        batch = _assemble(self.kind, rows, self.seq_len, self.target_len, self.max_segments)
+        batch = _assemble(self.kind, rows, self.seq_len, self.target_len, self.max_segments,
+                          tuple(self._values))
         tokens, slots = _real_tokens(self.kind, batch)
         self.batches += 1
         self._tokens += tokens
@@ -249,9 +305,10 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return batch
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of this host's batch arrays (all int32)."""
+        """Shapes of this host's batch arrays (int32; attached values float32)."""
         return {k: v.shape for k, v in _assemble(self.kind, [[]] * (self.global_batch_size // self.process_count),
-                                                    self.seq_len, self.target_len, self.max_segments).items()}
+                                                    self.seq_len, self.target_len, self.max_segments,
+                                                    tuple(self._values)).items()}
 
     def stats(self) -> dict[str, Any]:
         """Counters so far: documents, skips, splits, truncations, tokens, packing efficiency."""
@@ -269,12 +326,15 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                "seed": self.seed}
         if self.max_segments:  # packed classification; absent otherwise, as in states saved before packing
             out["max_segments"] = self.max_segments
+        if self.pack_split:  # absent otherwise, as in states saved before data.pack_split
+            out["pack_split"] = True
         return out
 
     def get_state(self) -> dict[str, Any]:
         """Small JSON-serialisable state of this host's iterator (one per process, like grain's)."""
         return {**self._fingerprint(), "batches": self.batches, "tokens": self._tokens, "token_slots": self._slots,
-                "streams": [[s.document, s.piece] for s in self._streams]}
+                "streams": [[s.document, s.piece] + ([s.offset] if self.pack_split else [])
+                            for s in self._streams]}
 
     def set_state(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Continue exactly where the iterator that produced `state` was. A list holds the
@@ -290,8 +350,9 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                              "data config, sequence length, batch size and process layout, or start the data afresh.")
         if len(state["streams"]) != len(self._streams):
             raise ValueError(f"state has {len(state['streams'])} streams, this host has {len(self._streams)}.")
-        for stream, (document, piece) in zip(self._streams, state["streams"]):
+        for stream, (document, piece, *offset) in zip(self._streams, state["streams"]):
             stream.document, stream.piece = int(document), int(piece)
+            stream.offset = int(offset[0]) if offset else 0
         self.batches, self._tokens, self._slots = int(state["batches"]), int(state["tokens"]), int(state["token_slots"])
 
     def _share_of(self, states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -389,7 +450,8 @@ def make_iterator(
     return BatchIterator(source, make_builder, kind, seq_len, target, global_batch_size, process_index,
                          process_count, shuffle=config.shuffle and split == "train", seed=config.seed,
                          num_epochs=num_epochs, num_workers=config.num_workers, pack=config.pack,
-                         max_segments=config.max_segments or max(1, seq_len // 8))
+                         max_segments=config.max_segments or max(1, seq_len // 8),
+                         pack_split=config.pack_split)
 
 
 def epoch_statistics(config: DataConfig, seq_len: int, split: str = "train", *,

@@ -92,8 +92,8 @@ class Attention(nn.Module):
         if cfg.qk_norm != "none":
             q, k = qk_norm(cfg, q, "query_norm"), qk_norm(cfg, k, "key_norm")
         if cfg.position == "rope" and not self.cross:
-            q = rotary(q, q_positions, cfg.rope_theta)
-            k = rotary(k, k_positions, cfg.rope_theta)
+            q = rotary(q, q_positions, cfg)
+            k = rotary(k, k_positions, cfg)
 
         if self.decode and not self.cross:
             k, v, mask = self._update_cache(k, v, q_positions, q_segments)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.config import ModelConfig
-from llmjax.models import ops
+from llmjax.models import ops, rope
 from llmjax.models.ops.reference import ACTIVATIONS
 
 Array = jax.Array
@@ -169,15 +169,17 @@ class Adapter(nn.Module):
         return x + up
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding, half-split layout (x[:d/2], x[d/2:]) as in HF LLaMA.
+def rotary(x: Array, positions: Array, cfg: ModelConfig) -> Array:
+    """Rotary position embedding, half-split layout (x[:d/2], x[d/2:]) as in HF LLaMA, with
+    the model's base (rope_theta) and long-context scaling (rope_scaling: models/rope.py).
 
     x: [batch, length, heads, head_dim]; positions: [batch, length].
     """
-    half = x.shape[-1] // 2
-    freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    freq = rope.inv_freq(cfg, x.shape[-1], positions)
     angles = positions.astype(jnp.float32)[:, :, None, None] * freq  # [b, t, 1, half]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
+    if (scale := rope.attention_factor(cfg)) != 1.0:  # yarn
+        sin, cos = sin * scale, cos * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

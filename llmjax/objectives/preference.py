@@ -15,7 +15,10 @@ DPO (Rafailov et al. 2023) compares policy and reference:
 
 (eps: label smoothing, the "conservative DPO" of Mitchell 2023). The reference outputs
 arrive as outputs["reference"] (train/step.py runs the reference forward when an
-objective sets `needs_reference`; llmjax/peft/reference.py says what the reference is).
+objective sets `needs_reference`; llmjax/peft/reference.py says what the reference is), or,
+with objective.reference=cached, as the batch's float fields `ref_chosen`, `ref_rejected`
+[B] (the scores under the initial parameters, computed once before training:
+llmjax/train/reference_cache.py).
 ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024) need no reference: they score a side
 by its mean token log-probability.
 """
@@ -29,6 +32,7 @@ from llmjax.objectives.base import (Batch, ChunkedLogits, Objective, Term, next_
                                     register, shift_left)
 
 PROMPT, COMPLETION = 1, 2  # values of chosen_mask / rejected_mask (0: padding)
+CACHED = ("ref_chosen", "ref_rejected")  # batch fields of objective.reference=cached
 REPORTS = ("reward_chosen", "reward_rejected", "reward_margin")
 
 
@@ -131,7 +135,11 @@ class _Preference(Objective):
 class DPO(_Preference):
     """Direct preference optimisation against a reference model."""
 
-    needs_reference = True
+    def __init__(self, cfg, model: ModelConfig, special):
+        super().__init__(cfg, model, special)
+        # cached: the reference scores come with the batch; no reference forward in the step
+        self.cached_reference = cfg.reference == "cached"
+        self.needs_reference = not self.cached_reference
 
     def check(self, model: ModelConfig) -> None:
         super().check(model)
@@ -139,12 +147,23 @@ class DPO(_Preference):
             raise ConfigError(f"objective.dpo_label_smoothing={self.cfg.dpo_label_smoothing} "
                               "must be in [0, 0.5)")
 
+    def reference_scores(self, outputs, batch: Batch):
+        """(chosen, rejected) summed completion log-probs of a prepared batch's outputs [B]."""
+        pc, pr, _, _ = self._scores(outputs["logits"], batch)
+        return pc, pr
+
     def loss(self, outputs, batch) -> dict[str, Term]:
-        if "reference" not in outputs:
+        pc, pr, _, _ = self._scores(outputs["logits"], batch)
+        if self.cached_reference:
+            if not all(k in batch for k in CACHED):
+                raise ValueError("objective.reference=cached needs the batch fields "
+                                 f"{CACHED} (llmjax/train/reference_cache.py attaches them)")
+            rc, rr = batch["ref_chosen"], batch["ref_rejected"]
+        elif "reference" in outputs:
+            rc, rr, _, _ = self._scores(outputs["reference"]["logits"], batch)
+        else:
             raise ValueError("objective 'dpo' needs the reference outputs (train/step.py runs "
                              "the reference forward when objective.needs_reference)")
-        pc, pr, _, _ = self._scores(outputs["logits"], batch)
-        rc, rr, _, _ = self._scores(outputs["reference"]["logits"], batch)
         beta = self.cfg.beta
         reward_c, reward_r = beta * (pc - rc), beta * (pr - rr)
         loss = smoothed_logsigmoid_loss(reward_c - reward_r, self.cfg.dpo_label_smoothing)

@@ -7,6 +7,10 @@ so IA3 needs no model hook. Vectors start at ones (the model starts unchanged) a
 live at <module>/ia3/scale: named `scale`, so weight decay (which would pull them
 towards zero, not one) skips them, like norm scales. With RoPE the key scaling acts
 before the rotation, as in HF PEFT's IA3 on k_proj.
+
+MoE expert stacks (`mlp/wi_0`, `mlp/wi_1` [E, d, f], `mlp/wo` [E, f, d]: leaves, not
+modules with a kernel) are matched by the same module paths (`mlp/wo$` names the dense
+MLP's wo and the experts' wo alike) and get one vector per expert, [E, f].
 """
 from __future__ import annotations
 
@@ -24,11 +28,20 @@ from llmjax.tree import is_scanned, path_str
 DEFAULT_TARGETS = r"attention/(key|value)$|mlp/wo$"
 INPUT_SIDE = ("wo", "out")  # modules whose *input* is the scaled activation
 LEAF = ("ia3", "scale")
+EXPERT_STACKS = ("wi_0", "wi_1", "wo")  # MoE expert leaves [L?, E, in, out]
 
 
-def _geometry(module: tuple, kernel_shape: tuple) -> tuple[int, int, bool]:
-    """(layer dims, input dims, scale the input side?) of a module's kernel."""
-    lead = 1 if is_scanned(module) else 0
+def _weight(module: tuple, flat) -> tuple:
+    """Path of the weight IA3 scales for `module`: its kernel, or the module itself when it
+    is an MoE expert stack (a leaf)."""
+    return module if module[-1] in EXPERT_STACKS and module in flat else module + ("kernel",)
+
+
+def _geometry(module: tuple, kernel_shape: tuple, stacked: bool = False
+              ) -> tuple[int, int, bool]:
+    """(layer and expert dims, input dims, scale the input side?) of a module's kernel
+    (`stacked`: an expert stack, one more leading axis)."""
+    lead = (1 if is_scanned(module) else 0) + (1 if stacked else 0)
     n_in = 2 if module[-1] == "out" and len(kernel_shape) - lead == 3 else 1
     return lead, n_in, module[-1] in INPUT_SIDE
 
@@ -44,10 +57,12 @@ class Ia3(Method):
     def init(self, flat: dict, rng: jax.Array) -> dict:
         peft = {}
         for path, w in flat.items():
-            module = path[:-1]
-            if path[-1] != "kernel" or not self.targets.search(path_str(module)):
+            stacked = path[-1] in EXPERT_STACKS
+            module = path if stacked else path[:-1]
+            if not (stacked or path[-1] == "kernel") or \
+                    not self.targets.search(path_str(module)):
                 continue
-            lead, n_in, input_side = _geometry(module, w.shape)
+            lead, n_in, input_side = _geometry(module, w.shape, stacked)
             dims = w.shape[lead:lead + n_in] if input_side else w.shape[lead + n_in:]
             peft[module + LEAF] = jnp.ones(w.shape[:lead] + dims, w.dtype)
         if not peft:
@@ -64,8 +79,9 @@ class Ia3(Method):
             if path[-2:] != LEAF:
                 continue
             module = path[:-2]
-            w = flat[module + ("kernel",)]
-            lead, n_in, input_side = _geometry(module, w.shape)
+            weight = _weight(module, flat)
+            w = flat[weight]
+            lead, n_in, input_side = _geometry(module, w.shape, weight == module)
             n_out = w.ndim - lead - n_in
             s = scale.astype(jnp.float32)
             if input_side:
@@ -75,15 +91,15 @@ class Ia3(Method):
                 bias = flat.get(module + ("bias",))
                 if bias is not None:
                     flat[module + ("bias",)] = (bias * s).astype(bias.dtype)
-            flat[module + ("kernel",)] = ws.astype(w.dtype)
+            flat[weight] = ws.astype(w.dtype)
         return flat
 
     def axes(self, path: tuple, shape: tuple, names: dict) -> Optional[tuple]:
         module = path[:-2]
-        base = names.get(module + ("kernel",))
+        weight = _weight(module, names)
+        base = names.get(weight)
         if base is None:
             return None
-        lead = 1 if is_scanned(module) else 0
-        n_in = 2 if module[-1] == "out" and len(base) - lead == 3 else 1
+        lead, n_in, _ = _geometry(module, tuple(base), weight == module)
         dims = base[lead:lead + n_in] if module[-1] in INPUT_SIDE else base[lead + n_in:]
         return tuple(base[:lead]) + tuple(dims)

@@ -75,7 +75,8 @@ class ComposedPlan:
         trainable.update(peft)
         if self.cfg.base_quantization:  # QLoRA: the frozen base stored block-quantized
             frozen = quantize.quantize_flat(frozen, self.cfg.base_quantization,
-                                            self.cfg.quantization_block)
+                                            self.cfg.quantization_block,
+                                            self.cfg.double_quantization)
         return unflatten_parts(trainable), unflatten_parts(frozen)
 
     def merge(self, trainable: Params, frozen: Params) -> Params:
@@ -97,7 +98,7 @@ class ComposedPlan:
         return unflatten_parts(flat)
 
     def axes(self, path: tuple, shape: tuple) -> Optional[tuple]:
-        if path and path[-1] in (quantize.CODES, quantize.SCALE):
+        if path and path[-1] in quantize.LEAVES:
             return quantize.axes(path, shape, self.names())
         for method in self.methods:
             if method.owns(path):

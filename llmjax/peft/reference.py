@@ -28,7 +28,8 @@ class ReferencePlan:
 
     def __init__(self, plan, mode: str):
         if mode not in ("adapter", "copy"):
-            raise ConfigError(f"objective.reference={mode!r} is not 'adapter' or 'copy'")
+            raise ConfigError(f"objective.reference={mode!r} is not 'adapter' or 'copy' (mode "
+                              "'cached' needs no reference plan: llmjax/train/reference_cache.py)")
         if mode == "adapter":
             names = [m.name for m in getattr(plan, "methods", [])]
             if not names or names == ["full"] or any(n not in TRANSFORM_METHODS for n in names):

@@ -73,11 +73,11 @@ def base_count(frozen: Any) -> int:
     """Frozen parameters as the model sees them: a QLoRA-quantized leaf counts its weights
     (codes hold two nf4 weights per byte; scales are not parameters), a dpo reference copy
     (peft/reference.py) is not counted."""
-    from llmjax.peft.quantize import CODES, SCALE
+    from llmjax.peft.quantize import CODES, LEAVES
     from llmjax.peft.reference import REFERENCE
     n = 0
     for path, leaf in flatten_parts(frozen).items():
-        if path[0] == REFERENCE or path[-1] == SCALE:
+        if path[0] == REFERENCE or (path[-1] in LEAVES and path[-1] != CODES):
             continue
         size = math.prod(leaf.shape)
         n += 2 * size if path[-1] == CODES and str(leaf.dtype) == "uint8" else size

@@ -64,16 +64,19 @@ def build_for(cfg: Config, target: Target, devices=None):
 
 
 def batch_shapes(exp) -> dict[str, tuple[int, ...]]:
-    """Global shapes of the batch arrays the data pipeline gives this objective (int32)."""
+    """Global shapes of the batch arrays the data pipeline gives this objective (int32; dpo's
+    cached reference scores float32: BATCH_FLOATS)."""
     from llmjax.data.pipeline import _assemble
+    from llmjax.objectives.preference import CACHED as BATCH_FLOATS
     cfg = exp.config
+    values = BATCH_FLOATS if getattr(exp.objective, "cached_reference", False) else ()
     kind = exp.objective.batch_kind
     target_len = cfg.objective.target_length if kind == "seq2seq" else 0
     max_segments = cfg.data.max_segments or max(1, cfg.train.seq_len // 8)
     rows = [[]] * cfg.train.batch_size
     return {k: v.shape for k, v in _assemble(kind, rows, cfg.train.seq_len,
                                               target_len or cfg.train.seq_len,
-                                              max_segments).items()}
+                                              max_segments, values).items()}
 
 
 def shard_bytes(tree, shardings) -> int:
@@ -244,7 +247,9 @@ def _plan_steps(cfg: Config, target: Target, steps, save_hlo, devices, check=Non
     state_sh = exp.state_shardings(abstract)
     shapes = batch_shapes(exp)
     batch_sh = exp.batch_shardings(list(shapes))
-    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sh[k]) for k, s in shapes.items()}
+    from llmjax.objectives.preference import CACHED as BATCH_FLOATS
+    batch = {k: jax.ShapeDtypeStruct(s, jnp.float32 if k in BATCH_FLOATS else jnp.int32,
+                                     sharding=batch_sh[k]) for k, s in shapes.items()}
     memory = Memory(
         params=shard_bytes((abstract.params, abstract.frozen), (state_sh.params, state_sh.frozen)),
         optimizer=shard_bytes(abstract.opt_state, state_sh.opt_state),

@@ -19,14 +19,21 @@ from llmjax.train.preflight import check_inputs
 from llmjax.train.resume import restore_state
 
 
-def data_iterator(exp: Experiment, split: str, num_epochs: Optional[int] = None):
+def data_iterator(exp: Experiment, split: str, num_epochs: Optional[int] = None,
+                  reference: bool = True):
+    """The batches of `split`; with objective.reference=cached (and `reference`) they carry
+    the cached reference log-probs (llmjax/train/reference_cache.py)."""
     cfg = exp.config
     target_len = None
     if exp.objective.batch_kind == "seq2seq" and cfg.objective.target_length:
         target_len = cfg.objective.target_length
-    return make_iterator(cfg.data, exp.objective.batch_kind, cfg.train.seq_len,
-                         cfg.train.batch_size, split, num_epochs=num_epochs,
-                         target_len=target_len, vocab_size=exp.model_config.vocab_size)
+    it = make_iterator(cfg.data, exp.objective.batch_kind, cfg.train.seq_len,
+                       cfg.train.batch_size, split, num_epochs=num_epochs,
+                       target_len=target_len, vocab_size=exp.model_config.vocab_size)
+    if reference and getattr(exp.objective, "cached_reference", False):
+        from llmjax.train import reference_cache
+        it.attach(reference_cache.values_for(exp, split))
+    return it
 
 
 def evaluate(exp: Experiment, state, eval_fn, sharding, num_batches: int) -> dict[str, float]:

@@ -36,6 +36,9 @@ class Experiment:
     schedule: Callable
     special: SpecialTokens
     names: dict  # {param path: logical axis names}
+    # objective.reference=cached: {split: {"ref_chosen", "ref_rejected": float32 [documents]}}
+    # (llmjax/train/reference_cache.py fills it; data_iterator attaches it to the batches)
+    reference_logprobs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def model_config(self):

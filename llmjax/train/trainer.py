@@ -36,7 +36,7 @@ from llmjax.config import Config
 from llmjax.data.device import prefetch_to_device
 from llmjax.metrics import MetricsWriter, flops_per_token, peak_flops, read_metrics
 from llmjax.models import param_count
-from llmjax.train import report
+from llmjax.train import reference_cache, report
 from llmjax.train.evaluate import data_iterator, evaluate, evaluate_run  # noqa: F401 (API)
 from llmjax.train.experiment import Experiment, build
 from llmjax.train.guard import NonFiniteGuard
@@ -112,6 +112,8 @@ def _train(cfg: Config, exp: Experiment, ckpt: TrainCheckpoints, run_dir: Path,
     if jax.process_index() == 0 and (cfg.peft.method != "full" or cfg.train.init_from):
         print(peft.summary(state.params, state.frozen, state.opt_state, method=cfg.peft.method))
 
+    reference_cache.prepare(exp, state, run_dir, resumed is not None,
+                            cfg.train.progress if progress is None else progress)
     train_it = data_iterator(exp, "train")
     if data_state is not None:
         try:

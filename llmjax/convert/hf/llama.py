@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from llmjax.config import ModelConfig
 from llmjax.convert.hf.family import Family, register
+from llmjax.convert.hf.rope import hf_rope_fields, rope_fields
 from llmjax.convert.hf.specs import (fix_norm_shapes, hf_get, linear_specs, norm_specs, same_spec,
                                      unsupported, untied_head)
-from llmjax.errors import ConversionError
 
 
 @register
@@ -21,17 +21,9 @@ class Llama(Family):
         for field, default, ok, why in [
                 ("attention_bias", False, lambda v: not v, "llmjax LLaMA has no attention biases"),
                 ("mlp_bias", False, lambda v: not v, "llmjax LLaMA has no MLP biases"),
-                ("hidden_act", "silu", lambda v: v == "silu", "LLaMA's MLP is SwiGLU"),
-                ("rope_scaling", None,
-                 lambda v: not v or (v.get("rope_type", v.get("type")) == "default"),
-                 "only plain RoPE (no scaling) is implemented")]:
+                ("hidden_act", "silu", lambda v: v == "silu", "LLaMA's MLP is SwiGLU")]:
             unsupported(hf, field, ok, default, "llama", why)
-        rope = hf.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ConversionError(f"config.json field 'rope_parameters.rope_type'="
-                                  f"{rope.get('rope_type')!r} is not supported for llama: only "
-                                  f"plain RoPE (no scaling) is implemented")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope = rope_fields(hf, self.name)  # base and scaling (convert/hf/rope.py)
         d, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
         tied = hf.get("tie_word_embeddings", False) is not False
         return ModelConfig(
@@ -40,9 +32,9 @@ class Llama(Family):
             num_kv_heads=hf_get(hf, "num_key_value_heads", heads),
             head_dim=hf_get(hf, "head_dim", d // heads),
             d_ff=hf.get("intermediate_size", 11008),
-            max_len=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
+            max_len=rope.pop("max_len", hf.get("max_position_embeddings", 2048)), norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True,
-            position="rope", rope_theta=float(theta), use_bias=False, tie_embeddings=tied,
+            position="rope", use_bias=False, tie_embeddings=tied, **rope,
             scan_layers=False, attention_dropout=hf_get(hf, "attention_dropout", 0.0))
 
     def specs(self, cfg, prefix):
@@ -85,8 +77,6 @@ class Llama(Family):
                 "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
                 "head_dim": cfg.dim_per_head, "hidden_act": "silu",
                 "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
-                "rope_theta": cfg.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
                 "attention_bias": False, "mlp_bias": False,
                 "attention_dropout": cfg.attention_dropout,
-                "tie_word_embeddings": cfg.tie_embeddings}
+                "tie_word_embeddings": cfg.tie_embeddings, **hf_rope_fields(cfg)}
