@@ -90,6 +90,7 @@ def count(name: str) -> int:
     ("gpt2-medium", 354_823_168),  # HF "gpt2-medium"
     ("llama2-7b", 6_738_415_616),  # meta-llama/Llama-2-7b-hf
     ("llama2-70b", 68_976_648_192),  # meta-llama/Llama-2-70b-hf
+    ("llama3.1-8b", 8_030_261_248),  # meta-llama/Llama-3.1-8B
     ("bert-base", 110_106_428),  # HF BertForPreTraining("bert-base-uncased")
     ("t5-v1_1-small", 76_961_152),  # HF T5ForConditionalGeneration("google/t5-v1_1-small")
     ("smollm2-135m", 134_515_008),  # HuggingFaceTB/SmolLM2-135M

@@ -25,9 +25,10 @@ ALIGNED_LLAMA = ["model.d_model=256", "model.num_heads=2", "model.num_kv_heads=1
                  "mesh.tensor=1", "train.batch_size=32"]
 
 
-def _plan(path, overrides, target="v5e:2x2", slices=1, steps=("train",), save_hlo=None):
+def _plan(path, overrides, target="v5e:2x2", slices=1, steps=("train",), save_hlo=None,
+          decode=None):
     return aot.plan(config.load(path, overrides), parse(target, slices), steps=steps,
-                    save_hlo=save_hlo)
+                    save_hlo=save_hlo, decode=decode)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def compiled():
         pytest.skip("libtpu is not installed (pip install 'llmjax[tpu]'); CI installs it")
     return {
         "gpt-v5e": _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=1", "mesh.fsdp=2",
-                                                              "mesh.tensor=2"]),
+                                                              "mesh.tensor=2"],
+                         decode={"batch": 4, "context": 64, "prompt": None}),
         "gpt-v4": _plan("configs/experiments/gpt-tiny.yaml", ["mesh.data=2", "mesh.fsdp=2"],
                         "v4:2x2x1"),
         "llama-v4": _plan("configs/experiments/llama-tiny.yaml",
@@ -75,6 +77,30 @@ def test_argument_bytes_equal_hand_computation(compiled):
     assert p.memory.params == params
     assert p.memory.optimizer == 2 * params + 4 + 4  # mu, nu and two int32 counts
     assert p.train.memory.arguments == 3 * params + scalars + batch
+
+
+@needs_libtpu
+def test_kv_cache_decode_compiles_with_the_generate_shardings(compiled):
+    """gpt-tiny's prefill and decode step on v5e 2x2 (fsdp 2 x tensor 2): the cache's rows
+    split over fsdp and its heads over tensor; learned positions: a model.max_len cache."""
+    from llmjax.plan.report import format_plan
+    p = compiled["gpt-v5e"]
+    d = p.decode
+    assert (d.batch, d.context, d.prompt) == (4, 128, 32)
+    layers, heads, dh, fp32 = 2, 4, 16, 4
+    rows = 4 // 2
+    kv = rows * d.context * (heads // 2) * dh * fp32  # one of key / value, per layer
+    segments, index = rows * d.context * 4, 4
+    assert d.cache_bytes == layers * (2 * kv + segments + index)
+    assert d.param_bytes == p.memory.params  # fp32 (the compute dtype), the training layout
+    assert d.step.arguments >= d.param_bytes + d.cache_bytes
+    assert d.step.roofline.hbm_bytes >= d.param_bytes + d.cache_bytes  # all read per token
+    assert d.token_seconds >= d.floor_seconds > 0 and d.prefill_seconds > 0
+    assert any(c.kind == "all-gather" for c in d.step.roofline.collectives)  # fsdp weights
+    assert d.tokens_per_second == 4 / d.token_seconds
+    text = format_plan(p)
+    assert "decode (KV cache; batch 4, context 128 tokens, prompt 32)" in text
+    assert "per-token latency" in text and "KV cache" in text
 
 
 @needs_libtpu
@@ -165,6 +191,15 @@ def test_without_libtpu_names_the_extra(capsys, monkeypatch):
 
 
 @needs_libtpu
+def test_decode_options_that_do_not_fit_fail_before_any_compile(capsys):
+    base = ["plan", "configs/experiments/gpt-tiny.yaml", "mesh.data=4", "--target", "v5e-4"]
+    err = _error(capsys, base + ["--decode-len", "4096"])
+    assert "--decode-len 4096" in err and "model.max_len=128" in err
+    err = _error(capsys, base + ["--decode-batch", "6"])
+    assert "--decode-batch 6" in err and "(4:" in err
+
+
+@needs_libtpu
 def test_mesh_that_does_not_match_the_chips_names_both_numbers(capsys):
     err = _error(capsys, ["plan", "configs/experiments/gpt-tiny.yaml", "mesh.data=2",
                           "mesh.fsdp=4", "--target", "v5e-4"])
@@ -224,6 +259,62 @@ def test_compiler_out_of_memory_verdicts_are_read():
     assert aot._oom_bytes("Used 20.5G of 15.75G hbm") == (int(20.5 * 2 ** 30),
                                                           int(15.75 * 2 ** 30))
     assert aot._oom_bytes("INTERNAL: something else") is None
+
+
+def test_roofline_counts_the_moe_grouped_matmul_kernel():
+    """XLA:TPU lowers jax.lax.ragged_dot (dropless MoE experts) to a Mosaic custom call: each
+    of 1024 rows meets one of 8 [64, 64] expert matrices, 2 * 1024 * 64 * 64 FLOPs (the line
+    as the TPU compiler wrote it for moe-tiny, backend config cut)."""
+    line = ('  %ragged-dot-none = f32[1024,64]{1,0:T(8,128)S(1)} custom-call(%a, %b, %c, %d, %a, '
+            '/*index=5*/%x, %w), custom_call_target="tpu_custom_call", operand_layout_'
+            'constraints={s32[1]{0}, s32[9]{0}, s32[15]{0}, s32[15]{0}, s32[1]{0}, '
+            'f32[1024,64]{1,0}, f32[8,64,64]{2,1,0}}, frontend_attributes={mosaic_fusion_entry_'
+            'point="true",ragged_dot_tiling="128,64,64"}, metadata={op_name="ragged-dot-none"}')
+    assert hlo.ragged_dot_flops(hlo._parse_instr(line)) == 2 * 1024 * 64 * 64
+    other = line.replace(',ragged_dot_tiling="128,64,64"', "")
+    assert hlo.ragged_dot_flops(hlo._parse_instr(other)) == 0
+
+
+ASYNC_HLO = """\
+%fused_ag (p0: bf16[64,128], p1: bf16[8,128], p2: bf16[128,256]) -> (f32[8,256], bf16[64,128], bf16[256,128]) {
+  %p0 = bf16[64,128]{1,0} parameter(0)
+  %p1 = bf16[8,128]{1,0} parameter(1)
+  %p2 = bf16[128,256]{1,0} parameter(2)
+  %ag = bf16[256,128]{1,0} all-gather(%p0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+  %d = f32[8,256]{1,0} convolution(%p1, %p2), window={size=1}, dim_labels=bf_io->bf
+  ROOT %t = (f32[8,256]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) tuple(%d, %p0, %ag)
+}
+
+%fused_ag2 (q0: bf16[64,128]) -> bf16[256,128] {
+  %q0 = bf16[64,128]{1,0} parameter(0)
+  ROOT %ag2 = bf16[256,128]{1,0} all-gather(%q0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+}
+
+ENTRY %main (a: bf16[64,128], x: bf16[8,128], w: bf16[128,256], big: bf16[1024,128]) -> bf16[16,128] {
+  %a = bf16[64,128]{1,0} parameter(0)
+  %x = bf16[8,128]{1,0} parameter(1)
+  %w = bf16[128,256]{1,0} parameter(2)
+  %big = bf16[1024,128]{1,0} parameter(3)
+  %f = (f32[8,256]{1,0}, bf16[64,128]{1,0}, bf16[256,128]{1,0}) fusion(%a, %x, %w), kind=kOutput, calls=%fused_ag
+  %f2 = bf16[256,128]{1,0} fusion(%a), kind=kLoop, calls=%fused_ag2
+  %s = ((bf16[1024,128]{1,0}), bf16[16,128]{1,0}, u32[]) slice-start(%big), slice={[0:16], [0:128]}
+  ROOT %sd = bf16[16,128]{1,0} slice-done(%s)
+}
+"""
+
+
+def test_roofline_leaves_out_collective_buffers_carried_through_a_matmul_fusion():
+    """XLA:TPU fuses an in-flight all-gather into a matmul (async_collective_fusion): its
+    buffers pass through untouched by the matmul and cost ICI time, not HBM bytes; one
+    collective split over a chain of such fusions (the same channel_id) counts once; an
+    async slice reads and writes only the slice."""
+    r = hlo.analyze(ASYNC_HLO, peak_flops=1e12, hbm_bandwidth=1e9, slice_of=[0] * 4)
+    matmul = 8 * 128 * 2 + 128 * 256 * 2 + 8 * 256 * 4  # x, w read; f32 result written
+    assert r.hbm_bytes == matmul + 2 * 16 * 128 * 2
+    assert r.flops == 2 * 8 * 256 * 128
+    (gather,) = r.collectives
+    assert (gather.kind, gather.group, gather.count, gather.bytes) == ("all-gather", 4, 1,
+                                                                       256 * 128 * 2)
 
 
 def test_splash_flops_per_chip_count_the_context_axis():

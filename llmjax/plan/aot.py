@@ -20,6 +20,7 @@ from typing import Optional
 from llmjax.config import Config
 from llmjax.errors import ConfigError
 from llmjax.plan import hlo
+from llmjax.plan.decode import DecodePlan, plan_decode, resolve as resolve_decode
 from llmjax.plan.topology import Target
 
 INSTALL = "pip install 'llmjax[tpu]'"
@@ -137,6 +138,8 @@ class Plan:
     shortfall: int  # bytes over HBM (> 0 when it does not fit), else the headroom as < 0
     note: str = ""  # why there was no compile (does not fit by arithmetic alone)
     compiled: bool = False  # the TPU compiler ran (it may have refused: out of HBM)
+    decode: Optional["DecodePlan"] = None  # the KV-cache prefill + decode step, when asked
+    decode_note: str = ""  # why the decode was not planned
 
     @property
     def train(self) -> Optional[StepPlan]:
@@ -207,9 +210,33 @@ def _oom_bytes(message: str) -> Optional[tuple[int, int]]:
 
 
 def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optional[str] = None,
-         devices=None) -> Plan:
+         devices=None, decode: Optional[dict] = None) -> Plan:
     """Build, lower and compile `steps` for `target` (only the arithmetic when the state
-    alone cannot fit: no compile is needed to say so)."""
+    alone cannot fit: no compile is needed to say so); with `decode` (plan_decode's keyword
+    arguments: batch, context, prompt) also the KV-cache prefill and decode step."""
+    note = []
+
+    def check_decode(exp):  # before any compile: a wrong option fails fast
+        try:
+            resolve_decode(exp, **decode)
+        except ConfigError as err:
+            if any(v is not None for v in decode.values()):
+                raise  # the decode options given do not fit this model
+            note.append(str(err))  # the defaults do not: the train plan stands
+    result, exp = _plan_steps(cfg, target, steps, save_hlo, devices,
+                              check_decode if decode is not None else None)
+    result.decode_note = " ".join(note)
+    if decode is not None and not note:
+        result.decode = plan_decode(exp, target, **decode)
+        if save_hlo and result.decode is not None:
+            for name in ("prefill", "step"):
+                Path(save_hlo).mkdir(parents=True, exist_ok=True)
+                (Path(save_hlo) / f"decode_{name}.{target.topology_name.replace(':', '_')}"
+                 f".hlo.txt").write_text(getattr(result.decode, name).hlo_text)
+    return result
+
+
+def _plan_steps(cfg: Config, target: Target, steps, save_hlo, devices, check=None):
     import jax
     import jax.numpy as jnp
     from llmjax.metrics import flops_per_token
@@ -217,6 +244,8 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
     require_libtpu()
     cfg = for_target(cfg, target)
     exp = build_for(cfg, target, devices)
+    if check is not None:
+        check(exp)
     abstract = exp.abstract_state()
     state_sh = exp.state_shardings(abstract)
     shapes = batch_shapes(exp)
@@ -241,7 +270,7 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
     if memory.arithmetic > hbm:  # the state alone is too big: say so without compiling
         result.fits = False
         result.note = "parameters + optimizer state + batch alone exceed HBM (not compiled)"
-        return result
+        return result, exp
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, state_sh)
     from llmjax.parallel import batch_shards  # data * fsdp * expert
@@ -266,7 +295,7 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
             result.shortfall = used[0] - used[1]
             result.note = (f"the TPU compiler ran out of HBM compiling the {name} step: "
                            f"{' '.join(str(err).split())[:300]}")
-            return result
+            return result, exp
         finally:
             jax.config.update("jax_enable_compilation_cache", cache)
         seconds = time.perf_counter() - begin
@@ -296,4 +325,4 @@ def plan(cfg: Config, target: Target, steps=("train", "eval"), save_hlo: Optiona
         used = max(s.memory.total for s in result.steps.values())
         result.shortfall = used - hbm
         result.fits = used <= hbm
-    return result
+    return result, exp

@@ -19,6 +19,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compile at most N sweep candidates (default 12)")
     p.add_argument("--best-out", default="plan-best.yaml", metavar="YAML",
                    help="where --sweep writes the best configuration (default plan-best.yaml)")
+    p.add_argument("--no-decode", action="store_true",
+                   help="leave out the KV-cache decode (prefill + one decode step), which "
+                        "--target compiles by default for models that generate")
+    p.add_argument("--decode-batch", type=int, default=None, metavar="N",
+                   help="sequences decoded together (default: one per batch shard of the mesh)")
+    p.add_argument("--decode-len", type=int, default=None, metavar="T",
+                   help="KV-cache length, prompt + generated tokens (default train.seq_len)")
+    p.add_argument("--decode-prompt", type=int, default=None, metavar="P",
+                   help="prefill length (default half of --decode-len)")
     p.add_argument("--save-hlo", default=None, metavar="DIR",
                    help="write each compiled step's optimized HLO to DIR")
 
@@ -45,7 +54,15 @@ def run(args, cfg) -> int:
             out = sweep.write_best(args.config, _overrides(args), target, best[0], args.best_out)
             print(f"best configuration written to {out} (llmjax train {out})")
         return 0
-    result = aot.plan(cfg, target, save_hlo=args.save_hlo)
+    for flag in ("decode_batch", "decode_len", "decode_prompt"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} must be >= 1")
+    decode = None
+    if not args.no_decode and cfg.model.architecture != "encoder":
+        decode = {"batch": args.decode_batch, "context": args.decode_len,
+                  "prompt": args.decode_prompt}
+    result = aot.plan(cfg, target, save_hlo=args.save_hlo, decode=decode)
     from llmjax.plan.report import format_plan
     print(format_plan(result))
     if args.save_hlo and result.steps:

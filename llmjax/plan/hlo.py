@@ -32,7 +32,7 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
          "conditional", "after-all", "partition-id", "replica-id", "iota", "copy-done",
          "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done",
-         "send-done", "recv-done", "opt-barrier", "add-dependency", "domain"}
+         "send-done", "recv-done", "opt-barrier", "add-dependency", "domain", "slice-done"}
 _NO_TRAFFIC = {"AllocateBuffer", "AsyncCollectiveStart", "AsyncCollectiveDone",
                "AssumeGatherIndicesInBound"}
 _SLICERS = {"dynamic-slice", "slice", "gather"}
@@ -169,6 +169,23 @@ def matmul_flops(instr: Instr, types: dict[str, str]) -> float:
     return 0.0
 
 
+def ragged_dot_flops(instr: Instr) -> float:
+    """FLOPs of a grouped matmul that XLA:TPU lowered to a Mosaic kernel (a custom call with
+    `ragged_dot_tiling`: MoE experts): each of the m rows meets one group's [k, n] matrix, so
+    2 m k n, with m the rows of its 2-D arrays and k, n the minor dims of the 3-D one."""
+    if "ragged_dot_tiling" not in instr.attrs:
+        return 0.0
+    constraints = re.search(r"operand_layout_constraints=\{(.*?)\}, \w+=", instr.attrs)
+    arrays = [(d, [int(x) for x in dims.split(",") if x]) for d, dims in
+              _ARRAY.findall((constraints.group(1) if constraints else "") + " " + instr.type)]
+    floats = [dims for d, dims in arrays if d in ("f32", "bf16", "f16", "f8e4m3fn", "f8e5m2")]
+    grouped = [dims for dims in floats if len(dims) == 3]
+    rows = [dims for dims in floats if len(dims) == 2]
+    if len(grouped) != 1 or not rows:
+        return 0.0
+    return 2.0 * rows[0][0] * grouped[0][1] * grouped[0][2]
+
+
 def _real_taps(attrs: str, lhs_labels: str, out_labels: str, lhs: list[int],
                out: list[int]) -> float:
     """Window taps per output element that land on real input (not padding, not the holes
@@ -256,10 +273,18 @@ def _group_size(instr: Instr, num_devices: int) -> tuple[int, list[list[int]]]:
     return num_devices, []
 
 
+def _in_flight(user: Instr, fused: Computation) -> bool:
+    """A fused parameter's use that moves no data for the fusion's own work: a collective
+    fused in (XLA:TPU's async_collective_fusion carries in-flight all-gathers through a
+    matmul) or the root tuple passing it through unchanged."""
+    return user.opcode.removesuffix("-start") in COLLECTIVES or (user is fused.root and
+                                                                 user.opcode == "tuple")
+
+
 def _operand_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, str]) -> float:
     """Bytes an op reads: its operands, except that a fused parameter read only through
-    (dynamic-)slices costs the slices, and the buffer a dynamic-update-slice writes into in
-    place costs nothing."""
+    (dynamic-)slices costs the slices, the buffer a dynamic-update-slice writes into in
+    place costs nothing, and so do buffers of collectives carried through the fusion."""
     total = 0.0
     for index, name in enumerate(instr.operands):
         full = shape_bytes(types.get(name, ""))
@@ -268,8 +293,10 @@ def _operand_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, 
                           and i.args.strip() == str(index)), None)
             if pname is not None:
                 users = [u for u in fused.instrs if pname in u.operands]
-                if users and all(u.opcode in _SLICERS and u.operands[0] == pname
-                                 for u in users):
+                if users and all(_in_flight(u, fused) for u in users):
+                    full = 0.0  # a collective's buffer passed through (async_collective_fusion)
+                elif users and all(u.opcode in _SLICERS and u.operands[0] == pname
+                                   for u in users):
                     full = sum(shape_bytes(u.type) for u in users)
                 elif users and all(u.opcode == "dynamic-update-slice" and
                                    u.operands[0] == pname for u in users):
@@ -285,6 +312,8 @@ def _operand_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, 
 def _output_bytes(fused: Optional[Computation], instr: Instr, types: dict[str, str]) -> float:
     """Bytes an op writes; an in-place dynamic-update-slice writes only its update."""
     def written(comp: Computation, node: Instr) -> float:
+        if node.opcode == "parameter" or node.opcode.removesuffix("-start") in COLLECTIVES:
+            return 0.0  # passed through, or a collective's result (its time is ICI's)
         if node.opcode == "dynamic-update-slice":
             return shape_bytes(comp.types.get(node.operands[1], ""))
         if node.opcode == "tuple":
@@ -321,10 +350,19 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                     total += flops_inside(comps[callee], seen + (callee,))
         return total
 
-    def note_collectives(comp: Computation, times: int, seen=()) -> None:
+    # XLA:TPU splits one collective over a chain of async_collective_fusions, each holding a
+    # copy of the op with the same channel_id: one collective per (scope, channel).
+    channels: set = set()
+
+    def note_collectives(comp: Computation, times: int, seen=(), scope: str = "") -> None:
         for i in comp.instrs:
             kind = i.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
+                channel = re.search(r"channel_id=(\d+)", i.attrs)
+                if channel and scope:
+                    if (scope, channel.group(1)) in channels:
+                        continue
+                    channels.add((scope, channel.group(1)))
                 size, groups = _group_size(i, num_devices)
                 cross = bool(slice_of and groups and any(
                     len({slice_of[d] for d in g if d < len(slice_of)}) > 1 for g in groups))
@@ -337,7 +375,7 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                 c.count += times
             for callee in _called(i, "calls"):
                 if callee in comps and callee not in seen:
-                    note_collectives(comps[callee], times, seen + (callee,))
+                    note_collectives(comps[callee], times, seen + (callee,), scope)
 
     def walk(comp: Computation, times: int) -> None:
         for i in comp.instrs:
@@ -364,16 +402,29 @@ def analyze(text: str, peak_flops: float, hbm_bandwidth: float,
                 continue
             kind = i.opcode.removesuffix("-start")
             if kind in COLLECTIVES:
-                note_collectives(Computation("", False, [i], comp.types), times)
+                note_collectives(Computation("", False, [i], comp.types), times, (), comp.name)
                 continue
             fused = None
             if i.opcode == "fusion":
                 fused = comps.get((_called(i, "calls") or [""])[0])
                 if fused is not None and any(x.opcode in COLLECTIVES for x in fused.instrs):
-                    note_collectives(fused, times)  # its time is the collective's (ICI/DCN)
+                    # its time is the collective's (ICI/DCN)
+                    note_collectives(fused, times, (), comp.name)
                     if not any(x.opcode in ("convolution", "dot") for x in fused.instrs):
                         continue  # a bare async collective; else a matmul fused with it
-            flops = matmul_flops(i, comp.types) + (flops_inside(fused) if fused else 0.0)
+            if i.opcode in ("slice-start", "copy-start"):
+                # Async slice / copy: (operand, result, ...) or (dest, source, context); each
+                # reads and writes its result once (the tuple's other members alias buffers).
+                arrays = _ARRAY.findall(i.type)
+                one = arrays[1] if i.opcode == "slice-start" and len(arrays) > 1 else arrays[0]
+                nbytes = 2 * DTYPE_BYTES[one[0]] * math.prod(int(x) for x in one[1].split(",")
+                                                             if x)
+                out.hbm_bytes += nbytes * times
+                out.compute_seconds += nbytes / hbm_bandwidth * times
+                out.bytes_bound_seconds += nbytes / hbm_bandwidth * times
+                continue
+            flops = matmul_flops(i, comp.types) + (flops_inside(fused) if fused else 0.0) + \
+                (ragged_dot_flops(i) if i.opcode == "custom-call" else 0.0)
             nbytes = _operand_bytes(fused, i, comp.types) + _output_bytes(fused, i, comp.types)
             if i.opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', i.attrs)

@@ -3,6 +3,7 @@ time and MFU, the collectives; the arithmetic estimate beside the compiler's fig
 from __future__ import annotations
 
 from llmjax.plan.aot import Plan
+from llmjax.plan.decode import DecodePlan
 
 MiB = 2 ** 20
 
@@ -34,6 +35,10 @@ def format_plan(p: Plan) -> str:
     for name, s in p.steps.items():
         lines.append(f"{name} step: compiled in {s.compile_seconds:.1f} s; "
                      f"total {_mib(s.memory.total)}")
+    if p.decode is not None:
+        lines += format_decode(p.decode, t.chip.hbm_bytes)
+    elif p.decode_note:
+        lines.append(f"decode: not planned ({p.decode_note})")
     if p.train is None:
         return "\n".join(lines)
     s = p.train
@@ -65,3 +70,33 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  ... {len(r.collectives) - 12} more")
     lines.append("Estimates from the compiled program (roofline), not measurements.")
     return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:14,.3f} ms"
+
+
+def format_decode(d: DecodePlan, hbm: int) -> list[str]:
+    """The KV-cache decode: bytes per chip, prefill time, per-token latency, tokens/s."""
+    used = max(d.prefill.total, d.step.total)
+    verdict = "fits" if used <= hbm else f"DOES NOT FIT: {(used - hbm) / MiB:,.1f} MiB over"
+    r = d.step.roofline
+    return [
+        f"decode (KV cache; batch {d.batch}, context {d.context} tokens, prompt {d.prompt}): "
+        f"prefill compiled in {d.prefill.compile_seconds:.1f} s, step in "
+        f"{d.step.compile_seconds:.1f} s",
+        f"  per chip: parameters {_mib(d.param_bytes)} (compute dtype), KV cache "
+        f"{_mib(d.cache_bytes)}; largest total {_mib(used)} of {hbm / MiB:,.0f} MiB HBM: "
+        f"{verdict}",
+        f"  {f'prefill ({d.batch} x {d.prompt} tokens)':38s} {_ms(d.prefill_seconds)}"
+        f"  (time to the first token)",
+        f"  decode step: roofline                  {_ms(r.compute_seconds)}"
+        f"  ({r.bytes_bound_seconds / max(r.compute_seconds, 1e-30) * 100:.0f}% in ops bound "
+        f"by HBM bandwidth)",
+        f"  decode step: collectives over ICI      {_ms(d.ici_seconds)}  (not overlapped)",
+        f"  estimated per-token latency            {_ms(d.token_seconds)}"
+        f"  ({d.tokens_per_second:,.0f} tokens/s for the slice, "
+        f"{1 / d.token_seconds:,.1f} per sequence)",
+        f"  {'HBM floor (params + cache read once)':38s} {_ms(d.floor_seconds)}"
+        f"  (a step cannot be faster; {d.floor_seconds / d.token_seconds * 100:.0f}% of the "
+        f"estimate)"]

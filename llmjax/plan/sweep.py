@@ -27,15 +27,18 @@ class Choice:
     tensor: int
     remat: str
     per_chip_batch: int  # sequences per chip per step (global batch = this x chips)
+    expert: int = 1  # MoE expert-parallel axis (the sweep keeps it at 1)
 
     def overrides(self, target: Target) -> list[str]:
         return [f"mesh.data={self.data}", f"mesh.fsdp={self.fsdp}", f"mesh.tensor={self.tensor}",
+                f"mesh.expert={self.expert}",
                 f"mesh.dcn_data={target.slices}", f"model.remat={self.remat}",
                 f"train.batch_size={self.per_chip_batch * target.num_chips}",
                 "train.grad_accum=1"]
 
     def label(self) -> str:
-        return (f"data {self.data} x fsdp {self.fsdp} x tensor {self.tensor}, remat "
+        expert = f" x expert {self.expert}" if self.expert > 1 else ""
+        return (f"data {self.data} x fsdp {self.fsdp}{expert} x tensor {self.tensor}, remat "
                 f"{self.remat}, {self.per_chip_batch}/chip")
 
 
