@@ -315,3 +315,21 @@ def test_roofline_leaves_out_collective_buffers_carried_through_a_matmul_fusion(
     (gather,) = r.collectives
     assert (gather.kind, gather.group, gather.count, gather.bytes) == ("all-gather", 4, 1,
                                                                        256 * 128 * 2)
+
+
+def test_splash_flops_per_chip_count_the_context_axis():
+    """A context axis splits every row's queries over its chips: each computes 1/context of
+    the row's attention (4 t^2 d per head forward, causal half skipped, backward 2x, remat 1x)."""
+    from types import SimpleNamespace
+    model = SimpleNamespace(num_heads=4, dim_per_head=128, architecture="decoder",
+                            num_layers=2, remat="full")
+
+    def flops(context):
+        exp = SimpleNamespace(model_config=model, config=SimpleNamespace(
+            train=SimpleNamespace(seq_len=1024)), mesh=SimpleNamespace(
+                shape={"tensor": 1, "context": context}))
+        return aot._attention_flops(exp, "splash", per_chip_rows=2.0)
+
+    forward = 4.0 * 1024 * 1024 * 128 * 4 * 0.5 * 2 * 2.0
+    assert flops(1) == forward * 4
+    assert flops(4) == forward * 4 / 4

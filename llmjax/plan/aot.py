@@ -180,7 +180,9 @@ def _attention_flops(exp, impl: str, per_chip_rows: float) -> float:
     t = exp.config.train.seq_len
     heads = m.num_heads / exp.mesh.shape["tensor"]
     causal = 0.5 if m.architecture == "decoder" else 1.0
-    forward = 4.0 * t * t * m.dim_per_head * heads * causal * m.num_layers * per_chip_rows
+    # A context axis splits each row's queries: a chip computes 1/context of its attention.
+    rows = per_chip_rows / exp.mesh.shape["context"]
+    forward = 4.0 * t * t * m.dim_per_head * heads * causal * m.num_layers * rows
     return forward * (3.0 + (1.0 if m.remat != "none" else 0.0))
 
 
