@@ -7,6 +7,8 @@ Fixtures (no_compiles, cache_dir, child_script) live in conftest.py.
 from __future__ import annotations
 
 import math
+import os
+import re
 
 import flax.linen as nn
 import jax
@@ -168,3 +170,10 @@ def kernel_outputs_and_grads(preset: str, kernels: str, dtype: str = "float32", 
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return out, grads
+
+
+def xla_flags(devices: int) -> str:
+    """This process's XLA_FLAGS with `devices` emulated CPU devices instead of its own count:
+    a child started with them compiles like the parent (same numerics, same compile cache keys)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip()

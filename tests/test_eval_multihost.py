@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import xla_flags
 
 pytest.importorskip("lm_eval")
 
@@ -83,7 +84,7 @@ def test_two_processes_score_tasks_like_one(tmp_path, child_script, cache_dir):
     spec = {"tokenizer": str(_char_tokenizer(tmp_path / "tok")), "cache": str(cache_dir),
             "out": str(tmp_path / "two.json")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMJAX_")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     port = _free_port()
     procs = [subprocess.Popen(

@@ -3,13 +3,13 @@ by jax.distributed on 127.0.0.1, train exactly like one process with 8 devices (
 feeds only its own rows of the global batch; checkpoints are written by both)."""
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["-m", "llmjax", "train", str(ROOT / "configs/experiments/gpt-tiny.yaml"),
@@ -19,8 +19,7 @@ ARGS = ["-m", "llmjax", "train", str(ROOT / "configs/experiments/gpt-tiny.yaml")
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMJAX_")}
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
+    env.update(XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", **extra)
     return env
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -97,8 +97,7 @@ class Hosts:
         self.logs = [run_dir.parent / f"{run_dir.name}.host{i}.{port}.log"
                      for i in range(processes)]
         base = _clean_env()
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", base.get("XLA_FLAGS", ""))
-        base.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+        base.update(XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu",
                     PYTHONPATH=str(ROOT), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                     JAX_NUM_PROCESSES=str(processes), **(env or {}))
         self.stamp = run_dir.parent / f"{run_dir.name}.fault.{port}"
