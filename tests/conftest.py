@@ -64,7 +64,7 @@ _HELP = {"slow": "a module of 20-170 s (kernels, sharded-vs-single-device, docum
 # worker idles. Longest first instead (greedy bin packing; fast files fill the gaps at the end):
 # these modules, heaviest first (estimated seconds in CI; a new module of a minute or more
 # belongs here), then the other MARKERS modules, then the rest in collection order.
-HEAVIEST_FIRST = ("test_checkpoint", "test_docs_commands", "test_tpu_plan",
+HEAVIEST_FIRST = ("test_checkpoint", "test_docs_commands", "test_eval_smollm2", "test_tpu_plan",
                   "test_multihost_faults", "test_peft_sharded", "test_convert_gguf",
                   "test_parallel", "test_run_safety", "test_moe_sharded", "test_kernels_bf16",
                   "test_checkpoint_finetune", "test_kernels_models", "test_convert_hf",
