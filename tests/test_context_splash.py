@@ -131,17 +131,22 @@ def test_short_local_length_runs_the_xla_op(monkeypatch):
     assert calls[0]["causal"] and calls[0]["scale"] == 0.25 and calls[0]["axis"] == "context"
 
 
-def _routes_to_splash() -> bool:
-    """Whether ops/select.py gives this op to a splash model under context parallelism."""
+def test_the_selector_routes_splash_models_under_context_parallelism_here():
+    """ops/select.py gives this op to a splash model under context parallelism (all-gather),
+    and context_parallel's XLA op to the ring strategy and to prefix-LM masks."""
     from llmjax.config import model_config
     from llmjax.models import ops
-    op = ops.attention_op(model_config("llama-tiny", attention_impl="splash"),
-                          context_parallel=True)
-    return getattr(op, "func", op) is cs.attention
+
+    def chosen(prefix_lm=False, **model):
+        op = ops.attention_op(model_config("llama-tiny", attention_impl="splash", **model),
+                              context_parallel=True, prefix_lm=prefix_lm)
+        return getattr(op, "func", op)
+
+    assert chosen() is cs.attention
+    assert chosen(context_parallel="ring") is cp.attention
+    assert chosen(prefix_lm=True) is cp.attention
 
 
-@pytest.mark.skipif(not _routes_to_splash(), reason="ops/select.py does not route "
-                    "attention_impl=splash under mesh.context > 1 to context_splash yet")
 def test_train_step_on_a_context_mesh_equals_one_device():
     """One SGD step (lr 1) of llama-tiny (GQA, RoPE, causal, load balanced by default) on
     packed and padded rows of 256 tokens, context 2 with attention_impl=splash (interpret
