@@ -124,15 +124,6 @@ def _chunked_cross_entropy(logits: ChunkedLogits, targets: Array, weights: Array
     chunk's logits, so neither the forward nor the backward holds more than [b, chunk,
     vocab] of them (the head's forward runs twice). Chunks split the sequence, never the
     batch, so every device keeps its own rows."""
-    hidden, c = logits.hidden, logits.chunk
-    b, t = targets.shape
-    pad = -t % c
-    if pad:  # the added positions carry weight 0
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
-    k = (t + pad) // c
-    chunks = lambda x: jnp.moveaxis(x.reshape((b, k, c) + x.shape[2:]), 1, 0)  # noqa: E731
-
     @jax.checkpoint
     def body(total, xs):
         h, tg, w = xs
@@ -140,8 +131,22 @@ def _chunked_cross_entropy(logits: ChunkedLogits, targets: Array, weights: Array
         return jax.tree.map(jnp.add, total, term), None
 
     zero = Term(*(jnp.zeros((), jnp.float32) for _ in Term._fields))
-    total, _ = jax.lax.scan(body, zero, (chunks(hidden), chunks(targets), chunks(weights)))
+    total, _ = jax.lax.scan(body, zero, sequence_chunks(logits, targets, weights))
     return total
+
+
+def sequence_chunks(logits: ChunkedLogits, targets: Array, weights: Array):
+    """(hidden, targets, weights) cut into [k, b, chunk, ...] sequence chunks for a scan over
+    the head; the positions added to reach a multiple of the chunk carry weight 0."""
+    hidden, c = logits.hidden, logits.chunk
+    b, t = targets.shape
+    pad = -t % c
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
+    k = (t + pad) // c
+    chunks = lambda x: jnp.moveaxis(x.reshape((b, k, c) + x.shape[2:]), 1, 0)  # noqa: E731
+    return chunks(hidden), chunks(targets), chunks(weights)
 
 
 def shift_left(x: Array, fill: int = 0) -> Array:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.objectives.base import (Batch, ChunkedLogits, Objective, Term, next_token_weights,
-                                    register, shift_left)
+                                    register, sequence_chunks, shift_left)
 
 PROMPT, COMPLETION = 1, 2  # values of chosen_mask / rejected_mask (0: padding)
 CACHED = ("ref_chosen", "ref_rejected")  # batch fields of objective.reference=cached
@@ -51,22 +51,13 @@ def sequence_logprobs(logits, targets, weights):
     weights = weights.astype(jnp.float32)
     if not isinstance(logits, ChunkedLogits):
         return jnp.sum(token_logprobs(logits, targets) * weights, axis=-1)
-    hidden, c = logits.hidden, logits.chunk
-    b, t = targets.shape
-    pad = -t % c
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
-    k = (t + pad) // c
-    chunks = lambda x: jnp.moveaxis(x.reshape((b, k, c) + x.shape[2:]), 1, 0)  # noqa: E731
-
     @jax.checkpoint
     def body(total, xs):
         h, tg, w = xs
         return total + jnp.sum(token_logprobs(logits.head(h), tg) * w, axis=-1), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32),
-                            (chunks(hidden), chunks(targets), chunks(weights)))
+    total, _ = jax.lax.scan(body, jnp.zeros((targets.shape[0],), jnp.float32),
+                            sequence_chunks(logits, targets, weights))
     return total
 
 
